@@ -1,0 +1,79 @@
+"""Attention of a few new queries over keys in a cache buffer.
+
+Two implementations with one contract:
+- a native CPU kernel (kernels/attention.c, compiled on first use) for decoding and
+  verification: it streams the cache once, for all query heads sharing a KV head, and reads
+  retrieval chunks in place instead of gathering them;
+- PyTorch (grouped-query SDPA), used for long prefill chunks, on other devices, and whenever
+  the kernel is unavailable.
+
+Contract: q [T, Hq, D] are the queries of the tokens at key rows first_row .. first_row+T-1;
+keys live in k/v [Hkv, capacity, D]; query t may see key row j iff j <= first_row + t. The keys a
+query head group looks at are either every row below `num_rows`, or `chunks` [Hkv, C] (start
+rows of `chunk_size`-row chunks, per KV head) plus the dense rows [dense_start, num_rows).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import native
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_rows: int,
+    first_row: int,
+    chunks: torch.Tensor | None = None,
+    chunk_size: int = 0,
+    dense_start: int = 0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    out_dtype = out_dtype or k.dtype
+    if q.shape[0] <= native.MAX_KERNEL_QUERIES and native.usable_for(k):
+        return native.attention(q, k, v, num_rows, first_row, chunks, chunk_size, dense_start, out_dtype)
+    if chunks is not None:
+        k, v, first_row, num_rows = gather_chunks(k, v, chunks, chunk_size, dense_start, num_rows, first_row)
+    return attend_torch(q.to(k.dtype), k, v, num_rows, first_row).to(out_dtype)
+
+
+def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_rows: int, first_row: int) -> torch.Tensor:
+    """Dense attention with PyTorch's grouped-query SDPA (no per-group copy of K/V)."""
+    T, nq, hd = q.shape
+    keys = k[:, :num_rows].unsqueeze(0)
+    values = v[:, :num_rows].unsqueeze(0)
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D]
+    mask = None
+    if T > 1 or first_row < num_rows - 1:
+        rows = torch.arange(num_rows, device=q.device)
+        mask = rows[None, :] <= (first_row + torch.arange(T, device=q.device))[:, None]
+    out = F.scaled_dot_product_attention(
+        qh, keys, values, attn_mask=mask, enable_gqa=k.shape[0] != nq
+    )
+    return out[0].transpose(0, 1)
+
+
+def gather_chunks(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunks: torch.Tensor,
+    chunk_size: int,
+    dense_start: int,
+    num_rows: int,
+    first_row: int,
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Copy the selected chunks and the dense tail into contiguous buffers (fallback path)."""
+    nkv = k.shape[0]
+    offsets = torch.arange(chunk_size, device=k.device)
+    rows = (chunks.long()[:, :, None] + offsets).reshape(nkv, -1)  # [Hkv, C*chunk]
+    tail = torch.arange(dense_start, num_rows, device=k.device).expand(nkv, -1)
+    rows = torch.cat([rows, tail], dim=1)
+    index = rows[:, :, None].expand(-1, -1, k.shape[-1])
+    gathered_k = torch.gather(k, 1, index)
+    gathered_v = torch.gather(v, 1, index)
+    n = rows.shape[1]
+    # The new queries sit at the end of the dense tail, so causality keeps its offset from the end.
+    return gathered_k, gathered_v, first_row - num_rows + n, n

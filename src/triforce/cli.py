@@ -1,0 +1,240 @@
+"""The `triforce` command line. Errors in what the user gave print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from typing import Any
+
+from .errors import TriforceError
+
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        print(f"triforce: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF model directory or GGUF file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="weights and KV cache dtype (auto: bf16 where the CPU computes it natively)")
+    p.add_argument("--rope-scaling", default="auto",
+                   help="auto | none | linear|dynamic|yarn|llama3[:FACTOR] (auto: YaRN sized to the context "
+                        "past the model's trained length)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: PyTorch's choice)")
+
+
+def add_speculation_arguments(p: argparse.ArgumentParser) -> None:
+    from .generation import METHODS
+
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="decoding method (default: triforce when a draft is available, else autoregressive)")
+    p.add_argument("--draft", help="draft model (HF directory or GGUF) or 'ngram' (prompt lookup)")
+    p.add_argument("--gamma", type=_positive_int, default=6, help="tokens gathered per full verification")
+    p.add_argument("--draft-gamma", type=_positive_int, default=2, help="tokens the bottom drafts per middle step")
+    p.add_argument("--budget", type=_positive_int, default=4096, help="retrieval cache budget (tokens)")
+    p.add_argument("--chunk-size", type=_positive_int, default=8, help="retrieval chunk size (tokens)")
+    p.add_argument("--sink", type=_nonneg_int, default=16, help="StreamingLLM sink tokens")
+    p.add_argument("--window", type=_positive_int, default=256, help="StreamingLLM window (tokens)")
+    p.add_argument("--rebuild-every", type=_positive_int, default=1,
+                   help="re-select retrieval chunks every N full verifications")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="triforce", description="Lossless hierarchical speculative decoding (TriForce).")
+    sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    add_model_arguments(g)
+    add_speculation_arguments(g)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="read the prompt from a file ('-' for stdin)")
+    g.add_argument("--chat", action="store_true", help="apply the chat template (prompt as one user turn)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    g.add_argument("--temperature", type=_float, default=0.0, help="0 means greedy")
+    g.add_argument("--top-p", type=_float, default=1.0)
+    g.add_argument("--top-k", type=_nonneg_int, default=0, help="0 disables top-k")
+    g.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--max-context", type=_positive_int, help="refuse prompts + new tokens longer than this")
+    g.add_argument("--num-samples", type=_positive_int, default=1,
+                   help="independent samples for one prompt (prefilled once)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or summary on stderr")
+    return parser
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file and args.prompt_file != "-":
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise TriforceError(f"prompt file {args.prompt_file!r} does not exist") from None
+        except UnicodeDecodeError:
+            raise TriforceError(f"prompt file {args.prompt_file!r} is not UTF-8 text") from None
+        except OSError as exc:
+            raise TriforceError(f"cannot read prompt file {args.prompt_file!r}: {exc.strerror}") from None
+    if args.prompt_file == "-" or not sys.stdin.isatty():
+        return sys.stdin.read()
+    raise TriforceError("no prompt: use --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
+
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    from .sampling import SamplingParams
+
+    if math.isnan(args.temperature):
+        raise TriforceError("temperature must be a finite number >= 0, got nan")
+    SamplingParams(args.temperature, args.top_p, args.top_k)  # raises a TriforceError when invalid
+
+
+def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .config import parse_rope_scaling
+    from .loading import load
+
+    target = load(args.model, dtype=args.dtype, rope_scaling="auto")
+    scaling = parse_rope_scaling(args.rope_scaling, target.config.max_position_embeddings)
+    target.decoder.rope_override = scaling
+    draft: Any = None
+    if args.draft == "ngram":
+        draft = "ngram"
+    elif args.draft:
+        draft = load(args.draft, dtype=args.dtype)
+    return target, draft
+
+
+def format_summary(result: Any) -> str:
+    s = result.stats
+    lines = [
+        f"prompt {result.prompt_tokens} tokens | prefill {s['prefill_s']:.2f} s | "
+        f"decode {s['ms_per_token']:.1f} ms/token "
+        f"({s['tokens_per_s'] or 0:.1f} tokens/s) | {s['new_tokens']} new tokens | method {s['method']}"
+    ]
+    for level in s["levels"]:
+        if "draft_acceptance_rate" in level and level["num_drafts"]:
+            lines.append(
+                f"  {level['name']:<18} acceptance {level['draft_acceptance_rate']:.3f} | mean acceptance length "
+                f"{level['mean_acceptance_length']:.2f} | {level['num_drafts']} verifications | {level['time_s']:.2f} s"
+                + (f" | {level['rebuilds']} rebuilds {level['rebuild_s']:.2f} s" if level.get("rebuilds") else "")
+            )
+        else:
+            lines.append(f"  {level['name']:<18} {level['forward_calls']} forward passes | {level['time_s']:.2f} s")
+    return "\n".join(lines)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    check_sampling_args(args)
+    prompt = read_prompt(args)
+    if not prompt.strip():
+        raise TriforceError("the prompt is empty")
+    from .generation import TriForce
+
+    target, draft = load_models(args)
+    method = args.method or ("triforce" if draft is not None else "autoregressive")
+    engine = TriForce(
+        target, draft, method=method, gamma=args.gamma, draft_gamma=args.draft_gamma, budget=args.budget,
+        chunk_size=args.chunk_size, sink=args.sink, window=args.window, rebuild_every=args.rebuild_every,
+        max_context=args.max_context, progress=not args.quiet,
+    )
+    streaming = not args.json
+
+    def on_text(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = engine.generate(
+        prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, stop=args.stop, chat=args.chat, num_samples=args.num_samples,
+        on_text=on_text if streaming else None,
+    )
+    if args.json:
+        out = {
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "prompt_tokens": result.prompt_tokens,
+            "finish_reason": result.finish_reason,
+            "stats": result.stats,
+        }
+        if result.samples is not None:
+            out["samples"] = result.samples
+        print(json.dumps(out))
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if not args.quiet:
+        print(format_summary(result), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    try:
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
+        handler = {"generate": cmd_generate}[args.command]
+        return handler(args)
+    except TriforceError as exc:
+        print(f"triforce: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("triforce: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except MemoryError:
+        print("triforce: error: out of memory; use a shorter context", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a bug: still one line, with a way to see the traceback
+        if os.environ.get("TRIFORCE_DEBUG"):
+            raise
+        print(f"triforce: internal error: {type(exc).__name__}: {exc} (set TRIFORCE_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

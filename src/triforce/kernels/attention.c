@@ -1,0 +1,452 @@
+/* Attention of a few queries over a KV-cache buffer, for decoding and verification on CPU.
+ *
+ * Why a kernel: with one to a few dozen query rows per KV head, PyTorch's CPU attention and
+ * batched matmuls run far below memory bandwidth (and copy strided cache slices). This kernel
+ * streams each key and value row once for all query heads that share it (grouped-query
+ * attention), keeps an online softmax per query row (flash-decoding), splits the keys of each KV
+ * head across threads and merges the partial results. Retrieval caches pass chunk start rows, so
+ * the selected chunks are read in place, never gathered.
+ *
+ * Layout: q [T][Hq][D] float32; out the same in float32 or bf16 (out_is_bf16). k, v: per KV head `head_stride` elements apart, rows of D
+ * elements, bf16 (kv_is_bf16) or float32. Query t may see key row j iff j <= first_row + t.
+ * The keys of KV head g, in order: chunks[g][0..n_chunks) (each chunk_size rows), then the dense
+ * rows [dense_start, num_rows).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define BLOCK 16
+#define SUB 4 /* 16-key sub-blocks per block in the bf16 path */
+#define MAX_CHUNKS 16 /* head_dim <= 256 */
+
+typedef struct {
+    const int32_t *chunks;
+    int n_chunks, chunk_size, dense_start, num_rows;
+} KeySet;
+
+static inline long keys_of_head(const KeySet *ks) {
+    return (long)ks->n_chunks * ks->chunk_size + (ks->num_rows - ks->dense_start);
+}
+
+/* Row index of the i-th key of KV head g. */
+static inline int key_row(const KeySet *ks, int g, long i) {
+    long chunked = (long)ks->n_chunks * ks->chunk_size;
+    if (i < chunked) {
+        return ks->chunks[(long)g * ks->n_chunks + i / ks->chunk_size] + (int)(i % ks->chunk_size);
+    }
+    return ks->dense_start + (int)(i - chunked);
+}
+
+static inline void load_row(float *dst, const void *base, long row, int D, int bf16) {
+    if (bf16) {
+        const uint16_t *src = (const uint16_t *)base + row * D;
+#if defined(__AVX512F__)
+        for (int c = 0; c < D; c += 16) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(src + c));
+            __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16);
+            _mm512_storeu_ps(dst + c, _mm512_castsi512_ps(wide));
+        }
+#else
+        for (int c = 0; c < D; c++) {
+            uint32_t bits = (uint32_t)src[c] << 16;
+            memcpy(dst + c, &bits, 4);
+        }
+#endif
+    } else {
+        memcpy(dst, (const float *)base + row * D, sizeof(float) * D);
+    }
+}
+
+#if defined(__AVX512F__)
+/* exp(x) for x <= 0 (softmax arguments); x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor for e^r,
+ * relative error ~1e-7; very negative inputs underflow to 0. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Lane j of the result is the sum of the 16 lanes of a[j]. */
+static inline __m512 transpose_sum16(const __m512 *a) {
+    __m512 t[8], u[4];
+    for (int k = 0; k < 8; k++) {
+        t[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]),
+                             _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+    }
+    for (int k = 0; k < 4; k++) {
+        __m512d x = _mm512_castps_pd(t[2 * k]), y = _mm512_castps_pd(t[2 * k + 1]);
+        u[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+    __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xDD));
+}
+
+/* Transpose a 16x16 matrix of 32-bit elements held in r[0..15] (row i = r[i]) into out. */
+static inline void transpose16x16_epi32(const __m512i *r, __m512i *out) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    /* u[4i+c], 128-bit lane L, holds column 4L+c of rows 4i..4i+3 */
+    for (int c = 0; c < 4; c++) {
+        __m512i w0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), w1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+        __m512i w2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44), w3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+        out[0 + c] = _mm512_shuffle_i32x4(w0, w2, 0x88);
+        out[4 + c] = _mm512_shuffle_i32x4(w0, w2, 0xDD);
+        out[8 + c] = _mm512_shuffle_i32x4(w1, w3, 0x88);
+        out[12 + c] = _mm512_shuffle_i32x4(w1, w3, 0xDD);
+    }
+}
+#endif
+
+/* One task: keys [lo, hi) of KV head g, for its R = G*T query rows. Leaves per-row running
+ * max m, normaliser l and unnormalised output acc. */
+static void attend_range(const float *q, const void *k, const void *v, int bf16, int T, int Hq, int G,
+                         int D, int g, const KeySet *ks, long lo, long hi, int first_row, float scale,
+                         float *m, float *l, float *acc, float *kf, float *vf, float *scores) {
+    const int R = G * T;
+    int rows[BLOCK];
+    for (int r = 0; r < R; r++) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * R * D);
+    for (long start = lo; start < hi; start += BLOCK) {
+        int nk = (int)((hi - start) < BLOCK ? (hi - start) : BLOCK);
+        for (int j = 0; j < nk; j++) {
+            rows[j] = key_row(ks, g, start + j);
+            load_row(kf + j * D, k, rows[j], D, bf16);
+        }
+        for (int j = nk; j < BLOCK; j++) {
+            rows[j] = INT32_MAX;
+            memset(kf + j * D, 0, sizeof(float) * D);
+        }
+        /* scores[r][j] = q_r . k_j * scale, -inf where masked */
+        for (int r = 0; r < R; r++) {
+            int t = r / G, h = g * G + r % G;
+            const float *qr = q + ((long)t * Hq + h) * D;
+            long limit = (long)first_row + t;
+            float *s = scores + r * BLOCK;
+#if defined(__AVX512F__)
+            __m512 a[BLOCK];
+            for (int j = 0; j < BLOCK; j++) a[j] = _mm512_setzero_ps();
+            for (int c = 0; c < D; c += 16) {
+                __m512 qv = _mm512_loadu_ps(qr + c);
+                for (int j = 0; j < BLOCK; j++) a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kf + j * D + c), a[j]);
+            }
+            __m512 sv = _mm512_mul_ps(transpose_sum16(a), _mm512_set1_ps(scale));
+            __m512i rowv = _mm512_loadu_si512((const void *)rows);
+            __mmask16 visible = _mm512_cmple_epi32_mask(rowv, _mm512_set1_epi32((int)limit));
+            sv = _mm512_mask_blend_ps(visible, _mm512_set1_ps(-INFINITY), sv);
+            _mm512_storeu_ps(s, sv);
+#else
+            for (int j = 0; j < BLOCK; j++) {
+                if (rows[j] > limit) {
+                    s[j] = -INFINITY;
+                    continue;
+                }
+                float dot = 0.0f;
+                for (int c = 0; c < D; c++) dot += qr[c] * kf[j * D + c];
+                s[j] = dot * scale;
+            }
+#endif
+        }
+        for (int j = 0; j < nk; j++) load_row(vf + j * D, v, rows[j], D, bf16);
+        /* online softmax and P @ V */
+        for (int r = 0; r < R; r++) {
+            float *s = scores + r * BLOCK;
+            float bm = -INFINITY;
+            for (int j = 0; j < nk; j++) bm = s[j] > bm ? s[j] : bm;
+            if (bm == -INFINITY) continue;
+            float mn = m[r] > bm ? m[r] : bm;
+            float corr = expf(m[r] - mn);
+            float *ar = acc + (long)r * D;
+#if defined(__AVX512F__)
+            __m512 sv = _mm512_loadu_ps(s);
+            __mmask16 live = _mm512_cmp_ps_mask(sv, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+            __m512 p = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mn))));
+            _mm512_storeu_ps(s, p);
+            l[r] = l[r] * corr + _mm512_reduce_add_ps(p);
+            /* D/16 independent accumulators, so consecutive FMAs do not wait on each other */
+            __m512 cv = _mm512_set1_ps(corr), o[MAX_CHUNKS];
+            const int nc = D / 16;
+            for (int c = 0; c < nc; c++) o[c] = _mm512_mul_ps(_mm512_loadu_ps(ar + 16 * c), cv);
+            for (int j = 0; j < nk; j++) {
+                __m512 pj = _mm512_set1_ps(s[j]);
+                for (int c = 0; c < nc; c++) o[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vf + j * D + 16 * c), o[c]);
+            }
+            for (int c = 0; c < nc; c++) _mm512_storeu_ps(ar + 16 * c, o[c]);
+#else
+            float sum = 0.0f;
+            for (int j = 0; j < nk; j++) {
+                s[j] = expf(s[j] - mn);
+                sum += s[j];
+            }
+            l[r] = l[r] * corr + sum;
+            for (int c = 0; c < D; c++) {
+                float o = ar[c] * corr;
+                for (int j = 0; j < nk; j++) o += s[j] * vf[j * D + c];
+                ar[c] = o;
+            }
+#endif
+            m[r] = mn;
+        }
+    }
+}
+
+#if defined(__AVX512BF16__)
+/* The same task for bf16 caches on CPUs with AVX512-BF16: keys and values are used as stored
+ * (no conversion to float). Keys come in blocks of 64, transposed 16 at a time so that
+ * kt[p] holds dimension pair p of 16 keys; then q.k for 16 keys is D/2 pair-dot-product
+ * instructions with no horizontal sums, and the transposition is shared by all query rows.
+ * p.V interleaves two value rows, so one instruction adds p_j v_j + p_j+1 v_j+1 over 16
+ * dimensions, with p rounded to bf16 (the precision of the cache itself). The softmax
+ * bookkeeping runs once per 64 keys. Accumulators hold dimensions in the interleaved order and
+ * are put back in order at the end. */
+static inline __attribute__((always_inline)) void attend_range_bf16_impl(
+    const float *q, const uint16_t *k, const uint16_t *v, int T, int Hq, int G, const int D, int g,
+    const KeySet *ks, long lo, long hi, int first_row, float scale, float *m, float *l, float *acc,
+    uint16_t *qb, uint16_t *vi, __m512i *kt) {
+    const int R = G * T, halves = D / 32, nc = D / 16, npairs = D / 2;
+    int rows[SUB * BLOCK];
+    for (int r = 0; r < R; r++) {
+        int t = r / G, h = g * G + r % G;
+        const float *qr = q + ((long)t * Hq + h) * D;
+        for (int c = 0; c < D; c += 32) {
+            __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qr + c + 16), _mm512_loadu_ps(qr + c));
+            _mm512_storeu_si512((void *)(qb + (long)r * D + c), (__m512i)pair);
+        }
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * R * D);
+    for (long start = lo; start < hi; start += SUB * BLOCK) {
+        const int nk = (int)((hi - start) < SUB * BLOCK ? (hi - start) : SUB * BLOCK);
+        const int nsub = (nk + BLOCK - 1) / BLOCK;
+        for (int j = 0; j < SUB * BLOCK; j++) rows[j] = j < nk ? key_row(ks, g, start + j) : INT32_MAX;
+        for (int sb = 0; sb < nsub; sb++) {
+            for (int hf = 0; hf < halves; hf++) {
+                __m512i block[BLOCK];
+                for (int j = 0; j < BLOCK; j++) {
+                    int jj = sb * BLOCK + j;
+                    block[j] = _mm512_loadu_si512((const void *)(k + (long)(jj < nk ? rows[jj] : rows[0]) * D + 32 * hf));
+                }
+                transpose16x16_epi32(block, kt + sb * npairs + 16 * hf);
+            }
+        }
+        /* interleave value rows pairwise: vi[pair][half][lo|hi] */
+        for (int pr = 0; pr < (nk + 1) / 2; pr++) {
+            int j0 = 2 * pr, j1 = 2 * pr + 1;
+            for (int hf = 0; hf < halves; hf++) {
+                __m512i a = _mm512_loadu_si512((const void *)(v + (long)rows[j0] * D + 32 * hf));
+                __m512i b = j1 < nk ? _mm512_loadu_si512((const void *)(v + (long)rows[j1] * D + 32 * hf)) : _mm512_setzero_si512();
+                uint16_t *dst = vi + ((long)pr * halves + hf) * 64;
+                _mm512_storeu_si512((void *)dst, _mm512_unpacklo_epi16(a, b));
+                _mm512_storeu_si512((void *)(dst + 32), _mm512_unpackhi_epi16(a, b));
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const __m512i limit = _mm512_set1_epi32(first_row + r / G);
+            const uint32_t *qp = (const uint32_t *)(qb + (long)r * D);
+            __m512 sv[SUB];
+            __mmask16 visible[SUB];
+            __m512 bmv = _mm512_set1_ps(-INFINITY);
+            for (int sb = 0; sb < SUB; sb++) {
+                if (sb >= nsub) {
+                    visible[sb] = 0;
+                    sv[sb] = _mm512_setzero_ps();
+                    continue;
+                }
+                const __m512i *kb = kt + sb * npairs;
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+                for (int pr = 0; pr < npairs; pr += 2) {
+                    a0 = _mm512_dpbf16_ps(a0, (__m512bh)kb[pr], (__m512bh)_mm512_set1_epi32((int)qp[pr]));
+                    a1 = _mm512_dpbf16_ps(a1, (__m512bh)kb[pr + 1], (__m512bh)_mm512_set1_epi32((int)qp[pr + 1]));
+                }
+                sv[sb] = _mm512_mul_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(scale));
+                visible[sb] = _mm512_cmple_epi32_mask(_mm512_loadu_si512((const void *)(rows + sb * BLOCK)), limit);
+                bmv = _mm512_mask_max_ps(bmv, visible[sb], bmv, sv[sb]);
+            }
+            float bm = _mm512_reduce_max_ps(bmv);
+            if (bm == -INFINITY) continue;
+            float mn = m[r] > bm ? m[r] : bm;
+            float corr = expf(m[r] - mn);
+            const __m512 mnv = _mm512_set1_ps(mn);
+            __m512 total = _mm512_setzero_ps();
+            uint32_t pairs[SUB * BLOCK / 2];
+            for (int sb = 0; sb < nsub; sb++) {
+                __m512 p = _mm512_maskz_mov_ps(visible[sb], exp512(_mm512_sub_ps(sv[sb], mnv)));
+                total = _mm512_add_ps(total, p);
+                _mm256_storeu_si256((__m256i *)(pairs + sb * BLOCK / 2), (__m256i)_mm512_cvtneps_pbh(p));
+            }
+            l[r] = l[r] * corr + _mm512_reduce_add_ps(total);
+            float *ar = acc + (long)r * D;
+            __m512 cv = _mm512_set1_ps(corr), o[MAX_CHUNKS];
+            for (int c = 0; c < nc; c++) o[c] = _mm512_mul_ps(_mm512_loadu_ps(ar + 16 * c), cv);
+            for (int pr = 0; pr < (nk + 1) / 2; pr++) {
+                __m512bh pp = (__m512bh)_mm512_set1_epi32((int)pairs[pr]);
+                const uint16_t *src = vi + (long)pr * halves * 64;
+                for (int c = 0; c < nc; c++)
+                    o[c] = _mm512_dpbf16_ps(o[c], (__m512bh)_mm512_loadu_si512((const void *)(src + 32 * c)), pp);
+            }
+            for (int c = 0; c < nc; c++) _mm512_storeu_ps(ar + 16 * c, o[c]);
+            m[r] = mn;
+        }
+    }
+    /* accumulator lane (vector c, lane L) holds dimension 32*(c/2) + 8*(L/4) + 4*(c%2) + L%4 */
+    float tmp[16 * MAX_CHUNKS];
+    for (int r = 0; r < R; r++) {
+        float *ar = acc + (long)r * D;
+        for (int c = 0; c < nc; c++)
+            for (int L = 0; L < 16; L++) tmp[32 * (c / 2) + 8 * (L / 4) + 4 * (c % 2) + L % 4] = ar[16 * c + L];
+        memcpy(ar, tmp, sizeof(float) * D);
+    }
+}
+
+/* Specialised for the common head sizes, so the per-dimension loops unroll and the output
+ * accumulators stay in registers. */
+static void attend_range_bf16(const float *q, const uint16_t *k, const uint16_t *v, int T, int Hq, int G, int D,
+                              int g, const KeySet *ks, long lo, long hi, int first_row, float scale, float *m,
+                              float *l, float *acc, uint16_t *qb, uint16_t *vi, __m512i *kt) {
+    if (D == 64)
+        attend_range_bf16_impl(q, k, v, T, Hq, G, 64, g, ks, lo, hi, first_row, scale, m, l, acc, qb, vi, kt);
+    else if (D == 128)
+        attend_range_bf16_impl(q, k, v, T, Hq, G, 128, g, ks, lo, hi, first_row, scale, m, l, acc, qb, vi, kt);
+    else
+        attend_range_bf16_impl(q, k, v, T, Hq, G, D, g, ks, lo, hi, first_row, scale, m, l, acc, qb, vi, kt);
+}
+#endif
+
+static void store_out(void *out, long at, const float *o, int D, int bf16) {
+    if (!bf16) {
+        memcpy((float *)out + at, o, sizeof(float) * D);
+        return;
+    }
+    uint16_t *dst = (uint16_t *)out + at;
+    for (int c = 0; c < D; c++) { /* round to nearest even */
+        uint32_t bits;
+        memcpy(&bits, o + c, 4);
+        bits += 0x7fff + ((bits >> 16) & 1);
+        dst[c] = (uint16_t)(bits >> 16);
+    }
+}
+
+/* Returns 0 on success, a negative code on bad arguments or allocation failure. */
+int tf_attention(const float *q, const void *k, const void *v, int kv_is_bf16, long head_stride, void *out_ptr,
+                 int out_is_bf16, int T, int Hq, int Hkv, int D, const int32_t *chunks, int n_chunks, int chunk_size,
+                 int dense_start, int num_rows, int first_row, float scale, int n_threads) {
+    if (T < 1 || Hq < 1 || Hkv < 1 || Hq % Hkv || D < 16 || D > 16 * MAX_CHUNKS || (D % 16) || num_rows < dense_start) return -1;
+    if (n_chunks > 0 && (chunks == NULL || chunk_size < 1)) return -1;
+    KeySet ks = {chunks, n_chunks > 0 ? n_chunks : 0, chunk_size, dense_start, num_rows};
+    const int G = Hq / Hkv, R = G * T;
+    const long N = keys_of_head(&ks);
+    if (n_threads < 1) n_threads = 1;
+    long splits = (N + 1023) / 1024;
+    long min_splits = (2L * n_threads + Hkv - 1) / Hkv;
+    if (splits < min_splits) splits = min_splits;
+    if (splits > (N + BLOCK - 1) / BLOCK) splits = (N + BLOCK - 1) / BLOCK;
+    if (splits < 1) splits = 1;
+    const long tasks = (long)Hkv * splits;
+    const long per_task = (long)R * (D + 2);
+    float *partial = (float *)malloc(sizeof(float) * tasks * per_task);
+    if (!partial) return -2;
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads)
+    {
+        /* fp32 path: converted K and V blocks and scores; bf16 path: bf16 queries, the
+         * interleaved V block and the transposed K block */
+        size_t floats = 2 * BLOCK * D + R * BLOCK;
+        size_t bf16_floats = R * D / 2 + SUB * BLOCK * D / 2 + SUB * BLOCK * D / 2 + 16;
+        float *scratch = (float *)aligned_alloc(64, sizeof(float) * ((floats > bf16_floats ? floats : bf16_floats) + 16) / 64 * 64 + 64);
+        if (!scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (long task = 0; task < tasks; task++) {
+            if (!scratch) continue;
+            int g = (int)(task / splits);
+            long s = task % splits;
+            long lo = N * s / splits, hi = N * (s + 1) / splits;
+            float *m = partial + task * per_task, *l = m + R, *acc = l + R;
+            const char *kb = (const char *)k + (long)g * head_stride * (kv_is_bf16 ? 2 : 4);
+            const char *vb = (const char *)v + (long)g * head_stride * (kv_is_bf16 ? 2 : 4);
+#if defined(__AVX512BF16__)
+            if (kv_is_bf16 && D % 32 == 0) {
+                uint16_t *qb = (uint16_t *)scratch;
+                uint16_t *vi = qb + ((R * D + 31) / 32) * 32;
+                __m512i *kt = (__m512i *)(vi + SUB * BLOCK * D);
+                attend_range_bf16(q, (const uint16_t *)kb, (const uint16_t *)vb, T, Hq, G, D, g, &ks, lo, hi,
+                                  first_row, scale, m, l, acc, qb, vi, kt);
+                continue;
+            }
+#endif
+            attend_range(q, kb, vb, kv_is_bf16, T, Hq, G, D, g, &ks, lo, hi, first_row, scale, m, l, acc,
+                         scratch, scratch + BLOCK * D, scratch + 2 * BLOCK * D);
+        }
+        free(scratch);
+    }
+    if (failed) {
+        free(partial);
+        return -2;
+    }
+    /* merge the splits of each KV head */
+    float o[16 * MAX_CHUNKS];
+    for (int g = 0; g < Hkv; g++) {
+        for (int r = 0; r < R; r++) {
+            int t = r / G, h = g * G + r % G;
+            long at = ((long)t * Hq + h) * D;
+            float M = -INFINITY;
+            for (long s = 0; s < splits; s++) {
+                float ms = partial[((long)g * splits + s) * per_task + r];
+                M = ms > M ? ms : M;
+            }
+            memset(o, 0, sizeof(float) * D);
+            if (M == -INFINITY) {
+                store_out(out_ptr, at, o, D, out_is_bf16);
+                continue;
+            }
+            float L = 0.0f;
+            for (long s = 0; s < splits; s++) {
+                const float *base = partial + ((long)g * splits + s) * per_task;
+                if (base[r] == -INFINITY) continue;
+                float w = expf(base[r] - M);
+                L += base[R + r] * w;
+                const float *acc = base + 2 * R + (long)r * D;
+                for (int c = 0; c < D; c++) o[c] += acc[c] * w;
+            }
+            float inv = 1.0f / L;
+            for (int c = 0; c < D; c++) o[c] *= inv;
+            store_out(out_ptr, at, o, D, out_is_bf16);
+        }
+    }
+    free(partial);
+    return 0;
+}

@@ -1,0 +1,120 @@
+/* y = x W^T (+ b) for bf16 weights, with few rows of x (decoding, verification) or many (prefill).
+ *
+ * Why: PyTorch's CPU bf16 matrix-vector path reaches well under half the memory bandwidth here,
+ * and a decoding step of a small model is nothing but matrix-vector products. Weights are
+ * packed once, at load time, into blocks of 16 output rows laid out as [K/2][16][2]: one 64-byte
+ * vector holds a pair of input dimensions for 16 outputs, so y[m, n..n+16] accumulates with one
+ * pair-dot-product per vector (AVX512-BF16), the weights stream strictly sequentially, and no
+ * horizontal sums are needed. Rows of x are taken in tiles so each weight block is read from
+ * memory once per tile (once in total for up to TILE_M rows).
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+#define TILE_M 12
+
+/* Pack W [N][K] (bf16, row-major) into [ceil(N/16)][K/2][16][2]; rows past N are zero. K even. */
+void tf_pack_weight(const uint16_t *w, uint16_t *packed, int N, int K) {
+    int blocks = (N + 15) / 16, pairs = K / 2;
+#pragma omp parallel for
+    for (int b = 0; b < blocks; b++) {
+        uint16_t *dst = packed + (long)b * pairs * 32;
+        for (int p = 0; p < pairs; p++) {
+            for (int j = 0; j < 16; j++) {
+                int n = b * 16 + j;
+                dst[(long)p * 32 + 2 * j] = n < N ? w[(long)n * K + 2 * p] : 0;
+                dst[(long)p * 32 + 2 * j + 1] = n < N ? w[(long)n * K + 2 * p + 1] : 0;
+            }
+        }
+    }
+}
+
+int tf_has_bf16_linear(void) {
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#if defined(__AVX512BF16__)
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as PyTorch does */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 0x40); /* NaN */
+    bits += 0x7fff + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+/* One tile: rows m0..m0+mt of x against one 16-output block. */
+static inline __attribute__((always_inline)) void block_tile(const uint32_t *xpairs, int pairs, int mt,
+                                                              const __m512i *wb, __m512 *acc) {
+    for (int i = 0; i < mt; i++) acc[i] = _mm512_setzero_ps();
+    for (int p = 0; p < pairs; p++) {
+        __m512bh w = (__m512bh)_mm512_loadu_si512((const void *)(wb + p));
+        for (int i = 0; i < mt; i++)
+            acc[i] = _mm512_dpbf16_ps(acc[i], w, (__m512bh)_mm512_set1_epi32((int)xpairs[(long)i * pairs + p]));
+    }
+}
+#endif
+
+/* x [M][K] bf16, packed weights, bias [N] bf16 or NULL; y [M][N] written as bf16 (y_is_f32 = 0)
+ * or float32. Returns 0, or -1 when this build has no AVX512-BF16. */
+int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bias, void *y, int y_is_f32, int M,
+                   int N, int K, int n_threads) {
+#if defined(__AVX512BF16__)
+    const int pairs = K / 2, blocks = (N + 15) / 16;
+    const int tiles = (M + TILE_M - 1) / TILE_M;
+    if (n_threads < 1) n_threads = 1;
+#pragma omp parallel for num_threads(n_threads) schedule(static) collapse(2)
+    for (int b = 0; b < blocks; b++) {
+        for (int t = 0; t < tiles; t++) {
+            const __m512i *wb = (const __m512i *)(packed + (long)b * pairs * 32);
+            int m0 = t * TILE_M, mt = M - m0 < TILE_M ? M - m0 : TILE_M;
+            __m512 acc[TILE_M];
+            const uint32_t *xp = (const uint32_t *)(x + (long)m0 * K);
+            switch (mt) { /* constant trip counts keep the accumulators in registers */
+#define CASE(n) \
+    case n:     \
+        block_tile(xp, pairs, n, wb, acc); \
+        break;
+                CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) CASE(10) CASE(11) CASE(12)
+#undef CASE
+            }
+            int n0 = b * 16, nv = N - n0 < 16 ? N - n0 : 16;
+            __mmask16 mask = (__mmask16)((1u << nv) - 1);
+            __m512 bv = _mm512_setzero_ps();
+            if (bias) {
+                for (int j = 0; j < nv; j++) ((float *)&bv)[j] = bf16_to_float(bias[n0 + j]);
+            }
+            for (int i = 0; i < mt; i++) {
+                __m512 r = _mm512_add_ps(acc[i], bv);
+                if (y_is_f32) {
+                    _mm512_mask_storeu_ps((float *)y + (long)(m0 + i) * N + n0, mask, r);
+                } else {
+                    __m256i h = (__m256i)_mm512_cvtneps_pbh(r);
+                    _mm256_mask_storeu_epi16((uint16_t *)y + (long)(m0 + i) * N + n0, mask, h);
+                }
+            }
+        }
+    }
+    (void)float_to_bf16;
+    return 0;
+#else
+    (void)x; (void)packed; (void)bias; (void)y; (void)y_is_f32; (void)M; (void)N; (void)K; (void)n_threads;
+    return -1;
+#endif
+}

@@ -1,0 +1,255 @@
+"""Build and load the native CPU kernels (kernels/*.c) on first use.
+
+The C files are compiled with the machine's C compiler for the machine's own instruction set and
+cached under the user's cache directory, keyed by source, flags and CPU. They link OpenMP by
+soname, so they share the libgomp thread pool PyTorch has already loaded. Anything that goes
+wrong (no compiler, another OS, TRIFORCE_NATIVE=0) leaves the PyTorch paths in charge.
+
+- attention.c: decoding/verification attention over a cache buffer (dense or retrieval chunks)
+- linear.c:    bf16 projections from packed weights at memory bandwidth
+- glue.c:      RMSNorm, rotary embedding + cache write, SiLU-gate, each one call
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+MAX_KERNEL_QUERIES = 64  # beyond this many new tokens (prefill chunks) SDPA is compute-efficient
+_SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.c"))
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_library: ctypes.CDLL | None | bool = False  # False: not tried yet
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TRIFORCE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "triforce"
+    )
+    return Path(root)
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found")
+    source = b"".join(p.read_bytes() for p in _SOURCES)
+    key = hashlib.sha256(
+        source + " ".join(_FLAGS).encode() + _cpu_signature().encode() + compiler.encode()
+    ).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"triforce-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / "triforce.so"
+        result = subprocess.run(
+            [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(built), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling the native kernels failed: {result.stderr.strip()[:500]}")
+        os.replace(built, target)  # atomic: concurrent builders each publish a whole file
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i, n, f, p = ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_void_p  # n: a long
+    signatures = {
+        "tf_attention": ([p, p, p, i, n, p, i, i, i, i, i, p, i, i, i, i, i, f, i], i),
+        "tf_pack_weight": ([p, p, i, i], None),
+        "tf_linear_bf16": ([p, p, p, p, i, i, i, i, i], i),
+        "tf_has_bf16_linear": ([], i),
+        "tf_rms_norm": ([p, p, p, i, i, f, i], None),
+        "tf_rope_store": ([p, p, p, p, p, p, p, n, i, i, i, i, i, i], None),
+        "tf_silu_mul": ([p, p, i, i, i], None),
+    }
+    for name, (args, res) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot be built (PyTorch paths then run)."""
+    global _library
+    if _library is False:
+        _library = None
+        if os.environ.get("TRIFORCE_NATIVE", "1") != "0" and sys.platform.startswith("linux"):
+            try:
+                _library = _declare(ctypes.CDLL(str(_build())))
+            except Exception as exc:  # any build/load failure falls back, once, with a warning
+                warnings.warn(f"triforce: native kernels unavailable ({exc}); using PyTorch", stacklevel=2)
+    return _library or None
+
+
+def set_native(enabled: bool) -> None:
+    """Force the kernels on or off (tests and benchmarks compare both paths). Affects models
+    loaded afterwards."""
+    global _library
+    if enabled:
+        os.environ.pop("TRIFORCE_NATIVE", None)
+        _library = False
+        library()
+    else:
+        _library = None
+
+
+def _is_bf16(t: torch.Tensor) -> int:
+    if t.dtype == torch.bfloat16:
+        return 1
+    if t.dtype == torch.float32:
+        return 0
+    raise ValueError(f"native kernels take bf16 or fp32 tensors, not {t.dtype}")
+
+
+def usable_for(t: torch.Tensor) -> bool:
+    return library() is not None and t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float32)
+
+
+# -- attention --------------------------------------------------------------------------------
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_rows: int,
+    first_row: int,
+    chunks: torch.Tensor | None = None,
+    chunk_size: int = 0,
+    dense_start: int = 0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """See attention.py for the contract. q [T, Hq, D] (float32 preferred); k/v [Hkv, cap, D]."""
+    lib = library()
+    assert lib is not None
+    T, nq, hd = q.shape
+    nkv = k.shape[0]
+    if k.stride(2) != 1 or k.stride(1) != hd or v.stride() != k.stride():
+        raise ValueError("kernel needs K/V with contiguous rows and equal layouts")
+    qf = q if (q.dtype == torch.float32 and q.is_contiguous()) else q.float().contiguous()
+    out_dtype = out_dtype or q.dtype
+    out = torch.empty(T, nq, hd, dtype=out_dtype)
+    n_chunks, chunks_ptr = 0, None
+    if chunks is not None:
+        if chunks.dtype != torch.int32 or not chunks.is_contiguous():
+            chunks = chunks.to(torch.int32).contiguous()
+        n_chunks, chunks_ptr = chunks.shape[1], chunks.data_ptr()
+    else:
+        dense_start = 0
+    code = lib.tf_attention(
+        qf.data_ptr(), k.data_ptr(), v.data_ptr(), _is_bf16(k), k.stride(0), out.data_ptr(), _is_bf16(out),
+        T, nq, nkv, hd, chunks_ptr, n_chunks, chunk_size, dense_start, num_rows, first_row, hd**-0.5,
+        torch.get_num_threads(),
+    )
+    if code != 0:
+        raise RuntimeError(f"attention kernel failed with code {code}")
+    return out
+
+
+# -- projections -----------------------------------------------------------------------------
+def packed_linear_supported() -> bool:
+    lib = library()
+    return lib is not None and bool(lib.tf_has_bf16_linear())
+
+
+class PackedLinear:
+    """y = x W^T (+ b) with bf16 weights packed for the native kernel (see kernels/linear.c)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        lib = library()
+        assert lib is not None
+        self.out_features, self.in_features = weight.shape
+        self.lib = lib
+        blocks = (self.out_features + 15) // 16
+        w = weight.to(torch.bfloat16).contiguous()
+        self.packed = torch.empty(blocks * 16 * self.in_features, dtype=torch.bfloat16)
+        lib.tf_pack_weight(w.data_ptr(), self.packed.data_ptr(), self.out_features, self.in_features)
+        self.bias = bias.to(torch.bfloat16).contiguous() if bias is not None else None
+
+    @property
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features * 2
+
+    def __call__(self, x: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.bfloat16 or not x2.is_contiguous():
+            x2 = x2.to(torch.bfloat16).contiguous()
+        y = torch.empty(x2.shape[0], self.out_features, dtype=out_dtype)
+        code = self.lib.tf_linear_bf16(
+            x2.data_ptr(), self.packed.data_ptr(), self.bias.data_ptr() if self.bias is not None else None,
+            y.data_ptr(), int(out_dtype == torch.float32), x2.shape[0], self.out_features, self.in_features,
+            torch.get_num_threads(),
+        )
+        if code != 0:
+            raise RuntimeError("bf16 linear kernel unavailable")
+        return y.view(*shape, self.out_features)
+
+
+# -- glue ------------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    lib = library()
+    assert lib is not None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    H = x.shape[-1]
+    lib.tf_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // H, H, eps, _is_bf16(x))
+    return out
+
+
+def rope_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    row: int,
+    num_heads: int,
+) -> torch.Tensor:
+    """Rotate q and k of qkv [T, Hq + 2 Hkv, D] at `positions` [T]; store k and v at rows
+    row.. of k_buffer/v_buffer [Hkv, cap, D]; return q [T, Hq, D] in float32."""
+    lib = library()
+    assert lib is not None
+    T, heads, D = qkv.shape
+    nkv = (heads - num_heads) // 2
+    qkv = qkv.contiguous()
+    pos = positions if (positions.dtype == torch.int64 and positions.is_contiguous()) else positions.long().contiguous()
+    q = torch.empty(T, num_heads, D, dtype=torch.float32)
+    lib.tf_rope_store(
+        qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), q.data_ptr(), k_buffer.data_ptr(),
+        v_buffer.data_ptr(), k_buffer.stride(0), row, T, num_heads, nkv, D, _is_bf16(qkv),
+    )
+    return q
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    lib = library()
+    assert lib is not None
+    gate_up = gate_up.contiguous()
+    inter = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype)
+    lib.tf_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter), inter, _is_bf16(gate_up))
+    return out

@@ -1,0 +1,97 @@
+"""Warping logits into the distribution a sampler draws from, and lossless draft acceptance.
+
+Every level of a speculative chain warps its logits with the same parameters, so "the target's
+distribution" below always means the warped one. Greedy decoding (temperature 0) is the limit
+case: the warped distribution is one-hot at the argmax, and the acceptance rule then reduces to
+"accept while the argmaxes agree, else emit the verifier's argmax" - exactly, with no division
+by zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import TriforceError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        t, p, k = self.temperature, self.top_p, self.top_k
+        if not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or math.isinf(t):
+            raise TriforceError(f"temperature must be a finite number >= 0, got {t}")
+        if not isinstance(p, (int, float)) or math.isnan(p) or not 0 < p <= 1:
+            raise TriforceError(f"top-p must be in (0, 1], got {p}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise TriforceError(f"top-k must be an integer >= 0 (0 disables it), got {k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities [..., V] (float32) after temperature, top-k then top-p (transformers' order)."""
+    logits = logits.float()
+    if params.greedy:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    scores = logits / params.temperature
+    vocab = scores.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        sorted_probs = sorted_scores.softmax(-1)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        drop_sorted = mass_before >= params.top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores.softmax(-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token id per row of probs [..., V]."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def verify(
+    draft_tokens: list[int],
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None,
+) -> tuple[int, int]:
+    """Speculative sampling over one run of drafts.
+
+    draft_probs [n, V]: the drafter's (warped) distributions the drafts were sampled from;
+    target_probs [n + 1, V]: the verifier's at the same positions plus one more.
+    Returns (number accepted, next token): the next token comes from the normalised residual
+    max(0, p - q) at the first rejection, or from p after the last draft if all were accepted.
+    The result is distributed exactly as sampling from the verifier alone.
+    """
+    n = len(draft_tokens)
+    if n:
+        idx = torch.tensor(draft_tokens, dtype=torch.long).unsqueeze(1)
+        p = target_probs[:n].gather(1, idx).squeeze(1)
+        q = draft_probs.gather(1, idx).squeeze(1)
+        uniforms = torch.rand(n, generator=generator)
+        # accept iff u * q <= p  (same as u <= p/q, without dividing; q > 0 for a sampled draft)
+        rejected = (uniforms * q > p).nonzero()
+        if len(rejected):
+            i = int(rejected[0, 0])
+            residual = (target_probs[i] - draft_probs[i]).clamp_(min=0)
+            total = residual.sum()
+            if total <= 0:  # p == q exactly: any rejection is impossible in exact arithmetic
+                residual = target_probs[i]
+            return i, int(sample(residual / residual.sum(), generator))
+    return n, int(sample(target_probs[n], generator))
