@@ -97,10 +97,11 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         )
     num_heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
-    if arch == "mistral" and cfg.get("sliding_window") not in (None, 0):
-        # A sliding window changes attention itself; we only run models whose window is off
-        # (Mistral v0.2+ configs set it to null) or at least as long as any context we allocate.
-        pass
+    # A sliding window changes attention itself: contexts longer than it are refused (Mistral
+    # v0.2+ and most Qwen2 configs turn it off).
+    window = cfg.get("sliding_window")
+    if arch == "qwen2" and not cfg.get("use_sliding_window", False):
+        window = None
     theta, scaling = _rope_from_hf(cfg)
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
@@ -121,7 +122,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         rope_scaling=scaling,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
-        extra={"sliding_window": cfg.get("sliding_window")},
+        extra={"sliding_window": window or None},
     )
     config.validate()
     return config

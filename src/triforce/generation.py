@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .cache import FullCache, RetrievalView, StreamingCache, StreamingView
+from .cache import FullCache, RetrievalView, StreamingCache, StreamingView, check_fits
 from .errors import TriforceError
 from .loading import LoadedModel
 from .sampling import SamplingParams
@@ -184,6 +184,19 @@ class TriForce:
             return Chain([middle, top], [self.gamma])
         return Chain([bottom_draft("streaming"), middle, top], [self.draft_gamma, self.gamma])
 
+    def memory_needed(self, capacity: int) -> int:
+        """Bytes a run of `capacity` tokens allocates (KV caches and rotary tables), estimated
+        before allocating anything."""
+        target = self.target.decoder
+        rope = 2 * capacity * target.config.head_dim * 4  # cos+sin float32 (plus a float64 pass)
+        total = capacity * target.kv_bytes_per_token() + 3 * rope
+        if isinstance(self.draft, LoadedModel):
+            if self.method == "speculative":
+                total += capacity * self.draft.decoder.kv_bytes_per_token()
+            else:
+                total += (self.sink + self.window + 64) * self.draft.decoder.kv_bytes_per_token()
+        return total
+
     # -- prompts -----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         tok = self.target.tokenizer
@@ -268,6 +281,7 @@ class TriForce:
                 f"{self.max_context}"
             )
         capacity = self._capacity_for(total)
+        check_fits(self.memory_needed(capacity), f"a context of {total} tokens")
         self.target.decoder.prepare(total, capacity)
         chain = self._build_chain(capacity, params)
         generator = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator().manual_seed(

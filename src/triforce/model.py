@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from . import native
 from .config import ModelConfig
+from .errors import TriforceError
 from .rope import RotaryTable, resolve_scaling
 
 
@@ -145,6 +146,12 @@ class Decoder:
     # -- rotary table ------------------------------------------------------------------------
     def prepare(self, context_len: int, capacity: int | None = None) -> None:
         """Fix the rotary frequencies for a run whose sequence reaches `context_len` tokens."""
+        window = self.config.extra.get("sliding_window")
+        if window and context_len > window:
+            raise TriforceError(
+                f"this model uses sliding-window attention over {window} tokens; contexts longer than that "
+                f"({context_len} requested) are not supported"
+            )
         scaling = resolve_scaling(self.config, self.rope_override, context_len)
         capacity = max(capacity or context_len, context_len)
         rope = self.rope

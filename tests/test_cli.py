@@ -1,0 +1,82 @@
+"""The command line: output formats, and one clear line with a non-zero exit for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "triforce.cli", *args], input=stdin, capture_output=True, text=True,
+        timeout=timeout, env=env,
+    )
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def test_generate_json_output():
+    result = run_cli("generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json",
+                     "--quiet")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert set(out) >= {"text", "token_ids", "prompt_tokens", "stats"}
+    assert len(out["token_ids"]) == 8 and out["prompt_tokens"] == 5
+    stats = out["stats"]
+    assert stats["method"] == "autoregressive" and stats["new_tokens"] == 8
+    for key in ("prefill_s", "decode_s", "ms_per_token", "tokens_per_s"):
+        assert stats[key] > 0
+
+
+def test_generate_streams_text_and_prints_summary_from_stdin():
+    result = run_cli("generate", "--max-new-tokens", "6", stdin="Once upon a time")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip()) > 0
+    assert "ms/token" in result.stderr and "prompt 4 tokens" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--prompt", "hi", "--temperature", "-1"], "temperature"),
+        (["--prompt", "hi", "--temperature", "nan"], "temperature"),
+        (["--prompt", "hi", "--top-p", "0"], "top-p"),
+        (["--prompt", "hi", "--top-p", "1.5"], "top-p"),
+        (["--prompt", "hi", "--top-k", "-3"], "top-k"),
+        (["--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
+        (["--prompt", "   "], "prompt is empty"),
+        (["--prompt-file", "/nonexistent/prompt.txt"], "does not exist"),
+        (["--prompt", "hi", "--model", "/nonexistent/model.gguf"], "does not exist"),
+        (["--prompt", "hi", "--model", "someorg/somemodel"], "never downloads"),
+        (["--prompt", "hi", "--dtype", "int3"], "dtype"),
+    ],
+)
+def test_bad_input_gives_one_line_and_nonzero_exit(args, fragment):
+    assert_clean_error(run_cli("generate", *args), fragment)
+
+
+def test_corrupt_model_file(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(64))
+    assert_clean_error(run_cli("generate", "--prompt", "hi", "--model", str(bad)), "GGUF")
+
+
+def test_prompt_longer_than_max_context():
+    result = run_cli("generate", "--prompt", "one two three four five six seven eight", "--max-context", "4")
+    assert_clean_error(result, "--max-context")
+
+
+def test_kv_cache_that_cannot_fit_is_refused_before_allocation():
+    result = run_cli("generate", "--prompt", "hello", "--max-new-tokens", "2000000000")
+    assert_clean_error(result, "GiB")

@@ -1,0 +1,150 @@
+"""Our decoder against transformers' implementations (the correctness oracle), in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import triforce
+from triforce import native
+from triforce.cache import FullCache
+
+from .conftest import make_hf_model
+
+ROPE = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+}
+
+CASES = {
+    "llama-gqa-untied": ("llama", {}),
+    "llama-mha-tied": ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    "llama-mqa-hd32": ("llama", {"num_key_value_heads": 1, "head_dim": 32, "hidden_size": 128}),
+    "mistral": ("mistral", {"sliding_window": None}),
+    "qwen2-bias-tied": ("qwen2", {"tie_word_embeddings": True}),
+    **{f"llama-rope-{name}": ("llama", {"max_position_embeddings": 32}) for name in ROPE if name != "default"},
+}
+SEQ = 64  # past max_position_embeddings=32 for the scaled cases, so the scaling matters
+
+
+def rope_params(case: str) -> dict | None:
+    name = case.removeprefix("llama-rope-") if case.startswith("llama-rope-") else "default"
+    params = ROPE[name]
+    return None if params is None else {**params, "rope_theta": 10000.0}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case_dir(request, tmp_path_factory, tokenizer_dir):
+    arch, overrides = CASES[request.param]
+    rope = rope_params(request.param)
+    if rope is not None:
+        overrides = {**overrides, "rope_parameters": rope}
+    path = make_hf_model(tmp_path_factory.mktemp(request.param), tokenizer_dir, arch, **overrides)
+    return request.param, path
+
+
+def hf_logits(path, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def our_logits(loaded, ids, chunks=None):
+    dec = loaded.decoder
+    dec.prepare(len(ids))
+    cache = FullCache(loaded.config, len(ids) + 4, dtype=dec.dtype)
+    chunks = chunks or [len(ids)]
+    outs, start = [], 0
+    for size in chunks:
+        piece = torch.tensor([ids[start : start + size]])
+        outs.append(dec.forward(piece, cache, logits_for="all")[0])
+        start += size
+    assert start == len(ids)
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
+def test_logits_match_transformers(case_dir, use_native):
+    name, path = case_dir
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (SEQ,)).tolist()
+    expected = hf_logits(path, ids)
+    native.set_native(use_native)
+    try:
+        loaded = triforce.load(path, dtype="fp32")
+        assert loaded.decoder.fused == use_native
+        got = our_logits(loaded, ids)
+    finally:
+        native.set_native(True)
+    assert got.shape == expected.shape
+    diff = (got - expected).abs().max().item()
+    assert diff < 1e-4, f"{name}: max |logit difference| {diff}"
+
+
+def test_auto_rope_scaling_is_yarn_past_trained_length_only(tmp_path, tokenizer_dir):
+    from triforce.rope import resolve_scaling
+
+    path = make_hf_model(tmp_path / "m", tokenizer_dir, max_position_embeddings=32)
+    auto = triforce.load(path, dtype="fp32")  # rope_scaling="auto"
+    plain = triforce.load(path, dtype="fp32", rope_scaling=None)
+    assert resolve_scaling(auto.config, "auto", 32) is None
+    yarn = resolve_scaling(auto.config, "auto", 64)
+    assert yarn["rope_type"] == "yarn" and yarn["factor"] == 2.0
+    short = list(range(3, 3 + 30))
+    assert torch.equal(our_logits(auto, short), our_logits(plain, short))
+    long = list(range(3, 3 + SEQ))
+    assert (our_logits(auto, long) - our_logits(plain, long)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", ["fp32"])
+def test_prefill_in_chunks_and_token_by_token_agree(tmp_path, tokenizer_dir, dtype):
+    path = make_hf_model(tmp_path / "m", tokenizer_dir, num_key_value_heads=1)
+    loaded = triforce.load(path, dtype=dtype)
+    torch.manual_seed(2)
+    ids = torch.randint(3, 300, (90,)).tolist()
+    whole = our_logits(loaded, ids)
+    chunked = our_logits(loaded, ids, [7, 33, 1, 20, 29])
+    one_by_one = our_logits(loaded, ids, [1] * len(ids))
+    assert (whole - chunked).abs().max() < 1e-5
+    assert (whole - one_by_one).abs().max() < 1e-5
+
+
+def test_prefill_chunks_agree_long_prompt_native_kernel(embedded_fp32):
+    # Over the kernel's limit of queries per call the PyTorch path takes over; both must agree.
+    ids = embedded_fp32.tokenizer.encode("The history of the Roman empire spans many centuries. " * 12)
+    whole = our_logits(embedded_fp32, ids)
+    chunked = our_logits(embedded_fp32, ids, [len(ids) - 70, 60, 10])
+    steps = our_logits(embedded_fp32, ids, [len(ids) - 5, 1, 1, 1, 1, 1])
+    assert (whole - chunked).abs().max() < 1e-4
+    assert (whole - steps).abs().max() < 1e-4
+
+
+def test_embedded_gguf_logits_match_transformers(embedded_fp32, hf_embedded):
+    ids = embedded_fp32.tokenizer.encode("The capital of France is Paris. The capital of Italy is")
+    with torch.no_grad():
+        expected = hf_embedded(torch.tensor([ids])).logits[0]
+    got = our_logits(embedded_fp32, ids)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_embedded_tokenizer_matches_transformers(embedded_fp32):
+    from transformers import AutoTokenizer
+
+    from triforce.loading import embedded_model_path
+
+    path = embedded_model_path()
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for text in ["Hello world!", "  leading spaces and\nnewlines\t tabs", "naïve café – 東京 🚀", "x=1+2; y = [3, 4]"]:
+        assert embedded_fp32.tokenizer.encode(text) == hf(text)["input_ids"]
+        assert embedded_fp32.tokenizer.decode(hf(text)["input_ids"]) == hf.decode(hf(text)["input_ids"],
+                                                                                   skip_special_tokens=True)
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    assert embedded_fp32.tokenizer.apply_chat_template(messages) == hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
