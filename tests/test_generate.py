@@ -60,3 +60,19 @@ def test_streaming_yields_the_same_text(embedded_fp32):
     pieces = list(engine.stream(PROMPTS[0], max_new_tokens=30))
     assert "".join(pieces) == engine.last_result.text
     assert len(pieces) > 5
+
+
+def test_prompt_cache_reuses_the_common_prefix_only(embedded_fp32):
+    engine = TriForce(embedded_fp32)
+    tok = embedded_fp32.tokenizer
+    base = tok.encode("The history of the printing press begins in Germany around 1440 with Gutenberg.")
+    first = engine.generate(base, max_new_tokens=12)
+    again = engine.generate(base, max_new_tokens=12)
+    assert again.token_ids == first.token_ids
+    assert again.stats["cached_prompt_tokens"] == len(base)
+    edited = list(base)
+    edited[5] = tok.encode(" Spain")[0]  # differs in the middle: only the first 5 tokens are reusable
+    fresh = TriForce(embedded_fp32).generate(edited, max_new_tokens=12)
+    reused = engine.generate(edited, max_new_tokens=12)
+    assert reused.stats["cached_prompt_tokens"] == 5
+    assert reused.token_ids == fresh.token_ids

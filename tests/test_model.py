@@ -117,12 +117,15 @@ def test_prefill_in_chunks_and_token_by_token_agree(tmp_path, tokenizer_dir, dty
 
 def test_prefill_chunks_agree_long_prompt_native_kernel(embedded_fp32):
     # Over the kernel's limit of queries per call the PyTorch path takes over; both must agree.
-    ids = embedded_fp32.tokenizer.encode("The history of the Roman empire spans many centuries. " * 12)
+    ids = embedded_fp32.tokenizer.encode("The history of the Roman empire spans many centuries. " * 16)
     whole = our_logits(embedded_fp32, ids)
     chunked = our_logits(embedded_fp32, ids, [len(ids) - 70, 60, 10])
     steps = our_logits(embedded_fp32, ids, [len(ids) - 5, 1, 1, 1, 1, 1])
+    halves = our_logits(embedded_fp32, ids, [len(ids) // 2, len(ids) - len(ids) // 2])  # both > 64 queries
+    assert len(ids) // 2 > 64
     assert (whole - chunked).abs().max() < 1e-4
     assert (whole - steps).abs().max() < 1e-4
+    assert (whole - halves).abs().max() < 1e-4
 
 
 def test_embedded_gguf_logits_match_transformers(embedded_fp32, hf_embedded):

@@ -43,6 +43,10 @@ def attend(
 def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_rows: int, first_row: int) -> torch.Tensor:
     """Dense attention with PyTorch's grouped-query SDPA (no per-group copy of K/V)."""
     T, nq, hd = q.shape
+    if T > 1 and first_row == num_rows - T and q.device.type == "cpu":
+        out = _attend_prefix_and_block(q, k, v, first_row)
+        if out is not None:
+            return out
     keys = k[:, :num_rows].unsqueeze(0)
     values = v[:, :num_rows].unsqueeze(0)
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D]
@@ -54,6 +58,40 @@ def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_rows: in
         qh, keys, values, attn_mask=mask, enable_gqa=k.shape[0] != nq
     )
     return out[0].transpose(0, 1)
+
+
+def _attend_prefix_and_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -> torch.Tensor | None:
+    """A chunk of new queries over a long cache, as two mask-free flash-attention calls.
+
+    With an explicit mask the CPU flash kernel computes every block; split instead into the
+    cached prefix (every query sees every key: no mask, and the query heads of a group folded
+    into one matrix so K/V are read once) and the causal block of the new tokens (is_causal, so
+    masked tiles are skipped), then merge the two with their log-sum-exps.
+    """
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if flash is None:
+        return None
+    T, nq, hd = q.shape
+    nkv = k.shape[0]
+    group = nq // nkv
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D]
+    new_k = k[:, prefix : prefix + T].repeat_interleave(group, 0).unsqueeze(0)
+    new_v = v[:, prefix : prefix + T].repeat_interleave(group, 0).unsqueeze(0)
+    try:
+        out_b, lse_b = flash(qh, new_k, new_v, 0.0, True)[:2]
+        if prefix == 0:
+            return out_b[0].transpose(0, 1)
+        folded = q.view(T, nkv, group, hd).permute(1, 2, 0, 3).reshape(1, nkv, group * T, hd)
+        out_a, lse_a = flash(folded, k[:, :prefix].unsqueeze(0), v[:, :prefix].unsqueeze(0), 0.0, False)[:2]
+    except RuntimeError:
+        return None
+    out_a = out_a.reshape(nq, T, hd)
+    lse_a = lse_a.reshape(nq, T)
+    out_b, lse_b = out_b[0], lse_b[0]
+    top = torch.maximum(lse_a, lse_b)
+    wa, wb = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    merged = (out_a.float() * wa[..., None] + out_b.float() * wb[..., None]) / (wa + wb)[..., None]
+    return merged.to(q.dtype).transpose(0, 1)
 
 
 def gather_chunks(

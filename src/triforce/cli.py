@@ -96,7 +96,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="independent samples for one prompt (prefilled once)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary on stderr")
+
+    b = sub.add_parser("bench", help="benchmarks (see README)")
+    bsub = b.add_subparsers(dest="bench", parser_class=ArgumentParser, required=True)
+    e = bsub.add_parser("engine", help="our decoder vs transformers generate, with bandwidth figures")
+    e.add_argument("--contexts", type=_int_list, default=[2048, 8192, 16384])
+    e.add_argument("--new-tokens", type=_positive_int, default=32)
+    e.add_argument("--repeats", type=_positive_int, default=3)
+    e.add_argument("--document", default="vim")
+    e.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    e.add_argument("--out", default="bench-out", help="directory for JSON and Markdown results")
+    r = bsub.add_parser("rope", help="perplexity past the trained length for each RoPE scaling")
+    r.add_argument("--contexts", type=_int_list, default=[8192, 16384, 32768])
+    r.add_argument("--last", type=_positive_int, default=512, help="tokens scored at the end of each context")
+    r.add_argument("--document", default="vim")
+    r.add_argument("--out", default="bench-out")
     return parser
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -203,6 +228,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.bench == "engine":
+        from .bench import engine
+
+        engine.run(args.contexts, args.new_tokens, args.repeats, args.document, not args.no_transformers,
+                   Path(args.out))
+    elif args.bench == "rope":
+        from .bench import rope
+
+        rope.run(args.contexts, args.last, args.document, Path(args.out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -215,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        handler = {"generate": cmd_generate}[args.command]
+        handler = {"generate": cmd_generate, "bench": cmd_bench}[args.command]
         return handler(args)
     except TriforceError as exc:
         print(f"triforce: error: {exc}", file=sys.stderr)

@@ -129,6 +129,11 @@ class TriForce:
         self.progress = progress
         self._full: FullCache | None = None
         self._draft_cache: FullCache | StreamingCache | None = None
+        # Prompt caching: the tokens whose target KV in self._full are valid, and the rotary
+        # table they were rotated with (a new table invalidates them).
+        self._cached_tokens: list[int] = []
+        self._cached_rope: object = None
+        self.last_result: GenerationResult | None = None
 
     # -- chain construction ------------------------------------------------------------------
     def _capacity_for(self, total: int) -> int:
@@ -138,10 +143,14 @@ class TriForce:
         target = self.target.decoder
         if self._full is None or self._full.capacity < capacity or self._full.k.dtype != target.dtype:
             self._full = None
+            self._cached_tokens = []
             self._full = FullCache(self.target.config, capacity, dtype=target.dtype, device=target.device)
         full = self._full
-        full.truncate(0)
+        if self._cached_rope is not target.rope:
+            self._cached_tokens = []
+        full.truncate(len(self._cached_tokens))
         top = ModelLevel("target", target, full, params, self.prefill_chunk, self.progress)
+        top.tokens = list(self._cached_tokens)
         method = self.method
         if method == "autoregressive":
             return Chain([top], [])
@@ -247,9 +256,13 @@ class TriForce:
         chat: bool = False,
         num_samples: int = 1,
         on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
     ) -> GenerationResult:
+        """Generate after `prompt` (text, or token ids). ignore_eos runs to max_new_tokens (for
+        benchmarks)."""
         for _ in self._run(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                           seed=seed, stop=stop, chat=chat, num_samples=num_samples, on_text=on_text):
+                           seed=seed, stop=stop, chat=chat, num_samples=num_samples, on_text=on_text,
+                           ignore_eos=ignore_eos):
             pass
         return self.last_result
 
@@ -265,6 +278,7 @@ class TriForce:
         chat: bool = False,
         num_samples: int = 1,
         on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
     ) -> Iterator[None]:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise TriforceError(f"max-new-tokens must be an integer >= 1, got {max_new_tokens}")
@@ -286,11 +300,14 @@ class TriForce:
         chain = self._build_chain(capacity, params)
         generator = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator().manual_seed(
             int(torch.randint(0, 2**62, (1,)).item()))
-        eos = self._eos_ids()
+        eos = set() if ignore_eos else self._eos_ids()
 
-        # Prefill: the target reads the prompt once; its distribution gives the first token.
+        # Prefill: the target reads the prompt once (or only what differs from the last prompt);
+        # its distribution gives the first token.
         t0 = time.perf_counter()
         top = chain.top
+        reused = top.reuse_prefix(ids)
+        self._cached_tokens, self._cached_rope = [], None  # invalid while the cache is written
         first_probs = top.score(ids, [])[0]
         for level in chain.levels[:-1]:
             if isinstance(level, SharedViewLevel):
@@ -325,11 +342,13 @@ class TriForce:
             if result is None:
                 result = stopper
         assert result is not None
+        self._cached_tokens, self._cached_rope = list(top.tokens), self.target.decoder.rope
         new_tokens = sum(len(s) for s in samples)
         stats: dict[str, Any] = {
             "method": self.method,
             "draft": self.draft if isinstance(self.draft, str) or self.draft is None else self.draft.source,
             "prefill_s": round(prefill_s, 4),
+            "cached_prompt_tokens": reused,
             "decode_s": round(decode_s, 4),
             "new_tokens": new_tokens,
             "ms_per_token": round(1000 * decode_s / new_tokens, 3),

@@ -134,9 +134,12 @@ class ModelLevel(Level):
         self.last_logit_offset = 0  # input index of the first scored position in the last forward
 
     # -- cache alignment ---------------------------------------------------------------------
-    def _common_prefix(self, context: list[int]) -> int:
+    def _common_prefix(self, context: list[int], exhaustive: bool = False) -> int:
+        """Length of the common prefix of the cached tokens and `context`. Within a generation
+        only the tail can change (rejected drafts), so only the last TAIL_CHECK tokens are
+        compared unless `exhaustive` (a new prompt against a cached one)."""
         n = min(len(self.tokens), len(context))
-        start = max(0, n - TAIL_CHECK)
+        start = 0 if exhaustive else max(0, n - TAIL_CHECK)
         if start and self.tokens[start - 1] != context[start - 1]:
             start = 0  # diverged earlier than the tail: compare everything
         for i in range(start, n):
@@ -150,6 +153,13 @@ class ModelLevel(Level):
 
     def reset(self) -> None:
         self._truncate(0)
+
+    def reuse_prefix(self, prompt: list[int]) -> int:
+        """Keep the cached KV of the longest common prefix with a new prompt (prompt caching);
+        returns how many tokens were kept."""
+        common = self._common_prefix(prompt, exhaustive=True)
+        self._truncate(common)
+        return common
 
     def sync(self, context: list[int]) -> list[int]:
         """Align the cache with `context` and return the tokens still to run (at least one, so

@@ -1,0 +1,1 @@
+"""Benchmarks (`triforce bench ...`) and the real documents they read."""
