@@ -95,3 +95,15 @@ def test_single_step_speculative_sampling_is_lossless():
     expected = p * n
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
     assert chi2 < 20.5, chi2
+
+
+def test_top_p_over_a_flat_large_vocabulary_matches_transformers():
+    """Mass spread over more than the pre-sorted candidates exercises the full-sort fallback."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    torch.manual_seed(1)
+    logits = torch.cat([torch.randn(2, 3000) * 0.01, torch.randn(2, 3000) * 5])  # flat rows, peaked rows
+    expected = TopPLogitsWarper(0.9)(None, logits.clone()).softmax(-1)
+    got = warp(logits, SamplingParams(1.0, 0.9))
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert (got[:2] > 0).sum(-1).min() > 512  # the flat rows really kept more than the candidates

@@ -106,12 +106,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--document", default="vim")
     e.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     e.add_argument("--out", default="bench-out", help="directory for JSON and Markdown results")
+    d = bsub.add_parser("decode", help="every method side by side on long real documents")
+    d.add_argument("--contexts", type=_int_list, default=[16384, 32768])
+    d.add_argument("--new-tokens", type=_positive_int, default=128)
+    d.add_argument("--temperatures", type=_float_list, default=[0.0, 0.6])
+    d.add_argument("--methods", default="autoregressive,retrieval,streaming,speculative,triforce")
+    d.add_argument("--drafts", default="ngram", help="comma-separated: ngram and/or draft model paths")
+    d.add_argument("--repeats", type=_positive_int, default=1)
+    d.add_argument("--document", default="vim")
+    d.add_argument("--gamma", type=_positive_int)
+    d.add_argument("--draft-gamma", type=_positive_int)
+    d.add_argument("--budget", type=_positive_int)
+    d.add_argument("--chunk-size", type=_positive_int)
+    d.add_argument("--out", default="bench-out")
     r = bsub.add_parser("rope", help="perplexity past the trained length for each RoPE scaling")
     r.add_argument("--contexts", type=_int_list, default=[8192, 16384, 32768])
     r.add_argument("--last", type=_positive_int, default=512, help="tokens scored at the end of each context")
     r.add_argument("--document", default="vim")
     r.add_argument("--out", default="bench-out")
     return parser
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected numbers >= 0, got {text!r}")
+    return values
 
 
 def _int_list(text: str) -> list[int]:
@@ -236,6 +259,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         engine.run(args.contexts, args.new_tokens, args.repeats, args.document, not args.no_transformers,
                    Path(args.out))
+    elif args.bench == "decode":
+        from .bench import decode
+        from .generation import METHODS
+
+        methods = [m for m in args.methods.split(",") if m]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise TriforceError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        knobs = {k: v for k, v in (("gamma", args.gamma), ("draft_gamma", args.draft_gamma), ("budget", args.budget),
+                                   ("chunk_size", args.chunk_size)) if v is not None}
+        decode.run(args.contexts, args.new_tokens, args.temperatures, methods,
+                   [d for d in args.drafts.split(",") if d], args.repeats, args.document, knobs, Path(args.out))
     elif args.bench == "rope":
         from .bench import rope
 

@@ -25,7 +25,7 @@ from .cache import FullCache, RetrievalView, StreamingCache, StreamingView, chec
 from .errors import TriforceError
 from .loading import LoadedModel
 from .sampling import SamplingParams
-from .speculative import Chain, Level, ModelLevel, NgramLevel, SharedViewLevel
+from .speculative import Chain, Level, LevelStats, ModelLevel, NgramLevel, SharedViewLevel
 
 METHODS = ("autoregressive", "speculative", "retrieval", "streaming", "triforce")
 
@@ -134,6 +134,26 @@ class TriForce:
         self._cached_tokens: list[int] = []
         self._cached_rope: object = None
         self.last_result: GenerationResult | None = None
+
+    def configure(self, method: str | None = None, draft: LoadedModel | str | None | bool = False,
+                  **knobs: int) -> None:
+        """Switch method, draft or knobs while keeping the caches (and the cached prompt)."""
+        if method is not None:
+            if method not in METHODS:
+                raise TriforceError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+            self.method = method
+        if draft is not False:
+            if isinstance(draft, LoadedModel):
+                check_draft_compatible(self.target, draft)
+            if draft is not self.draft:
+                self._draft_cache = None
+            self.draft = draft
+        for name, value in knobs.items():
+            if not hasattr(self, name):
+                raise TriforceError(f"unknown setting {name!r}")
+            setattr(self, name, value)
+        if self.method in ("speculative", "triforce") and self.draft is None:
+            raise TriforceError(f"--method {self.method} needs a draft: --draft PATH or --draft ngram")
 
     # -- chain construction ------------------------------------------------------------------
     def _capacity_for(self, total: int) -> int:
@@ -314,8 +334,8 @@ class TriForce:
                 level.follow_top(top.last_logit_offset)
         prompt_state = chain.snapshot() if num_samples > 1 else None
         prefill_s = time.perf_counter() - t0
-        for level in chain.levels:
-            level.stats.time_s = 0.0  # level times cover decoding only
+        for level in chain.levels:  # level figures cover decoding only
+            level.stats = LevelStats(level.stats.name, is_top=level.stats.is_top)
         samples: list[list[int]] = []
         result = None
         decode_s = 0.0

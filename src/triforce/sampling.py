@@ -48,15 +48,31 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        sorted_probs = sorted_scores.softmax(-1)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        drop_sorted = mass_before >= params.top_p
-        drop_sorted[..., 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
+        scores = _top_p(scores, params.top_p)
     return scores.softmax(-1)
+
+
+def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of highest-scoring tokens whose mass reaches top_p (at least one).
+
+    Sorting the whole vocabulary for every position is the slow part of sampling; the kept set
+    is almost always among the few hundred best tokens, so sort those and fall back to the full
+    sort only for rows where they do not reach top_p. The result is the same either way.
+    """
+    vocab = scores.shape[-1]
+    flat = scores.reshape(-1, vocab)
+    probs = flat.softmax(-1)
+    k = min(vocab, 512)
+    top_probs, top_index = torch.topk(probs, k, dim=-1)  # sorted, descending
+    mass_before = top_probs.cumsum(-1) - top_probs
+    covered = mass_before[:, -1] + top_probs[:, -1] >= top_p
+    keep_sorted = mass_before < top_p
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top_index, keep_sorted)
+    for row in (~covered).nonzero().flatten().tolist():  # rare: the mass is spread thin
+        sorted_probs, order = torch.sort(probs[row], descending=True)
+        row_keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+        keep[row] = torch.zeros_like(row_keep).scatter_(-1, order, row_keep)
+    return flat.masked_fill(~keep, float("-inf")).reshape(scores.shape)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -222,6 +222,73 @@ static void attend_range(const float *q, const void *k, const void *v, int bf16,
 }
 
 #if defined(__AVX512BF16__)
+/* RB query rows (r0..) against one block of up to SUB*BLOCK keys: scores, online softmax, p.V. */
+static inline __attribute__((always_inline)) void rows_block(
+    const int RB, int r0, int G, const int D, int nk, int nsub, int first_row, float scale, const uint16_t *qb,
+    const __m512i *kt, const uint16_t *vi, const int *rows, float *m, float *l, float *acc) {
+    const int npairs = D / 2, nc = D / 16, halves = D / 32;
+    __m512 sv[4][SUB];
+    __mmask16 visible[4][SUB];
+    const uint32_t *qp[4];
+    for (int i = 0; i < RB; i++) qp[i] = (const uint32_t *)(qb + (long)(r0 + i) * D);
+    for (int sb = 0; sb < nsub; sb++) {
+        const __m512i *kb = kt + sb * npairs;
+        __m512 a[4][2];
+        for (int i = 0; i < RB; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
+        for (int pr = 0; pr < npairs; pr += 2) {
+            __m512bh k0 = (__m512bh)kb[pr], k1 = (__m512bh)kb[pr + 1];
+            for (int i = 0; i < RB; i++) {
+                a[i][0] = _mm512_dpbf16_ps(a[i][0], k0, (__m512bh)_mm512_set1_epi32((int)qp[i][pr]));
+                a[i][1] = _mm512_dpbf16_ps(a[i][1], k1, (__m512bh)_mm512_set1_epi32((int)qp[i][pr + 1]));
+            }
+        }
+        __m512i rowv = _mm512_loadu_si512((const void *)(rows + sb * BLOCK));
+        for (int i = 0; i < RB; i++) {
+            sv[i][sb] = _mm512_mul_ps(_mm512_add_ps(a[i][0], a[i][1]), _mm512_set1_ps(scale));
+            visible[i][sb] = _mm512_cmple_epi32_mask(rowv, _mm512_set1_epi32(first_row + (r0 + i) / G));
+        }
+    }
+    uint32_t pairs[4][SUB * BLOCK / 2];
+    float corr[4];
+    for (int i = 0; i < RB; i++) {
+        const int r = r0 + i;
+        __m512 bmv = _mm512_set1_ps(-INFINITY);
+        for (int sb = 0; sb < nsub; sb++) bmv = _mm512_mask_max_ps(bmv, visible[i][sb], bmv, sv[i][sb]);
+        float bm = _mm512_reduce_max_ps(bmv);
+        if (bm == -INFINITY) { /* nothing visible in this block: leave the row as it is */
+            corr[i] = 1.0f;
+            memset(pairs[i], 0, sizeof(pairs[i]));
+            continue;
+        }
+        float mn = m[r] > bm ? m[r] : bm;
+        corr[i] = expf(m[r] - mn);
+        const __m512 mnv = _mm512_set1_ps(mn);
+        __m512 total = _mm512_setzero_ps();
+        for (int sb = 0; sb < nsub; sb++) {
+            __m512 p = _mm512_maskz_mov_ps(visible[i][sb], exp512(_mm512_sub_ps(sv[i][sb], mnv)));
+            total = _mm512_add_ps(total, p);
+            _mm256_storeu_si256((__m256i *)(pairs[i] + sb * BLOCK / 2), (__m256i)_mm512_cvtneps_pbh(p));
+        }
+        for (int sb = nsub; sb < SUB; sb++) memset(pairs[i] + sb * BLOCK / 2, 0, sizeof(uint32_t) * BLOCK / 2);
+        l[r] = l[r] * corr[i] + _mm512_reduce_add_ps(total);
+        m[r] = mn;
+    }
+    __m512 o[4][MAX_CHUNKS];
+    for (int i = 0; i < RB; i++) {
+        const __m512 cv = _mm512_set1_ps(corr[i]);
+        for (int c = 0; c < nc; c++) o[i][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + (long)(r0 + i) * D + 16 * c), cv);
+    }
+    for (int pr = 0; pr < (nk + 1) / 2; pr++) {
+        const uint16_t *src = vi + (long)pr * halves * 64;
+        for (int c = 0; c < nc; c++) {
+            __m512bh v = (__m512bh)_mm512_loadu_si512((const void *)(src + 32 * c));
+            for (int i = 0; i < RB; i++) o[i][c] = _mm512_dpbf16_ps(o[i][c], v, (__m512bh)_mm512_set1_epi32((int)pairs[i][pr]));
+        }
+    }
+    for (int i = 0; i < RB; i++)
+        for (int c = 0; c < nc; c++) _mm512_storeu_ps(acc + (long)(r0 + i) * D + 16 * c, o[i][c]);
+}
+
 /* The same task for bf16 caches on CPUs with AVX512-BF16: keys and values are used as stored
  * (no conversion to float). Keys come in blocks of 64, transposed 16 at a time so that
  * kt[p] holds dimension pair p of 16 keys; then q.k for 16 keys is D/2 pair-dot-product
@@ -272,52 +339,18 @@ static inline __attribute__((always_inline)) void attend_range_bf16_impl(
                 _mm512_storeu_si512((void *)(dst + 32), _mm512_unpackhi_epi16(a, b));
             }
         }
-        for (int r = 0; r < R; r++) {
-            const __m512i limit = _mm512_set1_epi32(first_row + r / G);
-            const uint32_t *qp = (const uint32_t *)(qb + (long)r * D);
-            __m512 sv[SUB];
-            __mmask16 visible[SUB];
-            __m512 bmv = _mm512_set1_ps(-INFINITY);
-            for (int sb = 0; sb < SUB; sb++) {
-                if (sb >= nsub) {
-                    visible[sb] = 0;
-                    sv[sb] = _mm512_setzero_ps();
-                    continue;
-                }
-                const __m512i *kb = kt + sb * npairs;
-                __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-                for (int pr = 0; pr < npairs; pr += 2) {
-                    a0 = _mm512_dpbf16_ps(a0, (__m512bh)kb[pr], (__m512bh)_mm512_set1_epi32((int)qp[pr]));
-                    a1 = _mm512_dpbf16_ps(a1, (__m512bh)kb[pr + 1], (__m512bh)_mm512_set1_epi32((int)qp[pr + 1]));
-                }
-                sv[sb] = _mm512_mul_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(scale));
-                visible[sb] = _mm512_cmple_epi32_mask(_mm512_loadu_si512((const void *)(rows + sb * BLOCK)), limit);
-                bmv = _mm512_mask_max_ps(bmv, visible[sb], bmv, sv[sb]);
+        /* rows in register blocks: each transposed key vector and interleaved value vector
+         * is loaded once for the whole block */
+        const int rb_max = D <= 64 ? 4 : 2;
+        for (int r = 0; r < R;) {
+            int rb = R - r < rb_max ? R - r : rb_max;
+            switch (rb) {
+            case 4: rows_block(4, r, G, D, nk, nsub, first_row, scale, qb, kt, vi, rows, m, l, acc); break;
+            case 3: rows_block(3, r, G, D, nk, nsub, first_row, scale, qb, kt, vi, rows, m, l, acc); break;
+            case 2: rows_block(2, r, G, D, nk, nsub, first_row, scale, qb, kt, vi, rows, m, l, acc); break;
+            default: rows_block(1, r, G, D, nk, nsub, first_row, scale, qb, kt, vi, rows, m, l, acc); break;
             }
-            float bm = _mm512_reduce_max_ps(bmv);
-            if (bm == -INFINITY) continue;
-            float mn = m[r] > bm ? m[r] : bm;
-            float corr = expf(m[r] - mn);
-            const __m512 mnv = _mm512_set1_ps(mn);
-            __m512 total = _mm512_setzero_ps();
-            uint32_t pairs[SUB * BLOCK / 2];
-            for (int sb = 0; sb < nsub; sb++) {
-                __m512 p = _mm512_maskz_mov_ps(visible[sb], exp512(_mm512_sub_ps(sv[sb], mnv)));
-                total = _mm512_add_ps(total, p);
-                _mm256_storeu_si256((__m256i *)(pairs + sb * BLOCK / 2), (__m256i)_mm512_cvtneps_pbh(p));
-            }
-            l[r] = l[r] * corr + _mm512_reduce_add_ps(total);
-            float *ar = acc + (long)r * D;
-            __m512 cv = _mm512_set1_ps(corr), o[MAX_CHUNKS];
-            for (int c = 0; c < nc; c++) o[c] = _mm512_mul_ps(_mm512_loadu_ps(ar + 16 * c), cv);
-            for (int pr = 0; pr < (nk + 1) / 2; pr++) {
-                __m512bh pp = (__m512bh)_mm512_set1_epi32((int)pairs[pr]);
-                const uint16_t *src = vi + (long)pr * halves * 64;
-                for (int c = 0; c < nc; c++)
-                    o[c] = _mm512_dpbf16_ps(o[c], (__m512bh)_mm512_loadu_si512((const void *)(src + 32 * c)), pp);
-            }
-            for (int c = 0; c < nc; c++) _mm512_storeu_ps(ar + 16 * c, o[c]);
-            m[r] = mn;
+            r += rb;
         }
     }
     /* accumulator lane (vector c, lane L) holds dimension 32*(c/2) + 8*(L/4) + 4*(c%2) + L%4 */

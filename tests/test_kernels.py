@@ -1,0 +1,74 @@
+"""Native CPU kernels against PyTorch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from triforce import native
+from triforce.attention import attend_torch, gather_chunks
+from triforce.model import rms_norm
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="native kernels unavailable")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (12, 4, 64), (8, 1, 64)])
+@pytest.mark.parametrize("T", [1, 3, 7, 13])
+def test_attention_dense_and_chunked(dtype, heads, T):
+    nq, nkv, hd = heads
+    torch.manual_seed(T)
+    cap, n = 700, 650 + T
+    k = torch.randn(nkv, cap, hd, dtype=dtype)
+    v = torch.randn(nkv, cap, hd, dtype=dtype)
+    q = torch.randn(T, nq, hd)
+    first = n - T
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: p.V uses bf16 probabilities
+    dense = native.attention(q, k, v, n, first, out_dtype=torch.float32)
+    assert (dense - attend_torch(q, k.float(), v.float(), n, first)).abs().max() < tol
+    chunk = 8
+    chunks = torch.stack([torch.randperm(70)[:20].sort().values * chunk for _ in range(nkv)]).int()
+    sparse = native.attention(q, k, v, n, first, chunks, chunk, 600, out_dtype=torch.float32)
+    gk, gv, gf, gn = gather_chunks(k.float(), v.float(), chunks, chunk, 600, n, first)
+    assert (sparse - attend_torch(q, gk, gv, gn, gf)).abs().max() < tol
+
+
+def test_attention_all_chunks_equals_dense_exactly():
+    """Selecting every chunk reads the same keys in the same order: bit-identical to dense."""
+    torch.manual_seed(0)
+    k, v = torch.randn(3, 512, 64), torch.randn(3, 512, 64)
+    q = torch.randn(4, 9, 64)
+    n = 500
+    chunks = (torch.arange(0, 480, 8, dtype=torch.int32)).expand(3, -1).contiguous()
+    dense = native.attention(q, k, v, n, n - 4)
+    sparse = native.attention(q, k, v, n, n - 4, chunks, 8, 480)
+    assert torch.equal(dense, sparse)
+
+
+@pytest.mark.parametrize("M", [1, 5, 12, 13, 40])
+def test_packed_linear(M):
+    if not native.packed_linear_supported():
+        pytest.skip("no AVX512-BF16")
+    torch.manual_seed(M)
+    w = torch.randn(200, 96, dtype=torch.bfloat16)
+    b = torch.randn(200, dtype=torch.bfloat16)
+    x = torch.randn(M, 96, dtype=torch.bfloat16)
+    ref = F.linear(x.float(), w.float(), b.float())
+    lin = native.PackedLinear(w, b)
+    got32 = lin(x, torch.float32)
+    assert (got32 - ref).abs().max() < 1e-3 * ref.abs().max()
+    got16 = lin(x)
+    assert got16.dtype == torch.bfloat16 and (got16.float() - ref).abs().max() < 1e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_glue_kernels(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64, dtype=dtype)
+    w = (1 + 0.1 * torch.randn(64)).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert (native.rms_norm(x, w, 1e-5).float() - rms_norm(x, w, 1e-5).float()).abs().max() < tol
+    gu = torch.randn(7, 2 * 48, dtype=dtype)
+    gate, up = gu.chunk(2, -1)
+    assert (native.silu_mul(gu).float() - (F.silu(gate) * up).float()).abs().max() < 5 * tol
