@@ -193,3 +193,75 @@ def test_every_knob_combination_small(small_vocab_models):
                           chunk_size=chunk, sink=1, window=5, rebuild_every=rebuild)
         out = engine.generate(PROMPT, max_new_tokens=25, ignore_eos=True).token_ids
         assert out == ar, (gamma, dgamma, budget, chunk, rebuild)
+
+
+def _ar_tokens(target, draft, prompt, n):
+    return make_engine(target, draft, "autoregressive").generate(prompt, max_new_tokens=n, ignore_eos=True).token_ids
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "autoregressive"])
+def test_eos_inside_an_accepted_run_stops_where_autoregressive_stops(small_vocab_models, preset):
+    target, draft = small_vocab_models
+    ar = _ar_tokens(target, draft, PROMPT, 30)
+    stop_token = ar[12]
+    first = ar.index(stop_token)
+    engine = make_engine(target, draft, preset)
+    engine._eos_ids = lambda: {stop_token}
+    out = engine.generate(PROMPT, max_new_tokens=30)
+    assert out.token_ids == ar[: first + 1]
+    assert out.finish_reason == "eos"
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 5, 7])
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "autoregressive"])
+def test_max_new_tokens_reached_inside_a_draft(small_vocab_models, preset, max_new):
+    target, draft = small_vocab_models
+    ar = _ar_tokens(target, draft, PROMPT, 10)
+    out = make_engine(target, draft, preset).generate(PROMPT, max_new_tokens=max_new, ignore_eos=True)
+    assert out.token_ids == ar[:max_new] and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("prompt_len", [1, 3, 9, 13])  # < chunk (4), < budget (12), < sink + window (8)
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "autoregressive"])
+def test_short_prompts(small_vocab_models, preset, prompt_len):
+    target, draft = small_vocab_models
+    prompt = PROMPT[:prompt_len]
+    ar = _ar_tokens(target, draft, prompt, 20)
+    out = make_engine(target, draft, preset).generate(prompt, max_new_tokens=20, ignore_eos=True)
+    assert out.token_ids == ar
+
+
+def test_budget_covering_the_context_is_exactly_full_attention(small_vocab_models):
+    """With every chunk selected the retrieval level computes what the target computes: every
+    draft is accepted, even when sampling (acceptance min(1, p/q) with p == q)."""
+    target, draft = small_vocab_models
+    engine = TriForce(target, None, method="retrieval", gamma=4, budget=10_000, chunk_size=4)
+    out = engine.generate(PROMPT, max_new_tokens=30, temperature=1.0, seed=3, ignore_eos=True)
+    middle = out.stats["levels"][0]
+    assert middle["num_draft_tokens"] > 20 and middle["draft_acceptance_rate"] == 1.0
+
+
+def test_streaming_draft_on_a_long_prompt_stays_in_its_position_range(small_vocab_models):
+    """A prompt far longer than sink + window: the draft's cache keeps re-rotating keys into its
+    slots (a forward at a position past its capacity would raise), and output stays exact."""
+    target, draft = small_vocab_models
+    prompt = [1] + [3 + (i * 5 + i // 7) % (VOCAB - 3) for i in range(400)]
+    engine = TriForce(target, draft, method="triforce", gamma=3, draft_gamma=2, budget=24, chunk_size=4,
+                      sink=2, window=6)
+    ar = _ar_tokens(target, draft, prompt, 60)
+    out = engine.generate(prompt, max_new_tokens=60, ignore_eos=True)
+    assert out.token_ids == ar
+    cache = engine._draft_cache
+    assert cache.capacity == 2 + 6 + cache.slack and cache.seq_length > 400
+
+
+def test_rope_shift_is_an_exact_rerotation():
+    from triforce.config import ModelConfig
+    from triforce.rope import RotaryTable
+
+    cfg = ModelConfig("llama", 10, 64, 64, 1, 4, 2, 16, 1e-5, 10000.0, 256, True)
+    table = RotaryTable(cfg, None, 256, 256)
+    x = torch.randn(20, 2, 16)
+    pos = torch.arange(100, 120)
+    shifted = table.shift(table.rotate(x, pos), torch.full((20,), -37))
+    assert (shifted - table.rotate(x, pos - 37)).abs().max() < 1e-5

@@ -97,6 +97,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary on stderr")
 
+    dm = sub.add_parser("demo", help="the main job: TriForce on a long real document vs plain decoding")
+    dm.add_argument("--context", type=_positive_int, default=16384, help="document tokens in the prompt")
+    dm.add_argument("--document", default="vim")
+    dm.add_argument("--question", default="Based on the manual above, explain how to search for a word in Vim.")
+    dm.add_argument("--method", default="triforce")
+    dm.add_argument("--draft", help="draft model or 'ngram' (default: the shipped draft for the embedded model)")
+    dm.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    dm.add_argument("--temperature", type=_float, default=0.0)
+    dm.add_argument("--top-p", type=_float, default=0.9)
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--no-compare", action="store_true", help="skip the autoregressive baseline run")
+
+    ds = sub.add_parser("distill", help="train a small draft model for a target by distillation")
+    ds.add_argument("--target", help="target model (default: embedded SmolLM2-135M-Instruct)")
+    ds.add_argument("--out", required=True, help="output directory (a Hugging Face model directory)")
+    ds.add_argument("--corpus", nargs="+", required=True,
+                    help="text files, directories, or named sources (jargon, python-docs, vim)")
+    ds.add_argument("--layers", type=_positive_int, default=4)
+    ds.add_argument("--hidden", type=_positive_int, default=256)
+    ds.add_argument("--heads", type=_positive_int, default=4)
+    ds.add_argument("--kv-heads", type=_positive_int, default=2)
+    ds.add_argument("--intermediate", type=_positive_int, default=1024)
+    ds.add_argument("--seq-len", type=_positive_int, default=512)
+    ds.add_argument("--batch", type=_positive_int, default=8)
+    ds.add_argument("--lr", type=_float, default=2e-3)
+    budget = ds.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--time-budget", type=_float, metavar="MINUTES", help="train for this long")
+    budget.add_argument("--steps", type=_positive_int, help="train for this many steps")
+    ds.add_argument("--max-tokens", type=_positive_int, help="use at most this many corpus tokens")
+    ds.add_argument("--teacher-topk", type=_positive_int, default=64)
+    ds.add_argument("--init", choices=["pca", "random"], default="pca")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--checkpoint-every", type=_positive_int, default=100)
+    ds.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+
     b = sub.add_parser("bench", help="benchmarks (see README)")
     bsub = b.add_subparsers(dest="bench", parser_class=ArgumentParser, required=True)
     e = bsub.add_parser("engine", help="our decoder vs transformers generate, with bandwidth figures")
@@ -173,19 +208,26 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     SamplingParams(args.temperature, args.top_p, args.top_k)  # raises a TriforceError when invalid
 
 
-def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
+def load_models(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(target, draft, method): without --method, TriForce when a draft is named or shipped for
+    the target, else plain autoregressive decoding."""
     from .config import parse_rope_scaling
-    from .loading import load
+    from .loading import default_draft, load
 
     target = load(args.model, dtype=args.dtype, rope_scaling="auto")
     scaling = parse_rope_scaling(args.rope_scaling, target.config.max_position_embeddings)
     target.decoder.rope_override = scaling
+    shipped = default_draft(target)
+    method = args.method or ("triforce" if args.draft or shipped != "ngram" else "autoregressive")
+    name = args.draft
+    if name is None and method in ("speculative", "triforce"):
+        name = shipped
     draft: Any = None
-    if args.draft == "ngram":
+    if name == "ngram":
         draft = "ngram"
-    elif args.draft:
-        draft = load(args.draft, dtype=args.dtype)
-    return target, draft
+    elif name and method != "autoregressive":
+        draft = load(name, dtype=target.decoder.dtype)
+    return target, draft, method
 
 
 def format_summary(result: Any) -> str:
@@ -214,8 +256,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise TriforceError("the prompt is empty")
     from .generation import TriForce
 
-    target, draft = load_models(args)
-    method = args.method or ("triforce" if draft is not None else "autoregressive")
+    target, draft, method = load_models(args)
     engine = TriForce(
         target, draft, method=method, gamma=args.gamma, draft_gamma=args.draft_gamma, budget=args.budget,
         chunk_size=args.chunk_size, sink=args.sink, window=args.window, rebuild_every=args.rebuild_every,
@@ -248,6 +289,64 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     if not args.quiet:
         print(format_summary(result), file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .corpus import document_tokens
+    from .generation import METHODS, TriForce
+    from .loading import default_draft, load
+
+    if args.method not in METHODS:
+        raise TriforceError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
+    check_sampling_args(args)
+    target = load(None)
+    draft: Any = None
+    if args.method in ("speculative", "triforce"):
+        name = args.draft or default_draft(target)
+        draft = "ngram" if name == "ngram" else load(name, dtype=target.decoder.dtype)
+    tok = target.tokenizer
+    document = tok.decode(document_tokens(tok, args.document, args.context))
+    ids = tok.encode_chat([{"role": "user", "content": document + "\n\n" + args.question}])
+    label = draft if isinstance(draft, str) or draft is None else draft.source
+    print(f"model {target.source} | draft {label} | prompt {len(ids)} tokens "
+          f"({args.context} of the {args.document} document + question) | method {args.method}", file=sys.stderr)
+    engine = TriForce(target, draft, method=args.method, progress=True)
+
+    def on_text(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_p=args.top_p if args.temperature > 0 else 1.0, seed=args.seed)
+    result = engine.generate(ids, on_text=on_text, **kwargs)
+    print("\n", file=sys.stdout)
+    print(format_summary(result), file=sys.stderr)
+    if args.no_compare or args.method == "autoregressive":
+        return 0
+    engine.configure(method="autoregressive", draft=None)
+    baseline = engine.generate(ids, **kwargs)  # the prompt is cached: no second prefill
+    same = baseline.token_ids == result.token_ids
+    ar_ms, ms = baseline.stats["ms_per_token"], result.stats["ms_per_token"]
+    print(f"autoregressive: {ar_ms:.1f} ms/token | {args.method}: {ms:.1f} ms/token | speedup {ar_ms / ms:.2f}x"
+          + (f" | identical output: {'yes' if same else 'NO'}" if args.temperature == 0 else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import DistillConfig, distill
+
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise TriforceError("--time-budget must be a positive number of minutes")
+    cfg = DistillConfig(
+        target=args.target, out=args.out, corpus=args.corpus, layers=args.layers, hidden=args.hidden,
+        heads=args.heads, kv_heads=args.kv_heads, intermediate=args.intermediate, seq_len=args.seq_len,
+        batch=args.batch, lr=args.lr, steps=args.steps, time_budget_min=args.time_budget, max_tokens=args.max_tokens,
+        teacher_topk=args.teacher_topk, init=args.init, seed=args.seed, checkpoint_every=args.checkpoint_every,
+    )
+    report = distill(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({k: report[k] for k in ("steps", "training_tokens", "minutes", "first_loss", "last_loss",
+                                             "heldout")}))
     return 0
 
 
@@ -290,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        handler = {"generate": cmd_generate, "bench": cmd_bench}[args.command]
+        handler = {"generate": cmd_generate, "bench": cmd_bench, "distill": cmd_distill, "demo": cmd_demo}[
+            args.command]
         return handler(args)
     except TriforceError as exc:
         print(f"triforce: error: {exc}", file=sys.stderr)

@@ -51,6 +51,17 @@ def embedded_model_path() -> Path:
     )
 
 
+SHIPPED_DRAFT = Path(__file__).with_name("drafts") / "smollm2-135m-draft"
+
+
+def default_draft(target: LoadedModel) -> str:
+    """The draft to use when none is named: the shipped one for the embedded model, else prompt
+    lookup (ngram), which needs no model."""
+    if target.is_embedded and (SHIPPED_DRAFT / "config.json").exists():
+        return str(SHIPPED_DRAFT)
+    return "ngram"
+
+
 def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     """bf16 where the hardware computes it natively, else fp32."""
     device = torch.device(device)

@@ -28,6 +28,7 @@ class Tokenizer:
     """encode/decode text and render chat prompts the way the model was trained to read them."""
 
     def __init__(self, directory: Path) -> None:
+        self.directory = directory
         path = directory / "tokenizer.json"
         if not path.exists():
             raise TriforceError(f"no tokenizer.json in {directory}")

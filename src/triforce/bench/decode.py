@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..corpus import document_tokens
 from ..generation import TriForce
 from ..loading import LoadedModel, load
 from .common import copy_bandwidth_gbs, machine, markdown_table, median, peak_rss_mb
-from .corpus import document_tokens
 
 LOSSLESS = ("autoregressive", "speculative", "retrieval", "streaming", "triforce")
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
+from ..corpus import document_tokens
 from ..generation import TriForce
 from ..loading import embedded_model_path, load
 from .common import copy_bandwidth_gbs, machine, markdown_table, median, peak_rss_mb
-from .corpus import document_tokens
 
 
 class _StepClock:

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from ..cache import FullCache
+from ..corpus import document_tokens
 from ..loading import load
 from ..model import Decoder
 from .common import machine, markdown_table
-from .corpus import document_tokens
 
 SCALINGS = ["none", "linear", "dynamic", "yarn"]
 

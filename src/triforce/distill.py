@@ -1,0 +1,368 @@
+"""`triforce distill`: train a small draft model for any supported target, by distillation.
+
+The draft is a Llama-architecture model with the target's tokenizer and vocabulary, trained to
+match the target's next-token distributions on a text corpus (KL divergence). The target's
+distributions come from prefill-style forward passes over whole sequences (fast on CPU with the
+native kernels) and are cached as their top-k probabilities, so later epochs cost only the
+draft's own training. The output is a standard Hugging Face directory that triforce and
+transformers both load, with a model card recording how it was made.
+
+Initialisation: the draft's embedding (tied with its output layer) starts as the target's
+embedding projected onto its top principal directions, scaled to the target's per-coordinate
+spread; its transformer layers start random. See README for the measurements behind this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cache import FullCache
+from .corpus import iter_documents
+from .errors import TriforceError
+from .loading import LoadedModel, load, resolve_model
+
+WORKDIR = ".work"  # teacher cache and checkpoint, inside --out; delete once the draft is final
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class DistillConfig:
+    target: str | None
+    out: str
+    corpus: list[str]
+    layers: int = 4
+    hidden: int = 256
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 1024
+    seq_len: int = 512
+    batch: int = 8
+    lr: float = 2e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    steps: int | None = None
+    time_budget_min: float | None = None
+    max_tokens: int | None = None  # training tokens drawn from the corpus
+    teacher_topk: int = 64
+    holdout: float = 0.02
+    init: str = "pca"  # "pca" or "random"
+    seed: int = 0
+    checkpoint_every: int = 100
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- data -----------------------------------------------------------------------------------------
+def build_sequences(cfg: DistillConfig, tokenizer: Any, eos: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Token sequences [N, seq_len + 1] for training and held-out evaluation.
+
+    Documents are tokenised and joined with EOS; each document goes wholly to training or to
+    the held-out split (by a hash of its text), so held-out text was never trained on.
+    """
+    train_ids: list[int] = []
+    held_ids: list[int] = []
+    sources = []
+    for spec, text in iter_documents(cfg.corpus):
+        if spec not in sources:
+            sources.append(spec)
+        ids = tokenizer.encode(text, add_special_tokens=False) + [eos]
+        digest = int(hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (held_ids if digest < cfg.holdout else train_ids).extend(ids)
+    if len(held_ids) < 4 * (cfg.seq_len + 1) and cfg.holdout > 0:
+        # few documents (one long book): hold out the tail of the token stream instead
+        cut = int(len(train_ids) * (1 - max(cfg.holdout, 0.02)))
+        held_ids, train_ids = train_ids[cut:] + held_ids, train_ids[:cut]
+    n = cfg.seq_len + 1
+
+    def chunk(ids: list[int]) -> torch.Tensor:
+        count = len(ids) // n
+        if count == 0:
+            return torch.empty(0, n, dtype=torch.long)
+        return torch.tensor(ids[: count * n], dtype=torch.long).view(count, n)
+
+    train, held = chunk(train_ids), chunk(held_ids)
+    if len(train) == 0:
+        raise TriforceError(f"the corpus has fewer than {n} tokens of training text")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train = train[torch.randperm(len(train), generator=gen)]
+    if cfg.max_tokens:
+        train = train[: max(1, cfg.max_tokens // n)]
+    return train, held[:64], sources
+
+
+class TeacherCache:
+    """The target's top-k next-token probabilities per training sequence, computed once, kept
+    on disk (memory-mapped) so an interrupted run resumes without recomputing them."""
+
+    def __init__(self, directory: Path, num_sequences: int, seq_len: int, k: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.k = k
+        shape = (num_sequences, seq_len, k)
+        meta = directory / "meta.json"
+        fresh = not meta.exists() or json.loads(meta.read_text()) != {"shape": list(shape)}
+        if fresh:
+            for f in directory.glob("*.bin"):
+                f.unlink()
+            meta.write_text(json.dumps({"shape": list(shape)}))
+        numel = num_sequences * seq_len * k
+        index_file, probs_file = str(directory / "index.bin"), str(directory / "probs.bin")
+        self.index = torch.from_file(index_file, shared=True, size=numel, dtype=torch.int32).view(shape)
+        self.probs = torch.from_file(probs_file, shared=True, size=numel, dtype=torch.float16).view(shape)
+        self.done = torch.from_file(str(directory / "done.bin"), shared=True, size=num_sequences, dtype=torch.uint8)
+        if fresh:
+            self.done.zero_()
+
+    def fill(self, rows: torch.Tensor, sequences: torch.Tensor, teacher: LoadedModel) -> None:
+        todo = [int(r) for r in rows if not self.done[int(r)]]
+        if not todo:
+            return
+        logits = teacher_logits(teacher, sequences[todo, :-1])
+        probs = logits.softmax(-1)
+        top_p, top_i = torch.topk(probs, self.k, dim=-1)
+        for j, r in enumerate(todo):
+            self.index[r] = top_i[j].to(torch.int32)
+            self.probs[r] = top_p[j].to(torch.float16)
+            self.done[r] = 1
+
+
+def teacher_logits(teacher: LoadedModel, sequences: torch.Tensor) -> torch.Tensor:
+    """The target's logits [B, T, V] for every position of each sequence (one prefill each)."""
+    dec = teacher.decoder
+    B, T = sequences.shape
+    dec.prepare(T)
+    cache = FullCache(teacher.config, T, batch=B, dtype=dec.dtype, device=dec.device)
+    return dec.forward(sequences, cache, logits_for="all")
+
+
+# -- the draft ------------------------------------------------------------------------------------
+def make_student(cfg: DistillConfig, target: LoadedModel) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tc = target.config
+    config = LlamaConfig(
+        vocab_size=tc.vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.hidden // cfg.heads, max_position_embeddings=2048, rms_norm_eps=tc.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True,
+        bos_token_id=tc.bos_token_id, eos_token_id=list(tc.eos_token_ids) or None,
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(config)
+    if cfg.init == "pca":
+        with torch.no_grad():
+            model.model.embed_tokens.weight.copy_(projected_embedding(target, cfg.hidden))
+    elif cfg.init != "random":
+        raise TriforceError(f"unknown --init {cfg.init!r}; use pca or random")
+    return model
+
+
+def projected_embedding(target: LoadedModel, hidden: int) -> torch.Tensor:
+    """The target's embedding on its top `hidden` principal directions (keeps which tokens are
+    alike, which is most of what a small model must learn), rescaled to the usual init spread."""
+    emb = target.decoder.embed.float()
+    centered = emb - emb.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(centered[:: max(1, len(centered) // 16384)], full_matrices=False)
+    projected = centered @ v[:hidden].T
+    return projected * (0.02 / projected.std())
+
+
+# -- training -------------------------------------------------------------------------------------
+def kd_loss(student_logits: torch.Tensor, top_i: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """KL(target || draft) with the target known on its top-k tokens; the remaining mass is one
+    bucket matched against the draft's mass outside those tokens."""
+    logq = student_logits.float().log_softmax(-1)
+    p = top_p.float()
+    logq_top = logq.gather(-1, top_i.long())
+    rest_p = (1 - p.sum(-1)).clamp(min=0)
+    rest_q = (1 - logq_top.exp().sum(-1)).clamp(min=1e-9)
+    ce = -(p * logq_top).sum(-1) - rest_p * rest_q.log()
+    ent = -(p * p.clamp(min=1e-12).log()).sum(-1) - rest_p * rest_p.clamp(min=1e-12).log()
+    return (ce - ent).mean()
+
+
+def lr_at(step: int, total: int, cfg: DistillConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate(student: Any, target: LoadedModel, sequences: torch.Tensor) -> dict[str, float]:
+    """Held-out KL(target || draft) and greedy agreement (teacher-forced argmax match)."""
+    if len(sequences) == 0:
+        return {}
+    student.eval()
+    kls, agree, count = [], 0, 0
+    for b in range(len(sequences)):
+        x = sequences[b : b + 1, :-1]
+        t_logits = teacher_logits(target, x)[0].float()
+        s_logits = student(x).logits[0].float()
+        logp, logq = t_logits.log_softmax(-1), s_logits.log_softmax(-1)
+        kls.append(float((logp.exp() * (logp - logq)).sum(-1).mean()))
+        agree += int((t_logits.argmax(-1) == s_logits.argmax(-1)).sum())
+        count += x.shape[1]
+    student.train()
+    return {"kl": round(sum(kls) / len(kls), 4), "greedy_agreement": round(agree / count, 4), "tokens": count}
+
+
+def use_bf16_autocast() -> bool:
+    from .loading import default_dtype
+
+    return default_dtype("cpu") == torch.bfloat16
+
+
+def distill(cfg: DistillConfig, resume: bool = False, log: Any = print) -> dict[str, Any]:
+    out = Path(cfg.out)
+    if (out / "config.json").exists() and not resume:
+        raise TriforceError(f"{out} already holds a model; choose another --out or pass --resume")
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.steps is None and cfg.time_budget_min is None:
+        raise TriforceError("give --steps N or --time-budget MINUTES")
+    if cfg.hidden % cfg.heads or cfg.heads % cfg.kv_heads:
+        raise TriforceError("--hidden must be a multiple of --heads, and --heads of --kv-heads")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    target = load(cfg.target, dtype="auto")
+    target_path, _ = resolve_model(cfg.target)
+    eos = (list(target.config.eos_token_ids) or [target.tokenizer.eos_token_id or 0])[0]
+    train, held, sources = build_sequences(cfg, target.tokenizer, eos)
+    log(f"corpus: {', '.join(sources)}: {train.numel():,} training tokens in {len(train)} sequences, "
+        f"{held.numel():,} held out")
+    work = out / WORKDIR
+    teacher = TeacherCache(work / "teacher", len(train), cfg.seq_len, cfg.teacher_topk)
+    student = make_student(cfg, target)
+    params = sum(p.numel() for p in student.parameters())
+    log(f"draft: {cfg.layers} layers, hidden {cfg.hidden}, {params / 1e6:.1f}M parameters, init {cfg.init}")
+    decay = [p for n, p in student.named_parameters() if p.dim() > 1]
+    no_decay = [p for n, p in student.named_parameters() if p.dim() <= 1]
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    state = {"step": 0, "elapsed_s": 0.0, "tokens": 0, "history": []}
+    checkpoint = work / CHECKPOINT
+    if resume:
+        if not checkpoint.exists():
+            raise TriforceError(f"--resume: no checkpoint in {out}")
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if saved["config"]["layers"] != cfg.layers or saved["config"]["hidden"] != cfg.hidden:
+            raise TriforceError("--resume: the checkpoint was made with other model dimensions")
+        student.load_state_dict(saved["model"])
+        optim.load_state_dict(saved["optim"])
+        state = saved["state"]
+        log(f"resuming at step {state['step']} ({state['elapsed_s'] / 60:.1f} min trained)")
+    per_epoch = max(1, len(train) // cfg.batch)
+    budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else None
+    total = cfg.steps if cfg.steps is not None else None
+    autocast = use_bf16_autocast()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total if total else int(budget_s or 0),
+               initial=state["step"] if total else int(state["elapsed_s"]),
+               unit="step" if total else "s", desc="distill", dynamic_ncols=True)
+    student.train()
+    started = time.perf_counter() - state["elapsed_s"]
+    last_saved = state["step"]
+    while True:
+        step = state["step"]
+        elapsed = time.perf_counter() - started
+        if (total is not None and step >= total) or (budget_s is not None and elapsed >= budget_s):
+            break
+        epoch_pos = step % per_epoch
+        rows = torch.arange(epoch_pos * cfg.batch, (epoch_pos + 1) * cfg.batch) % len(train)
+        t0 = time.perf_counter()
+        teacher.fill(rows, train, target)
+        x = train[rows, :-1]
+        top_i, top_p = teacher.index[rows], teacher.probs[rows]
+        expected_total = total or max(step + 1, int(budget_s / max(1e-3, elapsed / max(1, step)))) if step else (
+            total or 1000)
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step, expected_total, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = student(x).logits
+        loss = kd_loss(logits, top_i, top_p)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optim.step()
+        state["step"] = step + 1
+        state["tokens"] += x.numel()
+        state["elapsed_s"] = time.perf_counter() - started
+        state["history"].append(round(loss.item(), 4))
+        rate = x.numel() / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{state['history'][-1]:.3f}", tok_s=f"{rate:.0f}", epoch=f"{(step + 1) / per_epoch:.2f}")
+        bar.update(1 if total else int(state["elapsed_s"]) - bar.n)
+        if state["step"] - last_saved >= cfg.checkpoint_every:
+            save_checkpoint(checkpoint, student, optim, state, cfg)
+            last_saved = state["step"]
+    bar.close()
+    save_checkpoint(checkpoint, student, optim, state, cfg)
+    heldout = evaluate(student, target, held)
+    log(f"held-out: {heldout}")
+    report = {
+        "target": str(target_path) if not target.is_embedded else target.source,
+        "corpus": sources,
+        "steps": state["step"],
+        "training_tokens": state["tokens"],
+        "minutes": round(state["elapsed_s"] / 60, 1),
+        "first_loss": state["history"][0] if state["history"] else None,
+        "last_loss": round(sum(state["history"][-20:]) / max(1, len(state["history"][-20:])), 4)
+        if state["history"] else None,
+        "heldout": heldout,
+        "config": asdict(cfg),
+    }
+    export(student, target, out, report)
+    return report
+
+
+def save_checkpoint(path: Path, student: Any, optim: Any, state: dict, cfg: DistillConfig) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": student.state_dict(), "optim": optim.state_dict(), "state": state, "config": asdict(cfg)},
+               tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a broken checkpoint
+
+
+def export(student: Any, target: LoadedModel, out: Path, report: dict[str, Any]) -> None:
+    """Write the HF directory (bf16 weights, tied embeddings), tokenizer files and model card."""
+    student = student.to(torch.bfloat16)
+    student.config.dtype = "bfloat16"
+    student.save_pretrained(str(out), safe_serialization=True)
+    copy_tokenizer(target, out)
+    (out / "distill_report.json").write_text(json.dumps(report, indent=2))
+    write_model_card(out, report)
+
+
+def copy_tokenizer(target: LoadedModel, out: Path) -> None:
+    source = target.tokenizer.directory
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, out / name)
+
+
+def write_model_card(out: Path, report: dict[str, Any], acceptance: dict[str, Any] | None = None) -> None:
+    cfg = report["config"]
+    lines = [
+        "# Draft model (made by `triforce distill`)",
+        "",
+        f"- target: {report['target']}",
+        f"- corpus: {', '.join(report['corpus'])}",
+        f"- architecture: Llama, {cfg['layers']} layers, hidden {cfg['hidden']}, {cfg['heads']} heads "
+        f"({cfg['kv_heads']} KV), intermediate {cfg['intermediate']}, tied embeddings, init {cfg['init']}",
+        f"- training: {report['steps']} steps, {report['training_tokens']:,} tokens, {report['minutes']} min, "
+        f"KL to the target's top-{cfg['teacher_topk']} distributions, sequences of {cfg['seq_len']}",
+        f"- loss: first {report['first_loss']}, last {report['last_loss']}",
+        f"- held-out (documents never trained on): {json.dumps(report['heldout'])}",
+    ]
+    acceptance = acceptance or report.get("acceptance")
+    if acceptance:
+        lines.append(f"- measured acceptance: {json.dumps(acceptance)}")
+    (out / "README.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,91 @@
+"""`triforce distill` end to end on a tiny random target and a small real text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import triforce
+from triforce.corpus import load_document
+from triforce.errors import TriforceError
+
+from .conftest import make_hf_model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer_dir):
+    tmp = tmp_path_factory.mktemp("distill")
+    target = make_hf_model(tmp / "target", tokenizer_dir, seed=5)
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(load_document("jargon")[200_000:240_000])
+    return tmp, target, corpus
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "triforce.cli", "distill", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+SMALL = ["--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--intermediate", "64",
+         "--seq-len", "64", "--batch", "4", "--lr", "3e-3", "--checkpoint-every", "5"]
+
+
+def test_distill_trains_exports_and_resumes(setup):
+    tmp, target, corpus = setup
+    out = tmp / "draft"
+    first = run("--target", str(target), "--out", str(out), "--corpus", str(corpus), "--steps", "40", *SMALL)
+    assert first.returncode == 0, first.stderr[-2000:]
+    report = json.loads(first.stdout)
+    history = json.loads((out / "distill_report.json").read_text())
+    assert report["steps"] == 40 and history["steps"] == 40
+    assert report["last_loss"] < report["first_loss"]  # the loss falls
+    # loads in triforce and in transformers, with the target's tokenizer
+    draft = triforce.load(out, dtype="fp32")
+    tgt = triforce.load(target, dtype="fp32")
+    assert draft.tokenizer.vocabulary() == tgt.tokenizer.vocabulary()
+    assert draft.config.vocab_size == tgt.config.vocab_size
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    ids = torch.tensor([tgt.tokenizer.encode("The quick brown fox jumps over the lazy dog.")])
+    with torch.no_grad():
+        expected = hf(ids).logits[0]
+    from triforce.cache import FullCache
+
+    draft.decoder.prepare(ids.shape[1])
+    got = draft.decoder.forward(ids, FullCache(draft.config, ids.shape[1], dtype=torch.float32))[0]
+    assert (got - expected).abs().max() < 1e-3  # bf16 weights, fp32 compute on both sides
+    card = (out / "README.md").read_text()
+    assert "corpus" in card and "40 steps" in card
+    # resume continues from the checkpoint rather than starting over
+    again = run("--target", str(target), "--out", str(out), "--corpus", str(corpus), "--steps", "50", "--resume",
+                *SMALL)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming at step 40" in again.stderr
+    assert json.loads(again.stdout)["steps"] == 50
+
+
+def test_distill_refuses_to_overwrite_and_bad_arguments(setup):
+    tmp, target, corpus = setup
+    out = tmp / "draft2"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    result = run("--target", str(target), "--out", str(out), "--corpus", str(corpus), "--steps", "1", *SMALL)
+    assert result.returncode != 0 and "already holds a model" in result.stderr
+    missing = run("--target", str(target), "--out", str(tmp / "x"), "--corpus", str(tmp / "nope.txt"), "--steps", "1")
+    assert missing.returncode != 0 and "neither a named source" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    no_budget = run("--target", str(target), "--out", str(tmp / "y"), "--corpus", str(corpus))
+    assert no_budget.returncode != 0 and "Traceback" not in no_budget.stderr
+
+
+def test_mismatched_draft_is_refused(setup, embedded_fp32):
+    _, target, _ = setup
+    from triforce.generation import TriForce
+
+    with pytest.raises(TriforceError, match="vocabulary"):
+        TriForce(embedded_fp32, triforce.load(target, dtype="fp32"), method="triforce")
