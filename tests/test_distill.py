@@ -89,3 +89,21 @@ def test_mismatched_draft_is_refused(setup, embedded_fp32):
 
     with pytest.raises(TriforceError, match="vocabulary"):
         TriForce(embedded_fp32, triforce.load(target, dtype="fp32"), method="triforce")
+
+
+def test_fused_head_loss_matches_autograd():
+    """The chunked output-layer + KD loss gives autograd's loss and gradients (float32)."""
+    from triforce.distill import HeadKD, kd_loss
+
+    torch.manual_seed(0)
+    h = torch.randn(300, 32, requires_grad=True)
+    w = torch.randn(1000, 32, requires_grad=True)
+    top_p, top_i = torch.topk((torch.randn(300, 1000) * 2).softmax(-1), 16, dim=-1)
+    ref = kd_loss(h @ w.T, top_i, top_p)
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    got = HeadKD.apply(h, w, top_i, top_p, 128, torch.float32)
+    got.backward()
+    assert abs(got.item() - ref.item()) < 1e-4
+    assert torch.allclose(h.grad, gh, atol=1e-5) and torch.allclose(w.grad, gw, atol=1e-5)

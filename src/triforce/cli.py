@@ -127,7 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--steps", type=_positive_int, help="train for this many steps")
     ds.add_argument("--max-tokens", type=_positive_int, help="use at most this many corpus tokens")
     ds.add_argument("--teacher-topk", type=_positive_int, default=64)
-    ds.add_argument("--init", choices=["pca", "random"], default="pca")
+    ds.add_argument("--init", choices=["project", "pca", "random"], default="project",
+                    help="project: narrowed copies of target layers; pca: target embedding only; random")
+    ds.add_argument("--from-layers", type=_int_list0, help="target layers to copy with --init project")
+    ds.add_argument("--teacher-cache", help="directory to keep (and share between runs) the target's outputs")
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--checkpoint-every", type=_positive_int, default=100)
     ds.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -169,6 +172,16 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if not values or min(values) < 0:
         raise argparse.ArgumentTypeError(f"expected numbers >= 0, got {text!r}")
+    return values
+
+
+def _int_list0(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
     return values
 
 
@@ -343,6 +356,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         heads=args.heads, kv_heads=args.kv_heads, intermediate=args.intermediate, seq_len=args.seq_len,
         batch=args.batch, lr=args.lr, steps=args.steps, time_budget_min=args.time_budget, max_tokens=args.max_tokens,
         teacher_topk=args.teacher_topk, init=args.init, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        teacher_cache=args.teacher_cache, extra={"layers": args.from_layers} if args.from_layers else {},
     )
     report = distill(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps({k: report[k] for k in ("steps", "training_tokens", "minutes", "first_loss", "last_loss",

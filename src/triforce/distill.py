@@ -56,7 +56,8 @@ class DistillConfig:
     max_tokens: int | None = None  # training tokens drawn from the corpus
     teacher_topk: int = 64
     holdout: float = 0.02
-    init: str = "pca"  # "pca" or "random"
+    init: str = "project"  # "project", "pca" or "random"
+    teacher_cache: str | None = None  # shared teacher outputs (same corpus, seed, seq_len, k)
     seed: int = 0
     checkpoint_every: int = 100
     extra: dict[str, Any] = field(default_factory=dict)
@@ -145,25 +146,106 @@ def teacher_logits(teacher: LoadedModel, sequences: torch.Tensor) -> torch.Tenso
 
 
 # -- the draft ------------------------------------------------------------------------------------
-def make_student(cfg: DistillConfig, target: LoadedModel) -> Any:
+INITS = ("project", "pca", "random")
+
+
+def make_student(cfg: DistillConfig, target: LoadedModel, sample: torch.Tensor | None = None) -> Any:
+    """The draft, initialised by `cfg.init`:
+
+    - "project": target layers (`cfg.extra["layers"]` or evenly spaced) with the residual stream
+      projected onto its top `hidden` principal directions (fitted on the target's activations
+      over `sample`); heads, head size and MLP width are the target's. Starts as a shallow,
+      narrow copy of the target instead of from nothing.
+    - "pca": the target's embedding projected on its principal directions, random layers.
+    - "random": everything random.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if cfg.init not in INITS:
+        raise TriforceError(f"unknown --init {cfg.init!r}; use one of {', '.join(INITS)}")
     tc = target.config
+    project = cfg.init == "project"
     config = LlamaConfig(
-        vocab_size=tc.vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.hidden // cfg.heads, max_position_embeddings=2048, rms_norm_eps=tc.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True,
-        bos_token_id=tc.bos_token_id, eos_token_id=list(tc.eos_token_ids) or None,
+        vocab_size=tc.vocab_size, hidden_size=cfg.hidden,
+        intermediate_size=tc.intermediate_size if project else cfg.intermediate,
+        num_hidden_layers=cfg.layers, num_attention_heads=tc.num_heads if project else cfg.heads,
+        num_key_value_heads=tc.num_kv_heads if project else cfg.kv_heads,
+        head_dim=tc.head_dim if project else cfg.hidden // cfg.heads, max_position_embeddings=2048,
+        rms_norm_eps=tc.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": tc.rope_theta if project else 10000.0},
+        tie_word_embeddings=True, bos_token_id=tc.bos_token_id, eos_token_id=list(tc.eos_token_ids) or None,
     )
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config)
-    if cfg.init == "pca":
-        with torch.no_grad():
+    with torch.no_grad():
+        if cfg.init == "pca":
             model.model.embed_tokens.weight.copy_(projected_embedding(target, cfg.hidden))
-    elif cfg.init != "random":
-        raise TriforceError(f"unknown --init {cfg.init!r}; use pca or random")
+        elif project:
+            if sample is None:
+                raise TriforceError("--init project needs sample text to fit the basis")
+            layers = cfg.extra.get("layers") or evenly_spaced(tc.num_layers, cfg.layers)
+            project_target(model, target, layers, residual_basis(target, sample, cfg.hidden))
     return model
+
+
+def evenly_spaced(total: int, count: int) -> list[int]:
+    if count == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
+
+
+def residual_basis(target: LoadedModel, sample: torch.Tensor, dim: int) -> torch.Tensor:
+    """Top `dim` principal directions [H, dim] of the target's residual stream (every layer's
+    input, each token scaled to unit RMS as the layer norms see it) over `sample` sequences."""
+    dec = target.decoder
+    H = target.config.hidden_size
+    second = torch.zeros(H, H, dtype=torch.float64)
+    for row in sample:
+        residuals: list[torch.Tensor] = []
+        dec.prepare(len(row))
+        cache = FullCache(target.config, len(row), dtype=dec.dtype, device=dec.device)
+        dec.forward(row.unsqueeze(0), cache, logits_for="none", residuals=residuals)
+        x = torch.cat([r.reshape(-1, H).float() for r in residuals])
+        x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
+        second += (x.T @ x).double()
+    if os.environ.get("TRIFORCE_BASIS") == "select":
+        keep = second.diagonal().argsort(descending=True)[:dim].sort().values
+        return torch.eye(H)[:, keep]
+    _, vectors = torch.linalg.eigh(second)
+    return vectors[:, -dim:].flip(-1).float()  # largest first
+
+
+def project_target(student: Any, target: LoadedModel, layers: list[int], basis: torch.Tensor) -> None:
+    """Copy target layers into the narrow draft: x_target ~ U x_draft, so weights reading the
+    residual stream become W diag(norm) U, weights writing it U^T W; the RMS norms (whose
+    weights are folded into the projections) rescale by sqrt(H / d) for the narrower vector."""
+    from .loading import read_weights, resolve_model
+
+    path, _ = resolve_model(target.source if not target.is_embedded else None)
+    weights = read_weights(path)
+    H, d = basis.shape
+    rescale = (H / d) ** 0.5
+    U = basis
+
+    def w(name: str) -> torch.Tensor:
+        return weights[name].float()
+
+    sd = student.model
+    sd.embed_tokens.weight.copy_(w("model.embed_tokens.weight") @ U)
+    for i, src in enumerate(layers):
+        p = f"model.layers.{src}."
+        g1, g2 = w(p + "input_layernorm.weight"), w(p + "post_attention_layernorm.weight")
+        layer = sd.layers[i]
+        for name in ("q_proj", "k_proj", "v_proj"):
+            getattr(layer.self_attn, name).weight.copy_(w(p + f"self_attn.{name}.weight") * g1 @ U)
+        layer.self_attn.o_proj.weight.copy_(U.T @ w(p + "self_attn.o_proj.weight"))
+        layer.mlp.gate_proj.weight.copy_(w(p + "mlp.gate_proj.weight") * g2 @ U)
+        layer.mlp.up_proj.weight.copy_(w(p + "mlp.up_proj.weight") * g2 @ U)
+        layer.mlp.down_proj.weight.copy_(U.T @ w(p + "mlp.down_proj.weight"))
+        layer.input_layernorm.weight.fill_(rescale)
+        layer.post_attention_layernorm.weight.fill_(rescale)
+    final = w("model.norm.weight")
+    sd.norm.weight.copy_(rescale * torch.einsum("hd,h,hd->d", U, final, U))
 
 
 def projected_embedding(target: LoadedModel, hidden: int) -> torch.Tensor:
@@ -177,6 +259,51 @@ def projected_embedding(target: LoadedModel, hidden: int) -> torch.Tensor:
 
 
 # -- training -------------------------------------------------------------------------------------
+class HeadKD(torch.autograd.Function):
+    """Output layer and distillation loss in one pass over row chunks.
+
+    Materialising [tokens, vocabulary] logits, their float32 log-softmax and its gradient costs
+    more than the draft's layers (the vocabulary is 49K); instead each chunk of rows computes its
+    logits, loss and gradient (d loss / d logits = q - p on the target's top-k tokens, and
+    q (1 - r / (1 - Q)) elsewhere, with r the target's remaining mass and Q the draft's mass on
+    the top-k) and folds it straight into the gradients of the hidden states and the weight.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, top_i, top_p, chunk, dtype):  # noqa: ANN001, ANN205
+        rows = hidden.shape[0]
+        grad_h = torch.empty_like(hidden, dtype=torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float64)
+        w = weight.to(dtype)
+        for a in range(0, rows, chunk):
+            h = hidden[a : a + chunk].to(dtype)
+            z = (h @ w.T).float()
+            ti, p = top_i[a : a + chunk].long(), top_p[a : a + chunk].float()
+            lse = z.logsumexp(-1, keepdim=True)
+            logq_top = z.gather(-1, ti) - lse
+            q_top = logq_top.exp()
+            rest_p = (1 - p.sum(-1)).clamp(min=0)
+            big_q = q_top.sum(-1).clamp(max=1 - 1e-6)
+            ent = -(p * p.clamp(min=1e-12).log()).sum(-1) - rest_p * rest_p.clamp(min=1e-12).log()
+            total += (-(p * logq_top).sum(-1) - rest_p * (1 - big_q).log() - ent).double().sum()
+            q = (z - lse).exp_()  # z is no longer needed: becomes q, then the gradient
+            g = q.mul_((1 - rest_p / (1 - big_q)).unsqueeze(-1))
+            g.scatter_(-1, ti, q_top - p)
+            g = g.to(dtype)
+            grad_h[a : a + chunk] = (g @ w).float()
+            grad_w += (g.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.rows = rows
+        return (total / rows).float()
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_out / ctx.rows
+        return grad_h * scale, grad_w * scale, None, None, None, None
+
+
 def kd_loss(student_logits: torch.Tensor, top_i: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """KL(target || draft) with the target known on its top-k tokens; the remaining mass is one
     bucket matched against the draft's mass outside those tokens."""
@@ -240,8 +367,10 @@ def distill(cfg: DistillConfig, resume: bool = False, log: Any = print) -> dict[
     log(f"corpus: {', '.join(sources)}: {train.numel():,} training tokens in {len(train)} sequences, "
         f"{held.numel():,} held out")
     work = out / WORKDIR
-    teacher = TeacherCache(work / "teacher", len(train), cfg.seq_len, cfg.teacher_topk)
-    student = make_student(cfg, target)
+    work.mkdir(parents=True, exist_ok=True)
+    teacher_dir = Path(cfg.teacher_cache) if cfg.teacher_cache else work / "teacher"
+    teacher = TeacherCache(teacher_dir, len(train), cfg.seq_len, cfg.teacher_topk)
+    student = make_student(cfg, target, train[:8, :-1])
     params = sum(p.numel() for p in student.parameters())
     log(f"draft: {cfg.layers} layers, hidden {cfg.hidden}, {params / 1e6:.1f}M parameters, init {cfg.init}")
     decay = [p for n, p in student.named_parameters() if p.dim() > 1]
@@ -288,8 +417,10 @@ def distill(cfg: DistillConfig, resume: bool = False, log: Any = print) -> dict[
         for group in optim.param_groups:
             group["lr"] = lr_at(step, expected_total, cfg)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = student(x).logits
-        loss = kd_loss(logits, top_i, top_p)
+            hidden = student.model(x).last_hidden_state
+        loss = HeadKD.apply(hidden.reshape(-1, hidden.shape[-1]), student.lm_head.weight,
+                            top_i.reshape(-1, cfg.teacher_topk), top_p.reshape(-1, cfg.teacher_topk), 512,
+                            torch.bfloat16 if autocast else torch.float32)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

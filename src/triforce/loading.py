@@ -132,6 +132,13 @@ def load(
     return LoadedModel(decoder, tokenizer, config, EMBEDDED_NAME if embedded else str(path), embedded)
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A model's weights in float32, named as in Hugging Face checkpoints (GGUF dequantised)."""
+    if path.is_dir():
+        return read_hf_directory(path)[1]
+    return read_gguf(path)[1]
+
+
 # -- Hugging Face directories --------------------------------------------------------------------
 def read_hf_directory(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     config_path = path / "config.json"

@@ -167,11 +167,13 @@ class Decoder:
         tokens: torch.Tensor,
         cache: KVCache,
         logits_for: str | torch.Tensor = "all",
+        residuals: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run `tokens` [B, T] after what `cache` holds; return float32 logits.
 
         logits_for: "all" ([B, T, V]), "last" ([B, V]) or "none" (prefill chunks that only fill
-        the cache).
+        the cache). residuals: if a list, the residual stream entering each layer is appended
+        (used to fit a draft's basis).
         """
         cfg = self.config
         B, T = tokens.shape
@@ -185,6 +187,8 @@ class Decoder:
         fused = self.fused
         norm = native.rms_norm if fused else rms_norm
         for i, layer in enumerate(self.layers):
+            if residuals is not None:
+                residuals.append(h)
             x = norm(h, layer.attn_norm, eps)
             qkv = layer.qkv(x).view(B, T, nq + 2 * nkv, hd)
             if fused:  # rotary embedding, cache write and attention in two native calls
