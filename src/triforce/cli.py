@@ -6,8 +6,11 @@ import argparse
 import json
 import math
 import os
+import signal
+import socket
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from .errors import TriforceError
@@ -135,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--checkpoint-every", type=_positive_int, default=100)
     ds.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_model_arguments(sv)
+    add_speculation_arguments(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-queue", type=_positive_int, default=16, help="requests allowed to wait (then 429)")
+    sv.add_argument("--max-context", type=_positive_int,
+                    help="longest prompt + completion (default: the model's trained length)")
+    sv.add_argument("--served-model-name", help="model id clients use (default: derived from the model)")
+
     b = sub.add_parser("bench", help="benchmarks (see README)")
     bsub = b.add_subparsers(dest="bench", parser_class=ArgumentParser, required=True)
     e = bsub.add_parser("engine", help="our decoder vs transformers generate, with bandwidth figures")
@@ -157,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--budget", type=_positive_int)
     d.add_argument("--chunk-size", type=_positive_int)
     d.add_argument("--out", default="bench-out")
+    dr = bsub.add_parser("draft", help="a draft model's agreement, acceptance and cost against its target")
+    dr.add_argument("--draft", help="draft model directory (default: the shipped draft)")
+    dr.add_argument("--heldout", default="vim", help="held-out document (never in the draft's training text)")
+    dr.add_argument("--update-card", action="store_true", help="record the figures in the draft's model card")
+    dr.add_argument("--out", default="bench-out")
     r = bsub.add_parser("rope", help="perplexity past the trained length for each RoPE scaling")
     r.add_argument("--contexts", type=_int_list, default=[8192, 16384, 32768])
     r.add_argument("--last", type=_positive_int, default=512, help="tokens scored at the end of each context")
@@ -305,6 +323,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server import Server, create_app
+
+    if not 0 < args.port < 65536:
+        raise TriforceError(f"--port must be between 1 and 65535, got {args.port}")
+    with socket.socket() as probe:  # fail before the slow model load, not after
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            raise TriforceError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    target, draft, method = load_models(args)
+    max_context = args.max_context or target.config.max_position_embeddings
+    knobs = {"gamma": args.gamma, "draft_gamma": args.draft_gamma, "budget": args.budget,
+             "chunk_size": args.chunk_size, "sink": args.sink, "window": args.window,
+             "rebuild_every": args.rebuild_every}
+    name = args.served_model_name or ("smollm2-135m-instruct" if target.is_embedded else
+                                      Path(target.source).name.removesuffix(".gguf"))
+    server = Server(target, draft, method, knobs, args.max_queue, max_context, name)
+    server.engine.reserve(max_context)
+    target.decoder.prepare(max_context, server.engine._capacity_for(max_context))
+    print(f"triforce: serving {name} ({method}) on http://{args.host}:{args.port}/v1 | context {max_context} | "
+          f"queue {args.max_queue}", file=sys.stderr, flush=True)
+    # uvicorn drains open requests on SIGTERM/SIGINT, then re-raises the signal to the handler
+    # that was installed before it: make that one a no-op so a clean shutdown exits with 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=30)
+    except OSError as exc:
+        raise TriforceError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .corpus import document_tokens
     from .generation import METHODS, TriForce
@@ -384,6 +439,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                    ("chunk_size", args.chunk_size)) if v is not None}
         decode.run(args.contexts, args.new_tokens, args.temperatures, methods,
                    [d for d in args.drafts.split(",") if d], args.repeats, args.document, knobs, Path(args.out))
+    elif args.bench == "draft":
+        from .bench import draft
+        from .loading import SHIPPED_DRAFT
+
+        path = args.draft or str(SHIPPED_DRAFT)
+        if not (Path(path) / "config.json").exists():
+            raise TriforceError(f"no draft model at {path}")
+        draft.run(path, args.heldout, update_card=args.update_card, out=Path(args.out))
     elif args.bench == "rope":
         from .bench import rope
 
@@ -403,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        handler = {"generate": cmd_generate, "bench": cmd_bench, "distill": cmd_distill, "demo": cmd_demo}[
-            args.command]
+        handler = {"generate": cmd_generate, "bench": cmd_bench, "distill": cmd_distill, "demo": cmd_demo,
+                   "serve": cmd_serve}[args.command]
         return handler(args)
     except TriforceError as exc:
         print(f"triforce: error: {exc}", file=sys.stderr)

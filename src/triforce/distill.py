@@ -208,9 +208,6 @@ def residual_basis(target: LoadedModel, sample: torch.Tensor, dim: int) -> torch
         x = torch.cat([r.reshape(-1, H).float() for r in residuals])
         x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
         second += (x.T @ x).double()
-    if os.environ.get("TRIFORCE_BASIS") == "select":
-        keep = second.diagonal().argsort(descending=True)[:dim].sort().values
-        return torch.eye(H)[:, keep]
     _, vectors = torch.linalg.eigh(second)
     return vectors[:, -dim:].flip(-1).float()  # largest first
 

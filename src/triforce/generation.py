@@ -213,6 +213,17 @@ class TriForce:
             return Chain([middle, top], [self.gamma])
         return Chain([bottom_draft("streaming"), middle, top], [self.draft_gamma, self.gamma])
 
+    def reserve(self, context: int) -> None:
+        """Allocate the caches for prompts + outputs of up to `context` tokens now, so serving
+        never reallocates (and memory stays flat across requests)."""
+        capacity = self._capacity_for(context)
+        check_fits(self.memory_needed(capacity), f"a context of {context} tokens")
+        target = self.target.decoder
+        if self._full is None or self._full.capacity < capacity:
+            self._full = None
+            self._cached_tokens = []
+            self._full = FullCache(self.target.config, capacity, dtype=target.dtype, device=target.device)
+
     def memory_needed(self, capacity: int) -> int:
         """Bytes a run of `capacity` tokens allocates (KV caches and rotary tables), estimated
         before allocating anything."""
