@@ -345,7 +345,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       Path(target.source).name.removesuffix(".gguf"))
     server = Server(target, draft, method, knobs, args.max_queue, max_context, name)
     server.engine.reserve(max_context)
-    target.decoder.prepare(max_context, server.engine._capacity_for(max_context))
     print(f"triforce: serving {name} ({method}) on http://{args.host}:{args.port}/v1 | context {max_context} | "
           f"queue {args.max_queue}", file=sys.stderr, flush=True)
     # uvicorn drains open requests on SIGTERM/SIGINT, then re-raises the signal to the handler

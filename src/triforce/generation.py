@@ -223,6 +223,7 @@ class TriForce:
             self._full = None
             self._cached_tokens = []
             self._full = FullCache(self.target.config, capacity, dtype=target.dtype, device=target.device)
+        target.prepare(context, capacity)
 
     def memory_needed(self, capacity: int) -> int:
         """Bytes a run of `capacity` tokens allocates (KV caches and rotary tables), estimated
@@ -268,7 +269,7 @@ class TriForce:
             pieces.append(piece)
 
         # Run step by step so text is yielded while generating.
-        gen = self._run(prompt, on_text=on_text, **kwargs)
+        gen = self.steps(prompt, on_text=on_text, **kwargs)
         for _ in gen:
             while pieces:
                 yield pieces.pop(0)
@@ -291,13 +292,13 @@ class TriForce:
     ) -> GenerationResult:
         """Generate after `prompt` (text, or token ids). ignore_eos runs to max_new_tokens (for
         benchmarks)."""
-        for _ in self._run(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        for _ in self.steps(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            seed=seed, stop=stop, chat=chat, num_samples=num_samples, on_text=on_text,
                            ignore_eos=ignore_eos):
             pass
         return self.last_result
 
-    def _run(
+    def steps(
         self,
         prompt: str | list[int],
         max_new_tokens: int = 128,
@@ -311,6 +312,9 @@ class TriForce:
         on_text: Callable[[str], None] | None = None,
         ignore_eos: bool = False,
     ) -> Iterator[None]:
+        """Generate one decoding step per iteration (the arguments of `generate`); the result is
+        in `self.last_result` once exhausted. Closing the iterator early abandons the generation
+        (the server cancels requests this way)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise TriforceError(f"max-new-tokens must be an integer >= 1, got {max_new_tokens}")
         if not isinstance(num_samples, int) or num_samples < 1:

@@ -205,7 +205,7 @@ class Server:
         engine = self.engine
         engine.configure(**{**self.defaults, **job.overrides})
         try:
-            run = engine._run(job.prompt_ids, max_new_tokens=job.max_tokens, stop=job.stop,
+            run = engine.steps(job.prompt_ids, max_new_tokens=job.max_tokens, stop=job.stop,
                               on_text=lambda piece: job.emit("text", piece), **job.sampling)
             for _ in run:
                 if job.cancelled.is_set():
