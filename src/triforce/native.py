@@ -53,7 +53,7 @@ def _build() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found")
-    source = b"".join(p.read_bytes() for p in _SOURCES)
+    source = b"".join(p.read_bytes() for p in sorted(_SOURCES[0].parent.glob("*.[ch]")))
     key = hashlib.sha256(
         source + " ".join(_FLAGS).encode() + _cpu_signature().encode() + compiler.encode()
     ).hexdigest()[:16]

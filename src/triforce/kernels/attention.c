@@ -21,10 +21,12 @@
 #endif
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#include "simd.h"
 #endif
 
 #define BLOCK 16
 #define SUB 4 /* 16-key sub-blocks per block in the bf16 path */
+#define SPLIT_KEYS 512 /* keys per parallel task (a multiple of SUB * BLOCK) */
 #define MAX_CHUNKS 16 /* head_dim <= 256 */
 
 typedef struct {
@@ -66,23 +68,6 @@ static inline void load_row(float *dst, const void *base, long row, int D, int b
 }
 
 #if defined(__AVX512F__)
-/* exp(x) for x <= 0 (softmax arguments); x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor for e^r,
- * relative error ~1e-7; very negative inputs underflow to 0. */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* Lane j of the result is the sum of the 16 lanes of a[j]. */
 static inline __m512 transpose_sum16(const __m512 *a) {
@@ -401,10 +386,10 @@ int tf_attention(const float *q, const void *k, const void *v, int kv_is_bf16, l
     const int G = Hq / Hkv, R = G * T;
     const long N = keys_of_head(&ks);
     if (n_threads < 1) n_threads = 1;
-    long splits = (N + 1023) / 1024;
-    long min_splits = (2L * n_threads + Hkv - 1) / Hkv;
-    if (splits < min_splits) splits = min_splits;
-    if (splits > (N + BLOCK - 1) / BLOCK) splits = (N + BLOCK - 1) / BLOCK;
+    /* Keys are split into fixed, aligned ranges of SPLIT_KEYS (each its own task, merged by
+     * log-sum-exp): never ranges that depend on N, so a query row gets bit-identical results
+     * whether it is decoded alone or verified with other rows (which see a few more keys). */
+    long splits = (N + SPLIT_KEYS - 1) / SPLIT_KEYS;
     if (splits < 1) splits = 1;
     const long tasks = (long)Hkv * splits;
     const long per_task = (long)R * (D + 2);
@@ -427,7 +412,7 @@ int tf_attention(const float *q, const void *k, const void *v, int kv_is_bf16, l
             if (!scratch) continue;
             int g = (int)(task / splits);
             long s = task % splits;
-            long lo = N * s / splits, hi = N * (s + 1) / splits;
+            long lo = s * SPLIT_KEYS, hi = lo + SPLIT_KEYS < N ? lo + SPLIT_KEYS : N;
             float *m = partial + task * per_task, *l = m + R, *acc = l + R;
             const char *kb = (const char *)k + (long)g * head_stride * (kv_is_bf16 ? 2 : 4);
             const char *vb = (const char *)v + (long)g * head_stride * (kv_is_bf16 ? 2 : 4);
