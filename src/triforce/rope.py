@@ -34,7 +34,10 @@ def resolve_scaling(
         return None
     scaling = dict(override)
     if scaling.get("factor") == "auto":
-        scaling["factor"] = max(1.0, context_len / trained)
+        # sized to the context rounded up to a multiple of half the trained length, so a few more
+        # or fewer new tokens keep the same scaling (and a cached prompt's keys stay valid)
+        step = max(1, trained // 2)
+        scaling["factor"] = max(1.0, -(-context_len // step) * step / trained)
     return scaling
 
 
@@ -126,6 +129,10 @@ class RotaryTable:
         inv_freq, attention_factor = inv_freq_and_attention_factor(config, scaling, context_len)
         self.scaling = scaling
         self.context_len = context_len
+        # what determines the rotation of a position: tables with equal signatures agree on
+        # every position both hold (capacity aside)
+        dynamic = scaling is not None and scaling.get("rope_type") == "dynamic"
+        self.signature = (repr(sorted((scaling or {}).items())), context_len if dynamic else None)
         self.capacity = capacity
         self.inv_freq = inv_freq
         angles = torch.arange(capacity, dtype=torch.float64)[:, None] * inv_freq[None, :]
