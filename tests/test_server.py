@@ -301,3 +301,29 @@ def test_busy_port_is_a_one_line_error_before_loading():
     expected = f"triforce: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     assert out.stderr.strip().splitlines() == [expected]
     assert time.time() - start < 30
+
+
+def test_concurrent_requests_are_batched_and_each_equals_running_alone(server, client):
+    """Requests decoded together (continuous batching, --max-batch 4) give each exactly the
+    tokens of that prompt alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = ["The history of the printing press begins", "def quicksort(items):", "Water boils at",
+               "In a small village by the sea,"]
+
+    def ask(prompt: str) -> str:
+        return client.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=20,
+                                         temperature=0).choices[0].text
+
+    def counters() -> tuple[float, float]:
+        text = server.request("/metrics")[1]
+        values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+        return values["triforce:forward_passes_total"], values["triforce:batched_sequences_total"]
+
+    passes, sequences = counters()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(ask, prompts))
+    passes2, sequences2 = counters()
+    assert (sequences2 - sequences) / (passes2 - passes) > 1.5  # most passes served several requests
+    for prompt, text in zip(prompts, together):
+        assert text == cli_greedy(prompt, 20, chat=False)

@@ -129,8 +129,8 @@ class TriForce:
         self.progress = progress
         self._full: FullCache | None = None
         self._draft_cache: FullCache | StreamingCache | None = None
-        # Prompt caching: the tokens whose target KV in self._full are valid, and the rotary
-        # table they were rotated with (a new table invalidates them).
+        # Prompt caching: the tokens whose target KV in self._full are valid, and the signature
+        # of the rotary table they were rotated with (another scaling invalidates them).
         self._cached_tokens: list[int] = []
         self._cached_rope: object = None
         self.last_result: GenerationResult | None = None
@@ -156,7 +156,8 @@ class TriForce:
             raise TriforceError(f"--method {self.method} needs a draft: --draft PATH or --draft ngram")
 
     # -- chain construction ------------------------------------------------------------------
-    def _capacity_for(self, total: int) -> int:
+    def capacity_for(self, total: int) -> int:
+        """Cache rows a run reaching `total` tokens needs."""
         return total + self.gamma + self.draft_gamma + 8  # room for drafts past the last token
 
     def _build_chain(self, capacity: int, params: SamplingParams) -> Chain:
@@ -166,7 +167,7 @@ class TriForce:
             self._cached_tokens = []
             self._full = FullCache(self.target.config, capacity, dtype=target.dtype, device=target.device)
         full = self._full
-        if self._cached_rope is not target.rope:
+        if self._cached_rope != target.rope.signature:
             self._cached_tokens = []
         full.truncate(len(self._cached_tokens))
         top = ModelLevel("target", target, full, params, self.prefill_chunk, self.progress)
@@ -216,7 +217,7 @@ class TriForce:
     def reserve(self, context: int) -> None:
         """Allocate the caches for prompts + outputs of up to `context` tokens now, so serving
         never reallocates (and memory stays flat across requests)."""
-        capacity = self._capacity_for(context)
+        capacity = self.capacity_for(context)
         check_fits(self.memory_needed(capacity), f"a context of {context} tokens")
         target = self.target.decoder
         if self._full is None or self._full.capacity < capacity:
@@ -224,6 +225,19 @@ class TriForce:
             self._cached_tokens = []
             self._full = FullCache(self.target.config, capacity, dtype=target.dtype, device=target.device)
         target.prepare(context, capacity)
+
+    def prepare(self, total: int) -> None:
+        """Allocate caches and rotary tables for a run reaching `total` tokens (batching does
+        this for every sequence before any starts)."""
+        capacity = self.capacity_for(total)
+        check_fits(self.memory_needed(capacity), f"a context of {total} tokens")
+        self.target.decoder.prepare(total, capacity)
+        self._build_chain(capacity, SamplingParams(0.0, 1.0, 0))
+
+    def release(self) -> None:
+        """Free the caches (and forget the cached prompt)."""
+        self._full = self._draft_cache = None
+        self._cached_tokens, self._cached_rope = [], None
 
     def memory_needed(self, capacity: int) -> int:
         """Bytes a run of `capacity` tokens allocates (KV caches and rotary tables), estimated
@@ -329,7 +343,7 @@ class TriForce:
                 f"prompt ({len(ids)} tokens) + max-new-tokens ({max_new_tokens}) exceeds --max-context "
                 f"{self.max_context}"
             )
-        capacity = self._capacity_for(total)
+        capacity = self.capacity_for(total)
         check_fits(self.memory_needed(capacity), f"a context of {total} tokens")
         self.target.decoder.prepare(total, capacity)
         chain = self._build_chain(capacity, params)
@@ -347,6 +361,8 @@ class TriForce:
         for level in chain.levels[:-1]:
             if isinstance(level, SharedViewLevel):
                 level.follow_top(top.last_logit_offset)
+            elif isinstance(level, ModelLevel):  # a draft model reads the prompt now, not in the first step
+                level.score(ids, [])
         prompt_state = chain.snapshot() if num_samples > 1 else None
         prefill_s = time.perf_counter() - t0
         for level in chain.levels:  # level figures cover decoding only
@@ -377,7 +393,7 @@ class TriForce:
             if result is None:
                 result = stopper
         assert result is not None
-        self._cached_tokens, self._cached_rope = list(top.tokens), self.target.decoder.rope
+        self._cached_tokens, self._cached_rope = list(top.tokens), self.target.decoder.rope.signature
         new_tokens = sum(len(s) for s in samples)
         stats: dict[str, Any] = {
             "method": self.method,

@@ -161,7 +161,6 @@ class Decoder:
         self.rope = RotaryTable(self.config, scaling, context_len, capacity, self.device)
 
     # -- forward -----------------------------------------------------------------------------
-    @torch.inference_mode()
     def forward(
         self,
         tokens: torch.Tensor,
@@ -175,44 +174,90 @@ class Decoder:
         the cache). residuals: if a list, the residual stream entering each layer is appended
         (used to fit a draft's basis).
         """
+        return self._run(tokens, [(cache, tokens.shape[1], logits_for)], residuals)[0]
+
+    def forward_batch(self, requests: list[tuple[torch.Tensor, KVCache, str | torch.Tensor]]) -> list[torch.Tensor]:
+        """Several sequences in one pass, each `(tokens [1, T_i], its cache, logits_for)`: the
+        tokens are stacked so every weight is read once for all of them; attention runs per
+        sequence against its own cache. Returns each request's logits as `forward` would."""
+        tokens = torch.cat([t for t, _, _ in requests], dim=1)
+        return self._run(tokens, [(cache, t.shape[1], which) for t, cache, which in requests])
+
+    @torch.inference_mode()
+    def _run(
+        self,
+        tokens: torch.Tensor,
+        segments: list[tuple[KVCache, int, str | torch.Tensor]],
+        residuals: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
         cfg = self.config
-        B, T = tokens.shape
-        positions = cache.positions(T)
-        if self.rope is None or int(positions.max()) >= self.rope.capacity:
-            need = int(positions.max()) + 1
-            raise ValueError(f"rotary table holds {self.rope.capacity if self.rope else 0} positions, need {need}")
+        B, N = tokens.shape
+        spans, start = [], 0
+        for cache, length, _ in segments:
+            positions = cache.positions(length)
+            if self.rope is None or int(positions.max()) >= self.rope.capacity:
+                need = int(positions.max()) + 1
+                raise ValueError(f"rotary table holds {self.rope.capacity if self.rope else 0} positions, need {need}")
+            spans.append((cache, start, start + length, positions))
+            start += length
         nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
         h = F.embedding(tokens, self.embed)
         fused = self.fused
         norm = native.rms_norm if fused else rms_norm
+
+        def attend(i: int, qkv: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+            if fused:  # rotary embedding, cache write and attention in two native calls
+                return cache.attend_qkv(i, qkv, self.rope, positions, nq)
+            qk = self.rope.rotate(qkv[:, :, : nq + nkv], positions)
+            return cache.attend(i, qk[:, :, :nq], qk[:, :, nq:], qkv[:, :, nq + nkv :])
+
         for i, layer in enumerate(self.layers):
             if residuals is not None:
                 residuals.append(h)
             x = norm(h, layer.attn_norm, eps)
-            qkv = layer.qkv(x).view(B, T, nq + 2 * nkv, hd)
-            if fused:  # rotary embedding, cache write and attention in two native calls
-                attn = cache.attend_qkv(i, qkv, self.rope, positions, nq)
+            qkv = layer.qkv(x).view(B, N, nq + 2 * nkv, hd)
+            if len(spans) == 1:
+                attn = attend(i, qkv, spans[0][0], spans[0][3])
             else:
-                qk = self.rope.rotate(qkv[:, :, : nq + nkv], positions)
-                attn = cache.attend(i, qk[:, :, :nq], qk[:, :, nq:], qkv[:, :, nq + nkv :])
-            h = h + layer.o(attn.reshape(B, T, nq * hd))
+                attn = torch.cat([attend(i, qkv[:, a:b], cache, pos) for cache, a, b, pos in spans], dim=1)
+            h = h + layer.o(attn.reshape(B, N, nq * hd))
             x = norm(h, layer.mlp_norm, eps)
             gate_up = layer.gate_up(x)
-            if fused and B * T <= 16:  # small steps: one call; prefill: PyTorch's vectorised SiLU
+            if fused:  # row by row the same at any size, so a batch or a verification rounds as one step
                 act = native.silu_mul(gate_up)
             else:
                 gate, up = gate_up.chunk(2, dim=-1)
                 act = F.silu(gate) * up
             h = h + layer.down(act)
-        cache.commit(T)
-        if isinstance(logits_for, str):
-            if logits_for == "none":
-                return torch.empty(0)
-            if logits_for == "last":
-                h = h[:, -1]
-        else:
-            h = h[:, logits_for]
-        return self.lm_head(rms_norm(h, self.norm, eps), out_dtype=torch.float32)
+        for cache, a, b, _ in spans:
+            cache.commit(b - a)
+        # the hidden states whose logits are wanted, then one output projection for all
+        picked, shapes = [], []
+        for (_, a, b, _), (_, _, which) in zip(spans, segments):
+            part = h[:, a:b]
+            if isinstance(which, str):
+                if which == "none":
+                    shapes.append(None)
+                    continue
+                if which == "last":
+                    part = part[:, -1]
+            else:
+                part = part[:, which]
+            shapes.append(part.shape[:-1])
+            picked.append(part.reshape(-1, part.shape[-1]))
+        if not picked:
+            return [torch.empty(0) for _ in segments]
+        rows = picked[0] if len(picked) == 1 else torch.cat(picked)
+        logits = self.lm_head(rms_norm(rows, self.norm, eps), out_dtype=torch.float32)
+        out, at = [], 0
+        for shape in shapes:
+            if shape is None:
+                out.append(torch.empty(0))
+                continue
+            n = shape.numel()
+            out.append(logits[at : at + n].view(*shape, -1))
+            at += n
+        return out
 
     __call__ = forward

@@ -22,9 +22,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from .batch import ForwardBatcher
 from .errors import TriforceError
 from .generation import METHODS, TriForce
 from .loading import LoadedModel
+from .rope import resolve_scaling
 
 # Parameters OpenAI clients send that we do not implement: refused when set to anything but their
 # neutral value (so default-filled client requests still work).
@@ -104,7 +106,7 @@ class Metrics:
                 entry["draft_tokens"] += level["num_draft_tokens"]
                 entry["accepted"] += level["num_accepted_tokens"]
 
-    def render(self, queue_depth: int, running: int) -> str:
+    def render(self, queue_depth: int, running: int, passes: int = 0, sequence_passes: int = 0) -> str:
         out = []
 
         def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -118,6 +120,10 @@ class Metrics:
                    [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in sorted(self.requests.items())])
             metric("queue_depth", "gauge", "Requests waiting for the engine.", [("", queue_depth)])
             metric("requests_running", "gauge", "Requests being generated.", [("", running)])
+            metric("forward_passes_total", "counter", "Model passes run (each reads the weights once).",
+                   [("", passes)])
+            metric("batched_sequences_total", "counter", "Sum over passes of the requests each served "
+                   "(divided by forward_passes_total: the mean batch size).", [("", sequence_passes)])
             metric("requests_cancelled_total", "counter", "Generations cancelled by client disconnects.",
                    [("", self.cancelled)])
             metric("prompt_tokens_total", "counter", "Prompt tokens processed.", [("", self.prompt_tokens)])
@@ -135,21 +141,36 @@ class Metrics:
 
 
 class Server:
-    """The engine, its queue and worker, and the request handling independent of the web stack."""
+    """The engine, its queue and worker, and the request handling independent of the web stack.
+
+    The worker runs up to `max_batch` requests at once (continuous batching): each has its own
+    engine and caches, and their forward passes run together (batch.ForwardBatcher), so a step
+    reads the weights once for all of them. A request joins as soon as a slot is free and its KV
+    memory fits; its prefill runs chunk by chunk between the others' decoding steps."""
 
     def __init__(self, target: LoadedModel, draft: LoadedModel | str | None, method: str, knobs: dict[str, Any],
-                 max_queue: int, max_context: int, model_id: str) -> None:
-        self.target = target
-        self.engine = TriForce(target, draft, method=method, **knobs)
+                 max_queue: int, max_context: int, model_id: str, max_batch: int = 1) -> None:
+        self.target, self.draft = target, draft
+        self.engine = TriForce(target, draft, method=method, **knobs)  # validates the settings
         self.defaults = {"method": method, **knobs}
         self.max_queue, self.max_context, self.model_id = max_queue, max_context, model_id
+        self.max_batch = max_batch
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.waiting = 0
         self.running = 0
         self.lock = threading.Lock()
         self.metrics = Metrics()
         self.stopping = threading.Event()
+        self.batcher = ForwardBatcher()
         self.worker = threading.Thread(target=self._work, name="triforce-engine", daemon=True)
+
+    def start(self) -> None:
+        """Fix the target's RoPE scaling for --max-context (a server's scaling is set by its
+        context, as in other servers, so batch mates share one rotary table), then take requests."""
+        self.engine.reserve(self.max_context)  # refuses a context that cannot fit at all
+        dec = self.target.decoder
+        dec.rope_override = resolve_scaling(self.target.config, dec.rope_override, self.max_context)
+        self.engine.release()
         self.worker.start()
 
     # -- admission ------------------------------------------------------------------------------
@@ -164,7 +185,7 @@ class Server:
         self.queue.put(job)
 
     def _retry_after(self) -> int:
-        return max(1, math.ceil(self.waiting * 2))
+        return max(1, math.ceil(self.waiting * 2 / self.max_batch))
 
     def shutdown(self) -> None:
         """Stop taking work; queued requests are told the server is going away."""
@@ -173,40 +194,68 @@ class Server:
 
     # -- the worker -----------------------------------------------------------------------------
     def _work(self) -> None:
+        held: Job | None = None  # the next request, waiting for memory its batch mates hold
         while True:
-            job = self.queue.get()
-            if job is None:
-                break
-            with self.lock:
-                self.waiting -= 1
-            if self.stopping.is_set():
-                job.emit("error", RequestError(503, "the server is shutting down"))
-                continue
-            if job.cancelled.is_set():
-                continue
-            with self.lock:
-                self.running += 1
-            try:
-                self._generate(job)
-            except TriforceError as exc:
-                job.emit("error", RequestError(400, str(exc)))
-            except Exception as exc:  # keep serving: report this request's failure only
-                job.emit("error", RequestError(500, f"generation failed: {type(exc).__name__}: {exc}"))
-            finally:
+            while self.batcher.live < self.max_batch and not self.stopping.is_set():
+                job = held
+                if job is None:
+                    try:
+                        job = self.queue.get(timeout=None if self.batcher.live == 0 else 0)
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        break
+                    with self.lock:
+                        self.waiting -= 1
+                held = None
+                if job.cancelled.is_set():
+                    continue
+                engine = self._engine_for(job)
+                if engine is None:
+                    continue
+                try:
+                    engine.prepare(len(job.prompt_ids) + job.max_tokens)
+                except TriforceError as exc:
+                    engine.release()
+                    if self.batcher.live:  # memory is held by running requests: wait for them
+                        held = job
+                        break
+                    job.emit("error", RequestError(400, str(exc)))
+                    continue
                 with self.lock:
-                    self.running -= 1
-        # drain anything queued after shutdown began
-        while not self.queue.empty():
-            job = self.queue.get_nowait()
+                    self.running += 1
+                self.batcher.add(lambda job=job, engine=engine: self._generate(job, engine),
+                                 on_exit=lambda engine=engine: self._finished(engine))
+            if self.stopping.is_set() and self.batcher.live == 0:
+                break
+            if self.batcher.live:
+                self.batcher.step(timeout=0.05)
+        for job in [held] + self._drain():
             if job is not None:
                 job.emit("error", RequestError(503, "the server is shutting down"))
 
-    def _generate(self, job: Job) -> None:
-        engine = self.engine
-        engine.configure(**{**self.defaults, **job.overrides})
+    def _drain(self) -> list[Job | None]:
+        jobs = []
+        while not self.queue.empty():
+            jobs.append(self.queue.get_nowait())
+        return jobs
+
+    def _engine_for(self, job: Job) -> TriForce | None:
+        try:
+            return TriForce(self.target, self.draft, **{**self.defaults, **job.overrides})
+        except TriforceError as exc:
+            job.emit("error", RequestError(400, str(exc)))
+            return None
+
+    def _finished(self, engine: TriForce) -> None:
+        engine.release()  # the request's caches go back to the system now
+        with self.lock:
+            self.running -= 1
+
+    def _generate(self, job: Job, engine: TriForce) -> None:
         try:
             run = engine.steps(job.prompt_ids, max_new_tokens=job.max_tokens, stop=job.stop,
-                              on_text=lambda piece: job.emit("text", piece), **job.sampling)
+                               on_text=lambda piece: job.emit("text", piece), **job.sampling)
             for _ in run:
                 if job.cancelled.is_set():
                     run.close()
@@ -214,8 +263,12 @@ class Server:
                         self.metrics.cancelled += 1
                     return
             result = engine.last_result
-        finally:
-            engine.configure(**self.defaults)
+        except TriforceError as exc:
+            job.emit("error", RequestError(400, str(exc)))
+            return
+        except Exception as exc:  # keep serving: report this request's failure only
+            job.emit("error", RequestError(500, f"generation failed: {type(exc).__name__}: {exc}"))
+            return
         self.metrics.finished(result.prompt_tokens, result.stats)
         job.emit("done", result)
 
@@ -332,7 +385,7 @@ def parse_request(server: Server, body: Any, kind: str, loop: asyncio.AbstractEv
         raise RequestError(400, f"'triforce' accepts only {', '.join(sorted(EXTENSION_KEYS))}", "triforce")
     if "method" in overrides and overrides["method"] not in METHODS:
         raise RequestError(400, f"'triforce.method' must be one of {', '.join(METHODS)}", "triforce")
-    if overrides.get("method") in ("speculative", "triforce") and server.engine.draft is None:
+    if overrides.get("method") in ("speculative", "triforce") and server.draft is None:
         raise RequestError(400, "this server has no draft model for that method", "triforce")
     for key in EXTENSION_KEYS - {"method"}:
         if key in overrides:
@@ -479,7 +532,8 @@ def create_app(server: Server) -> Any:
 
     @app.get("/metrics")
     async def metrics() -> Any:
-        return PlainTextResponse(server.metrics.render(server.waiting, server.running),
+        return PlainTextResponse(server.metrics.render(server.waiting, server.running, server.batcher.passes,
+                                                       server.batcher.sequence_passes),
                                  media_type="text/plain; version=0.0.4")
 
     return app

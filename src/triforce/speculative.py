@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .batch import run_forward
 from .cache import FullCache, RetrievalView, SparseView, StreamingCache
 from .model import Decoder
 from .sampling import SamplingParams, sample, verify, warp
@@ -190,10 +191,10 @@ class ModelLevel(Level):
             scored = min(num_scored, len(piece)) if kind == "last" else 0
             ids = torch.tensor([piece], dtype=torch.long, device=dec.device)
             if scored:
-                out = dec.forward(ids, cache, logits_for=torch.arange(len(piece) - scored, len(piece)))
+                out = run_forward(dec, ids, cache, torch.arange(len(piece) - scored, len(piece)))
                 logits = out[0]
             else:
-                dec.forward(ids, cache, logits_for="none")
+                run_forward(dec, ids, cache, "none")
             if bar is not None:
                 bar.update(len(piece))
         if bar is not None:
