@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="read the prompt from a file ('-' for stdin)")
+    src.add_argument("--batch-file", help="JSON lines, one request each ({\"prompt\": ..., optional "
+                     "max_new_tokens, temperature, top_p, top_k, seed, stop, chat}); generated together, printed "
+                     "as JSON lines in input order")
     g.add_argument("--chat", action="store_true", help="apply the chat template (prompt as one user turn)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=128)
     g.add_argument("--temperature", type=_float, default=0.0, help="0 means greedy")
@@ -144,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-queue", type=_positive_int, default=16, help="requests allowed to wait (then 429)")
+    sv.add_argument("--max-batch", type=_positive_int, default=4,
+                    help="requests decoded together (continuous batching); 1 runs them one at a time")
     sv.add_argument("--max-context", type=_positive_int,
                     help="longest prompt + completion (default: the model's trained length)")
     sv.add_argument("--served-model-name", help="model id clients use (default: derived from the model)")
@@ -157,19 +162,54 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--document", default="vim")
     e.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     e.add_argument("--out", default="bench-out", help="directory for JSON and Markdown results")
-    d = bsub.add_parser("decode", help="every method side by side on long real documents")
-    d.add_argument("--contexts", type=_int_list, default=[16384, 32768])
-    d.add_argument("--new-tokens", type=_positive_int, default=128)
-    d.add_argument("--temperatures", type=_float_list, default=[0.0, 0.6])
-    d.add_argument("--methods", default="autoregressive,retrieval,streaming,speculative,triforce")
-    d.add_argument("--drafts", default="ngram", help="comma-separated: ngram and/or draft model paths")
-    d.add_argument("--repeats", type=_positive_int, default=1)
-    d.add_argument("--document", default="vim")
+    d = bsub.add_parser("decode", help="every method side by side on long real documents, with peers and plots")
+    d.add_argument("--contexts", type=_int_list, help="prompt lengths (default 16384,32768)")
+    d.add_argument("--new-tokens", type=_positive_int, help="tokens generated per run (default 128)")
+    d.add_argument("--temperatures", type=_float_list, help="0 is greedy (default 0,0.6; top-p 0.9 when sampling)")
+    d.add_argument("--methods", type=_name_list, help="comma-separated (default: all five)")
+    d.add_argument("--drafts", type=_name_list, help="comma-separated: ngram and/or draft model paths (default ngram)")
+    d.add_argument("--repeats", type=_positive_int, help="interleaved repeats; medians reported (default 1)")
+    d.add_argument("--peers", type=_name_list,
+                   help="other engines on the same prompts: hf, hf-assisted, hf-lookup, llamacpp, llamacpp-lookup "
+                        "(llamacpp needs `pip install llama-cpp-python`, a source build of minutes); auto (default): "
+                        "all, those not installed skipped with a note; none")
+    d.add_argument("--ppl-tokens", type=_nonneg_int,
+                   help="score the target's perplexity on this many true next tokens per context (default 128; 0: off)")
     d.add_argument("--gamma", type=_positive_int)
     d.add_argument("--draft-gamma", type=_positive_int)
     d.add_argument("--budget", type=_positive_int)
     d.add_argument("--chunk-size", type=_positive_int)
-    d.add_argument("--out", default="bench-out")
+    ac = bsub.add_parser("acceptance", help="acceptance of the target on sparse caches (retrieval, StreamingLLM, "
+                                            "oracle top-k) against the full target, across budgets and chunk sizes")
+    ac.add_argument("--context", type=_positive_int, help="prompt length (default 16384)")
+    ac.add_argument("--budgets", type=_int_list, help="cache budgets in tokens (default 256,512,1024,2048,4096; "
+                                                      "those not below the context are dropped)")
+    ac.add_argument("--chunk-sizes", type=_int_list, help="retrieval chunk sizes swept (default 1,8,16,32,64)")
+    ac.add_argument("--chunk-budget", type=_positive_int, help="budget of the chunk-size sweep (default 4096)")
+    ac.add_argument("--chunk-size", type=_positive_int, help="retrieval chunk size of the budget sweep (default 8)")
+    ac.add_argument("--gamma", type=_positive_int, help="drafts per full verification (default 6)")
+    ac.add_argument("--new-tokens", type=_positive_int, help="tokens generated per run (default 64)")
+    ac.add_argument("--needle-depth", type=_float, help="where the needle sits, 0 (start) to 1 (end) (default 0.5)")
+    ac.add_argument("--sink", type=_nonneg_int, help="StreamingLLM sink tokens (default 16)")
+    gm = bsub.add_parser("gamma", help="speed and acceptance of speculative and triforce across gammas")
+    gm.add_argument("--context", type=_positive_int, help="prompt length (default 16384)")
+    gm.add_argument("--gammas", type=_int_list, help="tokens per full verification (default 2,4,6,8,10)")
+    gm.add_argument("--draft-gammas", type=_int_list, help="triforce: tokens per middle step (default 1,2,3,4)")
+    gm.add_argument("--new-tokens", type=_positive_int, help="tokens generated per run (default 128)")
+    gm.add_argument("--temperature", type=_float, help="0 is greedy (default 0; top-p 0.9 when sampling)")
+    gm.add_argument("--draft", help="draft model or 'ngram' (default: the shipped draft, else ngram)")
+    gm.add_argument("--repeats", type=_positive_int, help="interleaved repeats; medians reported (default 1)")
+    gm.add_argument("--budget", type=_positive_int, help="retrieval budget (default 4096)")
+    gm.add_argument("--chunk-size", type=_positive_int, help="retrieval chunk size (default 8)")
+    for p in (d, ac, gm):
+        p.add_argument("--document", help="corpus document: vim, jargon, python-docs or a text file (default vim)")
+        p.add_argument("--model", help="target: HF directory or GGUF (default: the embedded SmolLM2-135M-Instruct)")
+        p.add_argument("--dtype", choices=["bf16", "fp32"],
+                       help="weights and KV cache dtype (default bf16; fp32 with --quick)")
+        p.add_argument("--threads", type=_positive_int, help="CPU threads (default: PyTorch's; 1 with --quick)")
+        p.add_argument("--quick", action="store_true",
+                       help="seconds-long smoke run: a tiny random model, short contexts, few tokens")
+        p.add_argument("--out", default="bench-out", help="directory for JSON, Markdown and PNG results")
     dr = bsub.add_parser("draft", help="a draft model's agreement, acceptance and cost against its target")
     dr.add_argument("--draft", help="draft model directory (default: the shipped draft)")
     dr.add_argument("--heldout", default="vim", help="held-out document (never in the draft's training text)")
@@ -282,6 +322,8 @@ def format_summary(result: Any) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     check_sampling_args(args)
+    if args.batch_file:
+        return generate_batch_file(args)
     prompt = read_prompt(args)
     if not prompt.strip():
         raise TriforceError("the prompt is empty")
@@ -323,6 +365,78 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+BATCH_KEYS = {"prompt": str, "max_new_tokens": int, "temperature": (int, float), "top_p": (int, float),
+              "top_k": int, "seed": int, "stop": list, "chat": bool}
+
+
+def read_batch_file(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Requests from a JSON-lines file, each completed with the command line's settings."""
+    from .sampling import SamplingParams
+
+    try:
+        with open(args.batch_file, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise TriforceError(f"cannot read --batch-file {args.batch_file!r}: {exc.strerror}") from None
+    requests = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{args.batch_file}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TriforceError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(item, dict):
+            raise TriforceError(f"{where}: each line must be a JSON object")
+        for key, value in item.items():
+            kind = BATCH_KEYS.get(key)
+            if kind is None:
+                raise TriforceError(f"{where}: unknown key {key!r} (allowed: {', '.join(BATCH_KEYS)})")
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise TriforceError(f"{where}: {key!r} has the wrong type")
+        if not item.get("prompt", "").strip():
+            raise TriforceError(f"{where}: 'prompt' is missing or empty")
+        request = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                   "top_k": args.top_k, "seed": args.seed, "stop": args.stop, "chat": args.chat, **item}
+        try:
+            SamplingParams(float(request["temperature"]), float(request["top_p"]), int(request["top_k"]))
+        except TriforceError as exc:
+            raise TriforceError(f"{where}: {exc}") from None
+        if request["max_new_tokens"] < 1:
+            raise TriforceError(f"{where}: max_new_tokens must be >= 1")
+        requests.append(request)
+    if not requests:
+        raise TriforceError(f"--batch-file {args.batch_file!r} has no requests")
+    return requests
+
+
+def generate_batch_file(args: argparse.Namespace) -> int:
+    from .batch import generate_batch
+
+    if args.num_samples != 1:
+        raise TriforceError("--num-samples does not combine with --batch-file (give several lines)")
+    requests = read_batch_file(args)
+    target, draft, method = load_models(args)
+    knobs = {"gamma": args.gamma, "draft_gamma": args.draft_gamma, "budget": args.budget, "chunk_size": args.chunk_size,
+             "sink": args.sink, "window": args.window, "rebuild_every": args.rebuild_every,
+             "max_context": args.max_context}
+    results = generate_batch(target, draft, requests, method=method, **knobs)
+    failed = 0
+    for result in results:
+        if isinstance(result, TriforceError):
+            failed += 1
+            print(json.dumps({"error": str(result)}))
+            continue
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
+                          "finish_reason": result.finish_reason, "stats": result.stats}))
+    if not args.quiet:
+        done = [r for r in results if not isinstance(r, TriforceError)]
+        tokens = sum(len(r.token_ids) for r in done)
+        print(f"batch of {len(results)}: {tokens} new tokens, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -343,10 +457,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
              "rebuild_every": args.rebuild_every}
     name = args.served_model_name or ("smollm2-135m-instruct" if target.is_embedded else
                                       Path(target.source).name.removesuffix(".gguf"))
-    server = Server(target, draft, method, knobs, args.max_queue, max_context, name)
-    server.engine.reserve(max_context)
+    server = Server(target, draft, method, knobs, args.max_queue, max_context, name, args.max_batch)
+    server.start()
     print(f"triforce: serving {name} ({method}) on http://{args.host}:{args.port}/v1 | context {max_context} | "
-          f"queue {args.max_queue}", file=sys.stderr, flush=True)
+          f"batch {args.max_batch} | queue {args.max_queue}", file=sys.stderr, flush=True)
     # uvicorn drains open requests on SIGTERM/SIGINT, then re-raises the signal to the handler
     # that was installed before it: make that one a no-op so a clean shutdown exits with 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -426,18 +540,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         engine.run(args.contexts, args.new_tokens, args.repeats, args.document, not args.no_transformers,
                    Path(args.out))
-    elif args.bench == "decode":
-        from .bench import decode
-        from .generation import METHODS
-
-        methods = [m for m in args.methods.split(",") if m]
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise TriforceError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-        knobs = {k: v for k, v in (("gamma", args.gamma), ("draft_gamma", args.draft_gamma), ("budget", args.budget),
-                                   ("chunk_size", args.chunk_size)) if v is not None}
-        decode.run(args.contexts, args.new_tokens, args.temperatures, methods,
-                   [d for d in args.drafts.split(",") if d], args.repeats, args.document, knobs, Path(args.out))
+    elif args.bench in ("decode", "acceptance", "gamma"):
+        return _paper_bench(args)
     elif args.bench == "draft":
         from .bench import draft
         from .loading import SHIPPED_DRAFT
@@ -450,6 +554,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench import rope
 
         rope.run(args.contexts, args.last, args.document, Path(args.out))
+    return 0
+
+
+def _name_list(text: str) -> list[str]:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return values
+
+
+def _paper_bench(args: argparse.Namespace) -> int:
+    """`triforce bench decode|acceptance|gamma`: settings are the flags given, then the --quick
+    preset, then the bench's defaults; they are checked before anything is loaded."""
+    import importlib
+    from pathlib import Path
+
+    from .bench import quick
+
+    bench = importlib.import_module(f".bench.{args.bench}", __package__)
+    settings = quick.settings(args, bench.DEFAULTS, bench.QUICK if args.quick else None)
+    if args.quick and args.threads is None:
+        import torch
+
+        torch.set_num_threads(1)  # tiny models: thread hand-offs would cost more than the work
+    if args.bench == "decode":
+        given = (("gamma", args.gamma), ("draft_gamma", args.draft_gamma), ("budget", args.budget),
+                 ("chunk_size", args.chunk_size))
+        settings["knobs"] = {**settings["knobs"], **{k: v for k, v in given if v is not None}}
+        bench.validate(settings["contexts"], settings["methods"], settings["temperatures"], settings["peers"])
+    elif args.bench == "acceptance":
+        bench.validate(settings["context"], settings["budgets"], settings["chunk_sizes"], settings["chunk_budget"],
+                       settings["needle_depth"], settings["new_tokens"])
+    else:
+        bench.validate(settings["gammas"], settings["draft_gammas"], settings["temperature"])
+    with quick.materialized(settings) as resolved:
+        bench.run(**resolved, out=Path(args.out))
     return 0
 
 

@@ -3,21 +3,60 @@
 One process, one prefill per context (the prompt cache serves every method after the first),
 repeats interleaved across methods, medians. Greedy runs check that every method produced the
 autoregressive tokens. Per-level acceptance and where the time goes are kept for every run.
+
+Per context, the target's perplexity on the document's true continuation (the next
+`ppl_tokens` tokens after the prompt, teacher-forced through our decoder), next to its
+perplexity on the same tokens given only the last 1K tokens (half the context if shorter): where
+the two are close, the model no longer reads its context, and speed figures there describe a
+model that is not doing the job.
+
+Peers (`--peers`, see peers.py) run the same prompts with the same settings: transformers
+generate, assisted generation and prompt lookup; llama.cpp plain and with prompt lookup (when
+llama-cpp-python is installed: `pip install llama-cpp-python`, which builds from source in a few
+minutes). Speedups are reported over our autoregressive decoding and over transformers generate.
+PNG plots of speedup against context length go to the output directory (matplotlib).
 """
 
 from __future__ import annotations
 
-import json
-import time
+import math
 from pathlib import Path
 from typing import Any
 
 from ..corpus import document_tokens
-from ..generation import TriForce
+from ..errors import TriforceError
+from ..generation import METHODS, TriForce
 from ..loading import LoadedModel, load
-from .common import copy_bandwidth_gbs, machine, markdown_table, median, peak_rss_mb
+from ..rope import resolve_scaling
+from . import peers as peer_engines
+from .common import (
+    copy_bandwidth_gbs,
+    exactness_note,
+    load_drafts,
+    machine,
+    markdown_table,
+    measure,
+    median,
+    peak_rss_mb,
+    perplexity,
+    prefill,
+    summarize,
+    write_report,
+    yes_no,
+)
+from .plots import line_plot
+from .quick import TINY_DRAFT, TINY_TARGET
 
 LOSSLESS = ("autoregressive", "speculative", "retrieval", "streaming", "triforce")
+SHORT_WINDOW = 1024  # the perplexity baseline: the same tokens given only this much context
+
+DEFAULTS: dict[str, Any] = dict(
+    contexts=[16384, 32768], new_tokens=128, temperatures=[0.0, 0.6],
+    methods=["autoregressive", "retrieval", "streaming", "speculative", "triforce"], drafts=["ngram"], repeats=1,
+    document="vim", peers=["auto"], ppl_tokens=128, model=None, dtype="bf16", knobs={}, bandwidth_bytes=1 << 30,
+)
+QUICK: dict[str, Any] = dict(contexts=[256, 512], new_tokens=16, drafts=["ngram", TINY_DRAFT], ppl_tokens=32,
+                             model=TINY_TARGET, dtype="fp32", knobs={"budget": 128}, bandwidth_bytes=1 << 24)
 
 
 def variants(methods: list[str], drafts: list[str]) -> list[tuple[str, str | None]]:
@@ -37,15 +76,33 @@ def label(method: str, draft: str | None) -> str:
     return f"{method}[{'ngram' if draft == 'ngram' else 'draft'}]"
 
 
-def time_per_level(stats: dict[str, Any]) -> dict[str, float]:
-    """Milliseconds per generated token spent in each level (and in retrieval rebuilds)."""
-    n = max(1, stats["new_tokens"])
-    out = {}
-    for level in stats["levels"]:
-        out[level["name"]] = round(1000 * level["time_s"] / n, 2)
-        if level.get("rebuilds"):
-            out["rebuild"] = round(1000 * level["rebuild_s"] / n, 2)
-    return out
+def validate(contexts: list[int], methods: list[str], temperatures: list[float], peers: list[str]) -> list[str]:
+    """Refuse bad settings before anything is loaded; returns the peers to run."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise TriforceError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if not methods:
+        raise TriforceError("no methods to run")
+    if min(contexts) < 2:
+        raise TriforceError(f"contexts must be at least 2 tokens, got {min(contexts)}")
+    if any(math.isnan(t) or t < 0 for t in temperatures):
+        raise TriforceError("temperatures must be numbers >= 0")
+    return peer_engines.parse(peers)
+
+
+def context_perplexity(target: LoadedModel, document: str, context: int, tokens: int) -> dict[str, Any]:
+    """Perplexity of the `tokens` document tokens that follow the first `context`, given all of
+    them and given only the last SHORT_WINDOW."""
+    if tokens == 0:
+        return {}
+    ids = document_tokens(target.tokenizer, document, context + tokens)
+    window = min(SHORT_WINDOW, context // 2)
+    return {"perplexity": perplexity(target.decoder, ids, tokens),
+            "perplexity_short": perplexity(target.decoder, ids[-(window + tokens):], tokens), "short_window": window}
+
+
+def matching_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def run(
@@ -60,83 +117,145 @@ def run(
     out: Path | None = None,
     target: LoadedModel | None = None,
     log: Any = print,
+    peers: list[str] | None = None,
+    ppl_tokens: int = 128,
+    model: str | None = None,
+    dtype: str = "bf16",
+    bandwidth_bytes: int = 1 << 30,
 ) -> dict[str, Any]:
     temperatures = temperatures if temperatures is not None else [0.0, 0.6]
     methods = methods or list(LOSSLESS)
     drafts = drafts or ["ngram"]
     knobs = knobs or {}
-    bandwidth = copy_bandwidth_gbs()
-    target = target or load(None, dtype="bf16")
-    draft_models: dict[str, LoadedModel | str] = {}
-    for d in drafts:
-        draft_models[d] = "ngram" if d == "ngram" else load(d, dtype=target.decoder.dtype)
-    combos = variants(methods, drafts)
+    peer_names = validate(contexts, methods, temperatures, peers or [])
+    bandwidth = copy_bandwidth_gbs(bandwidth_bytes)
+    target = target or load(model, dtype=dtype)
+    draft_models = load_drafts(drafts, target)
+    draft_dir = next((d for d in drafts if d != "ngram"), None)
+    runners, notes = peer_engines.start(peer_names, model, target.decoder.dtype, draft_dir, knobs.get("gamma", 6),
+                                        log, auto=peers == ["auto"])
+    combos = sorted(variants(methods, drafts), key=lambda c: c[0] != "autoregressive")  # the reference first
+    names = [label(m, d) for m, d in combos] + list(runners)
     raw: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
+    per_context: list[dict[str, Any]] = []
     for ctx in contexts:
         ids = document_tokens(target.tokenizer, document, ctx)
+        reading = context_perplexity(target, document, ctx, ppl_tokens)
+        scaling = resolve_scaling(target.config, target.decoder.rope_override, ctx + new_tokens)
         engine = TriForce(target, None, method="autoregressive", progress=False, **knobs)
-        t0 = time.perf_counter()
-        engine.generate(ids, max_new_tokens=1)
-        prefill_s = time.perf_counter() - t0
-        log(f"context {ctx}: prefill {prefill_s:.1f} s")
+        prefill_s = prefill(engine, ids)
+        per_context.append({"context": ctx, "prefill_s": round(prefill_s, 2), **reading})
+        log(f"context {ctx}: prefill {prefill_s:.1f} s" + (
+            f", perplexity of the next {ppl_tokens} tokens {reading['perplexity']} (given only the last "
+            f"{reading['short_window']}: {reading['perplexity_short']})" if reading else ""))
         results: dict[tuple[str, float], list[dict[str, Any]]] = {}
         for r in range(repeats):
             for temp in temperatures:
                 reference = None
                 for method, draft in combos:
                     engine.configure(method=method, draft=draft_models[draft] if draft else None)
-                    result = engine.generate(
-                        ids, max_new_tokens=new_tokens, temperature=temp, top_p=0.9 if temp > 0 else 1.0,
-                        seed=1000 + r, ignore_eos=True,
-                    )
-                    s = result.stats
+                    entry = measure(engine, ids, new_tokens, temp, seed=1000 + r, reference=reference)
                     if method == "autoregressive":
-                        reference = result.token_ids
-                    entry = {
-                        "context": ctx, "repeat": r, "temperature": temp, "method": label(method, draft),
-                        "ms_per_token": s["ms_per_token"], "levels": s["levels"], "time_per_level": time_per_level(s),
-                        "same_as_autoregressive": (result.token_ids == reference) if temp == 0 and reference else None,
-                    }
+                        reference = entry["tokens"]
+                        entry["same_as_autoregressive"] = True if temp == 0 else None
+                    entry.update(context=ctx, repeat=r, temperature=temp, method=label(method, draft),
+                                 engine="triforce")
                     raw.append(entry)
                     results.setdefault((entry["method"], temp), []).append(entry)
-                    accept = [lv.get("draft_acceptance_rate") for lv in s["levels"][:-1]]
-                    log(f"  ctx {ctx} T={temp} r{r} {entry['method']:<22} {s['ms_per_token']:7.1f} ms/token  "
-                        f"acceptance {accept}  ms/token by level {entry['time_per_level']}"
+                    log(f"  ctx {ctx} T={temp} r{r} {entry['method']:<22} {entry['ms_per_token']:7.1f} ms/token  "
+                        f"acceptance {entry['acceptance']}  ms/token by level {entry['time_per_level']}"
                         + ("" if entry["same_as_autoregressive"] in (None, True) else "  MISMATCH"))
+                for name, peer in runners.items():
+                    entry = measure_peer(name, peer, ids, new_tokens, temp, 1000 + r, scaling, reference)
+                    entry.update(context=ctx, repeat=r)
+                    raw.append(entry)
+                    results.setdefault((name, temp), []).append(entry)
+                    log(f"  ctx {ctx} T={temp} r{r} {name:<22} {entry['ms_per_token']:7.1f} ms/token  "
+                        f"prefill {entry['prefill_s']:.1f} s" + ("" if entry["same_as_autoregressive"] in (None, True)
+                                                                  else f"  differs after {entry['matching_prefix']}"))
         for temp in temperatures:
-            base = median([e["ms_per_token"] for e in results[("autoregressive", temp)]]) if (
-                "autoregressive", temp) in results else None
-            for method, draft in combos:
-                entries = results[(label(method, draft), temp)]
-                ms = median([e["ms_per_token"] for e in entries])
-                row = {
-                    "context": ctx, "temperature": temp, "method": label(method, draft), "ms_per_token": round(ms, 2),
-                    "speedup": round(base / ms, 2) if base else None, "prefill_s": round(prefill_s, 1),
-                    "acceptance": [
-                        median([e["levels"][i].get("draft_acceptance_rate") or 0 for e in entries])
-                        for i in range(len(entries[0]["levels"]) - 1)
-                    ],
-                    "time_per_level": entries[len(entries) // 2]["time_per_level"],
-                    "exact": None if temp > 0 else all(e["same_as_autoregressive"] for e in entries),
-                }
-                summary.append(row)
-    header = ["context", "T", "method", "ms/token", "speedup", "acceptance (bottom..)", "ms/token by level", "exact"]
-    table = markdown_table(header, [
-        [r["context"], r["temperature"], r["method"], r["ms_per_token"], r["speedup"],
-         ", ".join(f"{a:.3f}" for a in r["acceptance"]) or "-",
-         ", ".join(f"{k} {v}" for k, v in r["time_per_level"].items()),
-         {None: "-", True: "yes", False: "NO"}[r["exact"]]]
-        for r in summary
-    ])
+            summary += summary_rows(results, names, temp, {"context": ctx, "prefill_s": round(prefill_s, 1), **reading})
+    table = markdown(summary, per_context, ppl_tokens)
+    notes += exactness_note(target.decoder.dtype, [r["exact"] for r in summary if r["engine"] == "triforce"])
+    notes += plot_speedups(summary, temperatures, out)
+    if notes:
+        table += "\n\n" + "\n".join(f"- {n}" for n in notes)
     log(table)
     report = {
-        "machine": machine(), "copy_bandwidth_gbs": round(bandwidth, 1), "document": document,
-        "new_tokens": new_tokens, "repeats": repeats, "knobs": knobs, "peak_rss_mb": round(peak_rss_mb(), 1),
-        "summary": summary, "raw": raw, "markdown": table,
+        "machine": machine(), "copy_bandwidth_gbs": round(bandwidth, 1), "model": target.source, "document": document,
+        "dtype": str(target.decoder.dtype).removeprefix("torch."), "new_tokens": new_tokens, "repeats": repeats,
+        "knobs": knobs, "ppl_tokens": ppl_tokens, "peers": list(runners), "notes": notes,
+        "peak_rss_mb": round(peak_rss_mb(), 1), "contexts": per_context, "summary": summary, "raw": raw,
+        "markdown": table,
     }
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "decode.json").write_text(json.dumps(report, indent=2))
-        (out / "decode.md").write_text(table + "\n")
+    write_report(out, "decode", report)
     return report
+
+
+def measure_peer(name: str, peer: peer_engines.Peer, ids: list[int], new_tokens: int, temperature: float,
+                 seed: int, scaling: dict[str, Any] | None, reference: list[int] | None) -> dict[str, Any]:
+    """One run of a peer engine, as a raw entry like ours (greedy: compared with our tokens)."""
+    done = peer.generate(ids, new_tokens, temperature, 0.9 if temperature > 0 else 1.0, seed, scaling)
+    same = (done.tokens == reference) if temperature == 0 and reference else None
+    return {"temperature": temperature, "method": name, "engine": peer_engines.engine_of(name),
+            "ms_per_token": round(done.ms_per_token, 3), "prefill_s": round(done.prefill_s, 3), "acceptance": [],
+            "time_per_level": {}, "tokens": done.tokens, "same_as_autoregressive": same,
+            "matching_prefix": matching_prefix(done.tokens, reference) if same is not None else None}
+
+
+def summary_rows(results: dict[tuple[str, float], list[dict[str, Any]]], names: list[str], temperature: float,
+                 common: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method or peer at one context and temperature: medians, speedups over our
+    autoregressive decoding and over transformers generate."""
+    def ms(name: str) -> float | None:
+        entries = results.get((name, temperature))
+        return median([e["ms_per_token"] for e in entries]) if entries else None
+
+    base, hf = ms("autoregressive"), ms("hf")
+    rows = []
+    for name in names:
+        entries = results[(name, temperature)]
+        row = {"temperature": temperature, "method": name, "engine": entries[0]["engine"], **common,
+               **summarize(entries, base)}
+        row["speedup_vs_hf"] = round(hf / row["ms_per_token"], 2) if hf and row["ms_per_token"] > 0 else None
+        if entries[0].get("matching_prefix") is not None:
+            row["matching_prefix"] = min(e["matching_prefix"] for e in entries)
+        rows.append(row)
+    return rows
+
+
+def markdown(summary: list[dict[str, Any]], per_context: list[dict[str, Any]], ppl_tokens: int) -> str:
+    def same(r: dict[str, Any]) -> str:
+        return yes_no(r["exact"]) + (f" (first {r['matching_prefix']})" if r["exact"] is False and
+                                     "matching_prefix" in r else "")
+
+    table = markdown_table(
+        ["context", "T", "method", "engine", "ms/token", "tokens/s", "speedup", "vs hf", "acceptance (bottom..)",
+         "ms/token by level", "same tokens as autoregressive"],
+        [[r["context"], r["temperature"], r["method"], r["engine"], r["ms_per_token"], r["tokens_per_s"],
+          r["speedup"], r["speedup_vs_hf"] or "-", ", ".join(f"{a:.3f}" for a in r["acceptance"]) or "-",
+          ", ".join(f"{k} {v}" for k, v in r["time_per_level"].items()) or "-", same(r)] for r in summary])
+    if ppl_tokens:
+        table += "\n\n" + markdown_table(
+            ["context", "prefill s", f"perplexity of the next {ppl_tokens} tokens", "same, given only a short window",
+             "short window"],
+            [[c["context"], c["prefill_s"], c["perplexity"], c["perplexity_short"], c["short_window"]]
+             for c in per_context])
+    return table
+
+
+def plot_speedups(summary: list[dict[str, Any]], temperatures: list[float], out: Path | None) -> list[str]:
+    """decode_speedup_T<temperature>.png: speedup over our autoregressive against context length."""
+    if out is None:
+        return []
+    for temp in temperatures:
+        series: dict[str, list[tuple[float, float | None]]] = {}
+        for r in summary:
+            if r["temperature"] == temp and r["method"] != "autoregressive":
+                series.setdefault(r["method"], []).append((r["context"], r["speedup"]))
+        note = line_plot(out / f"decode_speedup_T{temp:g}.png", series, f"speedup over autoregressive, T={temp:g}",
+                         "context (tokens)", "speedup (x)", log2_x=True, hline=1.0)
+        if note:
+            return [note]
+    return []

@@ -7,7 +7,6 @@ bandwidth: (weight bytes + KV bytes at that context) / time per token.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ import torch
 from ..corpus import document_tokens
 from ..generation import TriForce
 from ..loading import embedded_model_path, load
-from .common import copy_bandwidth_gbs, machine, markdown_table, median, peak_rss_mb
+from .common import copy_bandwidth_gbs, machine, markdown_table, median, peak_rss_mb, write_report
+from .peers import hf_model
 
 
 class _StepClock:
@@ -32,12 +32,7 @@ class _StepClock:
 
 
 def transformers_model(dtype: torch.dtype) -> Any:
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    path = embedded_model_path()
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+    return hf_model(embedded_model_path(), dtype)
 
 
 def measure_transformers(model: Any, ids: list[int], new_tokens: int) -> dict[str, float]:
@@ -136,8 +131,5 @@ def run(
         table_rows.append(line)
     report["markdown"] = markdown_table(header, table_rows)
     log(report["markdown"])
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "engine.json").write_text(json.dumps(report, indent=2))
-        (out / "engine.md").write_text(report["markdown"] + "\n")
+    write_report(out, "engine", report)
     return report

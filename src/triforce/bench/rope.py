@@ -7,35 +7,15 @@ reads its context scores like one given a short window.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..cache import FullCache
 from ..corpus import document_tokens
 from ..loading import load
-from ..model import Decoder
-from .common import machine, markdown_table
+from .common import machine, markdown_table, nll_of_last, write_report
 
 SCALINGS = ["none", "linear", "dynamic", "yarn"]
-
-
-def nll_of_last(decoder: Decoder, ids: list[int], last: int, chunk: int = 1024) -> float:
-    """Mean NLL of ids[-last:] given everything before them (one chunked prefill)."""
-    n = len(ids)
-    decoder.prepare(n)
-    cache = FullCache(decoder.config, n, dtype=decoder.dtype, device=decoder.device)
-    body_end = n - last - 1
-    for start in range(0, body_end, chunk):
-        piece = ids[start : min(start + chunk, body_end)]
-        decoder.forward(torch.tensor([piece]), cache, logits_for="none")
-    tail = torch.tensor([ids[body_end:-1]])  # positions predicting ids[-last:]
-    logits = decoder.forward(tail, cache, logits_for="all")[0]
-    targets = torch.tensor(ids[-last:])
-    return float(torch.nn.functional.cross_entropy(logits, targets))
 
 
 def scaling_for(name: str, context: int, trained: int) -> dict[str, Any] | None:
@@ -74,8 +54,5 @@ def run(contexts: list[int], last: int = 512, document: str = "vim", out: Path |
     log(table)
     report = {"machine": machine(), "document": document, "last": last, "rows": rows, "raw": raw,
               "markdown": table}
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "rope.json").write_text(json.dumps(report, indent=2))
-        (out / "rope.md").write_text(table + "\n")
+    write_report(out, "rope", report)
     return report

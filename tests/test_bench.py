@@ -1,0 +1,114 @@
+"""`triforce bench decode|acceptance|gamma --quick`: the whole pipeline on a tiny random model, the
+files it writes, the lossless checks it reports; bad flags give one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from triforce.cli import main
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+
+
+def quick(bench: str, out, *args: str) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "triforce.cli", "bench", bench, "--quick", "--out", str(out), *args],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / f"{bench}.md").read_text().startswith("|")
+    return json.loads((out / f"{bench}.json").read_text())
+
+
+def in_unit_interval(values) -> bool:
+    return all(v is not None and 0.0 <= v <= 1.0 for v in values)
+
+
+def test_decode_quick(tmp_path):
+    report = quick("decode", tmp_path)
+    ours = [r for r in report["summary"] if r["engine"] == "triforce"]
+    assert {r["context"] for r in ours} == {256, 512}
+    assert {r["method"] for r in ours} == {
+        "autoregressive", "retrieval", "streaming", "speculative[ngram]", "speculative[draft]", "triforce[ngram]",
+        "triforce[draft]"}
+    for r in ours:
+        assert r["ms_per_token"] > 0 and in_unit_interval(r["acceptance"])
+        assert r["exact"] is (True if r["temperature"] == 0 else None), r  # lossless: greedy = autoregressive
+    for c in report["contexts"]:  # the target's perplexity on the document's true continuation
+        assert c["perplexity"] > 1 and math.isfinite(c["perplexity"]) and c["perplexity_short"] > 1
+    if HAS_TRANSFORMERS:
+        assert {"hf", "hf-assisted", "hf-lookup"} <= set(report["peers"])
+        hf = [r for r in report["summary"] if r["method"] == "hf"]
+        assert hf and all(r["speedup_vs_hf"] == 1.0 for r in hf)
+        assert all(r["exact"] for r in hf if r["temperature"] == 0)  # same fp32 model: same greedy tokens
+    if HAS_MATPLOTLIB:
+        assert (tmp_path / "decode_speedup_T0.png").stat().st_size > 1000
+        assert (tmp_path / "decode_speedup_T0.6.png").exists()
+
+
+def test_acceptance_quick(tmp_path):
+    report = quick("acceptance", tmp_path)
+    rows = report["rows"]
+    assert {(r["prompt"], r["cache"]) for r in rows} == {
+        (p, c) for p in ("document", "needle") for c in ("retrieval", "streaming", "oracle")}
+    assert sorted({r["budget"] for r in rows if r["cache"] == "oracle"}) == [64, 128, 384]
+    assert sorted(r["chunk_size"] for r in rows if r["prompt"] == "needle" and r["cache"] == "retrieval"
+                  and r["budget"] == report["chunk_budget"]) == [1, 8, 16]
+    assert in_unit_interval([r["acceptance"] for r in rows])
+    assert all(r["exact"] for r in rows)  # every sparse level still yields the full target's tokens
+    for prompt in ("document", "needle"):  # the exact-attention oracle keeps what the target reads
+        oracle = max((r for r in rows if r["prompt"] == prompt and r["cache"] == "oracle"), key=lambda r: r["budget"])
+        assert oracle["acceptance"] >= 0.75, oracle
+    assert "target_found_needle" in report["prompts"]["needle"]
+    if HAS_MATPLOTLIB:
+        for name in ("acceptance_budget_document", "acceptance_budget_needle", "acceptance_chunk"):
+            assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+def test_gamma_quick(tmp_path):
+    report = quick("gamma", tmp_path)
+    configs = {(r["method"], r["gamma"], r["draft_gamma"]) for r in report["rows"]}
+    assert configs == {("autoregressive", None, None), ("speculative", 2, None), ("speculative", 4, None),
+                       *(("triforce", g, dg) for g in (2, 4) for dg in (1, 2))}
+    for r in report["rows"]:
+        assert r["exact"] is True and r["tokens_per_s"] > 0 and in_unit_interval(r["acceptance"])
+        assert len(r["acceptance"]) == {"autoregressive": 0, "speculative": 1, "triforce": 2}[r["method"]]
+    if HAS_MATPLOTLIB:
+        assert (tmp_path / "gamma_tokens_per_s.png").exists() and (tmp_path / "gamma_acceptance.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["decode", "--contexts", "0"], "--contexts"),
+        (["decode", "--contexts", "512,abc"], "--contexts"),
+        (["decode", "--methods", "autoregressive,beam"], "unknown method 'beam'"),
+        (["decode", "--peers", "vllm"], "unknown peer 'vllm'"),
+        (["decode", "--temperatures", "-1"], "--temperatures"),
+        (["acceptance", "--budgets", "-5"], "--budgets"),
+        (["acceptance", "--context", "512", "--budgets", "512,1024"], "every budget"),
+        (["acceptance", "--needle-depth", "1.5"], "--needle-depth"),
+        (["acceptance", "--new-tokens", "1"], "--new-tokens"),
+        (["gamma", "--gammas", "0,2"], "--gammas"),
+        (["gamma", "--temperature", "-0.5"], "temperature"),
+        (["gamma", "--quick", "--dtype", "fp8"], "--dtype"),
+    ],
+)
+def test_bad_flags_give_one_line_and_nonzero_exit(args, fragment, capsys, tmp_path):
+    try:
+        code = main(["bench", *args, "--out", str(tmp_path)])
+    except SystemExit as exc:  # argparse's own checks
+        code = exc.code
+    assert code != 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("triforce: error: ") and fragment in lines[0], err
+    assert "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # refused before anything ran
