@@ -20,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -170,7 +171,8 @@ def make_student(cfg: DistillConfig, target: LoadedModel, sample: torch.Tensor |
         intermediate_size=tc.intermediate_size if project else cfg.intermediate,
         num_hidden_layers=cfg.layers, num_attention_heads=tc.num_heads if project else cfg.heads,
         num_key_value_heads=tc.num_kv_heads if project else cfg.kv_heads,
-        head_dim=tc.head_dim if project else cfg.hidden // cfg.heads, max_position_embeddings=2048,
+        head_dim=tc.head_dim if project else cfg.hidden // cfg.heads,
+        max_position_embeddings=tc.max_position_embeddings if project else 2048,
         rms_norm_eps=tc.rms_norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": tc.rope_theta if project else 10000.0},
         tie_word_embeddings=True, bos_token_id=tc.bos_token_id, eos_token_id=list(tc.eos_token_ids) or None,
@@ -447,6 +449,7 @@ def distill(cfg: DistillConfig, resume: bool = False, log: Any = print) -> dict[
         if state["history"] else None,
         "heldout": heldout,
         "config": asdict(cfg),
+        "command": "triforce " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "triforce" else None,
     }
     export(student, target, out, report)
     return report
@@ -464,6 +467,9 @@ def export(student: Any, target: LoadedModel, out: Path, report: dict[str, Any])
     student = student.to(torch.bfloat16)
     student.config.dtype = "bfloat16"
     student.save_pretrained(str(out), safe_serialization=True)
+    c = student.config
+    report["architecture"] = {"layers": c.num_hidden_layers, "hidden": c.hidden_size, "heads": c.num_attention_heads,
+                              "kv_heads": c.num_key_value_heads, "intermediate": c.intermediate_size}
     copy_tokenizer(target, out)
     (out / "distill_report.json").write_text(json.dumps(report, indent=2))
     write_model_card(out, report)
@@ -471,13 +477,17 @@ def export(student: Any, target: LoadedModel, out: Path, report: dict[str, Any])
 
 def copy_tokenizer(target: LoadedModel, out: Path) -> None:
     source = target.tokenizer.directory
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+    for name in ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
         if (source / name).exists():
             shutil.copy(source / name, out / name)
+    # the same tokenizer, without the indentation (half the bytes of a small draft's directory)
+    tokenizer = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False, separators=(",", ":")),
+                                        encoding="utf-8")
 
 
 def write_model_card(out: Path, report: dict[str, Any], acceptance: dict[str, Any] | None = None) -> None:
-    cfg = report["config"]
+    cfg = {**report["config"], **report.get("architecture", {})}
     lines = [
         "# Draft model (made by `triforce distill`)",
         "",
@@ -490,6 +500,8 @@ def write_model_card(out: Path, report: dict[str, Any], acceptance: dict[str, An
         f"- loss: first {report['first_loss']}, last {report['last_loss']}",
         f"- held-out (documents never trained on): {json.dumps(report['heldout'])}",
     ]
+    if report.get("command"):
+        lines.insert(2, f"- made by: `{report['command']}`")
     acceptance = acceptance or report.get("acceptance")
     if acceptance:
         lines.append(f"- measured acceptance: {json.dumps(acceptance)}")
