@@ -34,7 +34,9 @@ def test_generate_json_output():
     assert set(out) >= {"text", "token_ids", "prompt_tokens", "stats"}
     assert len(out["token_ids"]) == 8 and out["prompt_tokens"] == 5
     stats = out["stats"]
-    assert stats["method"] == "autoregressive" and stats["new_tokens"] == 8
+    # the default for the embedded model: TriForce with the shipped draft
+    assert stats["method"] == "triforce" and stats["new_tokens"] == 8
+    assert [level["name"] for level in stats["levels"]] == ["draft", "target-retrieval", "target"]
     for key in ("prefill_s", "decode_s", "ms_per_token", "tokens_per_s"):
         assert stats[key] > 0
 

@@ -286,3 +286,16 @@ def test_bf16_greedy_equals_autoregressive_on_a_real_document(embedded_bf16, met
     engine = TriForce(embedded_bf16, "ngram", method=method, budget=256, window=128)
     out = engine.generate(prompt, max_new_tokens=64, ignore_eos=True)
     assert out.token_ids == ar.token_ids
+
+
+def test_prompt_inside_the_draft_sink(small_vocab_models):
+    """A prompt shorter than the draft's sink: rejected drafts roll back inside the sink."""
+    target, draft = small_vocab_models
+    prompt = [1, 4, 5, 6]
+    ar = make_engine(target, draft, "autoregressive").generate(prompt, max_new_tokens=30, ignore_eos=True)
+    for temperature, seed in ((0.0, None), (1.0, 5)):
+        engine = TriForce(target, draft, method="triforce", sink=16, window=8, budget=8, chunk_size=4)
+        out = engine.generate(prompt, max_new_tokens=30, ignore_eos=True, temperature=temperature, seed=seed)
+        assert len(out.token_ids) == 30
+        if temperature == 0:
+            assert out.token_ids == ar.token_ids

@@ -400,7 +400,10 @@ class StreamingCache(RowCache):
 
     def truncate(self, length: int) -> None:
         back = self.seq_length - length
-        if back < 0 or back > self.slots - self.sink:
+        # the last `back` tokens must still be held: all of them when nothing was evicted or
+        # skipped yet (a short prompt lies inside the sink), else only window rows
+        held = self.slots if self.seq_length == self.slots else self.slots - self.sink
+        if back < 0 or back > held:
             raise ValueError(f"cannot roll a StreamingCache back by {back} tokens")
         self.slots -= back
         self.seq_length = length
