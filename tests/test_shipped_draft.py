@@ -44,11 +44,11 @@ def test_shipped_draft_loads_in_transformers_with_the_same_logits(shipped_fp32):
 
 
 @pytest.mark.parametrize("method", ["triforce", "speculative"])
-def test_greedy_with_the_shipped_draft_equals_autoregressive(embedded_fp32, method):
+def test_greedy_with_the_shipped_draft_equals_autoregressive(embedded_fp32, shipped_fp32, method):
     """On 3K tokens of a real document, with a budget below the context so retrieval is sparse."""
     prompt = document_tokens(embedded_fp32.tokenizer, "vim", 3000)
     baseline = TriForce(embedded_fp32, method="autoregressive").generate(prompt, max_new_tokens=40).token_ids
-    engine = TriForce(embedded_fp32, str(SHIPPED_DRAFT), method=method, budget=1024, window=256)
+    engine = TriForce(embedded_fp32, shipped_fp32, method=method, budget=1024, window=256)
     result = engine.generate(prompt, max_new_tokens=40)
     assert result.token_ids == baseline
     bottom = result.stats["levels"][0]
