@@ -252,7 +252,7 @@ def test_forty_concurrent_streams_complete_or_get_429(server):
         t.join()
     kinds = [o[0] for o in outcome]
     assert set(kinds) <= {"done", "http 429"}, outcome
-    assert kinds.count("done") >= 5
+    assert kinds.count("done") >= 4  # at least a full queue's worth is always accepted
     assert all(o[1] for o in outcome if o[0] == "http 429")  # Retry-After present
     assert health and set(health) == {200}
     status, text, _ = server.request("/metrics")
