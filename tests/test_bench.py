@@ -1,4 +1,4 @@
-"""`triforce bench decode|acceptance|gamma --quick`: the whole pipeline on a tiny random model, the
+"""`triforce bench decode|acceptance|gamma|batch --quick`: the whole pipeline on a tiny random model, the
 files it writes, the lossless checks it reports; bad flags give one line and a non-zero exit."""
 
 from __future__ import annotations
@@ -84,6 +84,24 @@ def test_gamma_quick(tmp_path):
         assert (tmp_path / "gamma_tokens_per_s.png").exists() and (tmp_path / "gamma_acceptance.png").exists()
 
 
+def test_batch_quick(tmp_path):
+    report = quick("batch", tmp_path)
+    rows = report["rows"]
+    assert {(r["context"], r["batch"]) for r in rows} == {(c, b) for c in (256, 512) for b in (1, 2, 3)}
+    assert {r["method"] for r in rows} == {"autoregressive", "streaming", "retrieval", "triforce[draft]",
+                                           "triforce[ngram]"}
+    for r in rows:
+        assert r["exact"] is True, r  # every sequence of every batch equals its autoregressive tokens
+        assert r["tokens_per_s"] > 0 and in_unit_interval(r["acceptance"])
+        if r["method"] == "autoregressive":  # equal prompts decode in lockstep: every pass holds the batch
+            assert r["sequences_per_pass"] == r["batch"] and r["achieved_gbs"] > 0
+            assert r["speedup_vs_batched_ar"] == 1.0
+        else:
+            assert 1.0 <= r["sequences_per_pass"] <= r["batch"]
+    if HAS_MATPLOTLIB:
+        assert (tmp_path / "batch_tokens_per_s_256.png").exists()
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -99,6 +117,9 @@ def test_gamma_quick(tmp_path):
         (["gamma", "--gammas", "0,2"], "--gammas"),
         (["gamma", "--temperature", "-0.5"], "temperature"),
         (["gamma", "--quick", "--dtype", "fp8"], "--dtype"),
+        (["batch", "--batch-sizes", "0,2"], "--batch-sizes"),
+        (["batch", "--methods", "autoregressive,beam"], "unknown method 'beam'"),
+        (["batch", "--temperature", "-1"], "temperature"),
     ],
 )
 def test_bad_flags_give_one_line_and_nonzero_exit(args, fragment, capsys, tmp_path):

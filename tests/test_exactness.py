@@ -135,21 +135,28 @@ def test_sampling_distribution_is_the_targets(small_vocab_models, preset, settin
     assert stat < critical, f"{preset}: chi-square {stat:.1f} >= {critical:.1f} (df {df})"
 
 
+def spec_module():
+    import triforce.speculative
+
+    return triforce.speculative
+
+
+def buggy_verify(drafts, q, p, generator):
+    """The reference's verification: on rejection it resamples from p, not from max(0, p - q)."""
+    from triforce.sampling import sample
+
+    for i, token in enumerate(drafts):
+        if torch.rand(1, generator=generator).item() * q[i, token] >= p[i, token]:
+            return i, int(sample(p[i], generator))
+    return len(drafts), int(sample(p[len(drafts)], generator))
+
+
 def test_distribution_test_catches_the_reference_bug(small_vocab_models, monkeypatch):
     """The public reference resamples from p (not the residual max(0, p - q)) on rejection.
     With that bug the same test must reject: this is the test's power, shown rather than claimed."""
     from scipy.stats import chi2
 
-    import triforce.speculative as spec
-    from triforce.sampling import sample
-
-    def buggy_verify(drafts, q, p, generator):
-        for i, token in enumerate(drafts):
-            if torch.rand(1, generator=generator).item() * q[i, token] >= p[i, token]:
-                return i, int(sample(p[i], generator))
-        return len(drafts), int(sample(p[len(drafts)], generator))
-
-    monkeypatch.setattr(spec, "verify", buggy_verify)
+    monkeypatch.setattr(spec_module(), "verify", buggy_verify)
     target, draft = small_vocab_models
     params = SamplingParams(1.0, 1.0)
     joint = exact_joint(target, PROMPT, params)
@@ -157,6 +164,58 @@ def test_distribution_test_catches_the_reference_bug(small_vocab_models, monkeyp
     result = engine.generate(PROMPT, max_new_tokens=3, temperature=1.0, seed=1234, num_samples=SAMPLES,
                              ignore_eos=True)
     stat, df = chi_square(result.samples, joint)
+    assert stat > chi2.ppf(1 - ALPHA, df)
+
+
+# Four prompts of different lengths decoded as one batch (lengths 9 to 45 tokens).
+BATCH_PROMPTS = [PROMPT, PROMPT[:9], [1] + [3 + (i * 5) % (VOCAB - 3) for i in range(44)], PROMPT[:22]]
+
+
+BATCH_SAMPLES = 1250  # per prompt: 5000 in all (the power test below shows it is enough)
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny models: intra-op thread hand-offs cost more than the work and slow batching 1.7x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def batched_chi_square(target, draft, preset: str, temperature: float, top_p: float) -> tuple[float, int]:
+    """BATCH_SAMPLES seeded samples of the first 3 tokens per prompt, all four prompts decoding as
+    one batch; the four Pearson statistics (independent samples) add up, as do their degrees of
+    freedom."""
+    from triforce.batch import run_batch
+
+    engines = [make_engine(target, draft, preset) for _ in BATCH_PROMPTS]
+    requests = [dict(prompt=p, max_new_tokens=3, temperature=temperature, top_p=top_p, seed=99 + i,
+                     num_samples=BATCH_SAMPLES, ignore_eos=True) for i, p in enumerate(BATCH_PROMPTS)]
+    run = run_batch(engines, requests)
+    assert run.sequence_passes > run.passes  # the sequences really shared passes
+    total, df = 0.0, 0
+    for prompt, result in zip(BATCH_PROMPTS, run.results):
+        stat, bins = chi_square(result.samples, exact_joint(target, prompt, SamplingParams(temperature, top_p)))
+        total, df = total + stat, df + bins
+    return total, df
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_batched_sampling_distribution_is_the_targets(small_vocab_models, preset, one_thread):
+    """The distribution test in batched mode (T 0.6, top-p 0.9): 5000 samples over four prompts of
+    different lengths; chi-square at significance 1e-3. Power: the next test."""
+    from scipy.stats import chi2
+
+    stat, df = batched_chi_square(*small_vocab_models, preset, 0.6, 0.9)
+    assert stat < chi2.ppf(1 - ALPHA, df), f"{preset}: chi-square {stat:.1f} (df {df})"
+
+
+def test_batched_distribution_test_catches_the_reference_bug(small_vocab_models, monkeypatch, one_thread):
+    from scipy.stats import chi2
+
+    monkeypatch.setattr(spec_module(), "verify", buggy_verify)
+    stat, df = batched_chi_square(*small_vocab_models, "speculative", 0.6, 0.9)
     assert stat > chi2.ppf(1 - ALPHA, df)
 
 

@@ -151,10 +151,27 @@ def generate_batch(
     """Generate for several prompts at once; returns one GenerationResult (or TriforceError) per
     request, in order. Each request is a dict of `TriForce.generate` arguments (`prompt`
     required); each sequence is exactly what it would be alone, seeds included."""
-    from .cache import check_fits
     from .generation import TriForce
 
     engines = [TriForce(target, draft, method=method, **knobs) for _ in requests]
+    return run_batch(engines, requests).results
+
+
+@dataclass
+class BatchRun:
+    results: list[Any]  # a GenerationResult or TriforceError per request
+    passes: int  # decoder passes run
+    sequence_passes: int  # sum over passes of the sequences in each
+
+
+def run_batch(engines: list[Any], requests: list[dict[str, Any]], release: bool = True) -> BatchRun:
+    """Run request i on engines[i] (TriForce engines over the same models), all as one batch.
+    With release=False the engines keep their caches and cached prompts (benchmarks reuse a
+    prefilled prompt across runs)."""
+    from .cache import check_fits
+
+    if len(engines) != len(requests):
+        raise ValueError("one engine per request")
     totals = []
     for engine, request in zip(engines, requests):
         if "prompt" not in request:
@@ -162,7 +179,8 @@ def generate_batch(
         ids = engine.encode_prompt(request["prompt"], request.get("chat", False))
         totals.append(len(ids) + int(request.get("max_new_tokens", 128)))
     need = sum(engine.memory_needed(engine.capacity_for(total)) for engine, total in zip(engines, totals))
-    check_fits(need, f"a batch of {len(requests)} sequences ({sum(totals)} tokens)")
+    held = sum(engine.memory_held() for engine in engines)  # already allocated: not needed again
+    check_fits(max(0, need - held), f"a batch of {len(requests)} sequences ({sum(totals)} tokens)")
     prepare_shared(engines, totals)
     results: list[Any] = [None] * len(requests)
     batcher = ForwardBatcher()
@@ -174,14 +192,15 @@ def generate_batch(
             except TriforceError as exc:
                 results[index] = exc
             finally:
-                engines[index].release()
+                if release:
+                    engines[index].release()
 
         return run
 
     for index in range(len(requests)):
         batcher.add(job(index))
     batcher.run_until_done()
-    return results
+    return BatchRun(results, batcher.passes, batcher.sequence_passes)
 
 
 def prepare_shared(engines: list[Any], totals: list[int]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 from typing import Any
 
@@ -52,13 +53,19 @@ def check_fits(nbytes: int, what: str) -> None:
         )
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # find_library runs ldconfig in a subprocess: once per process, not once per cache.
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 def _advise_huge_pages(t: torch.Tensor) -> None:
     # Long caches span many pages; transparent huge pages (madvise mode on most Linux hosts) cut
     # TLB misses when the attention kernel streams them. Best effort, before first touch.
     if t.device.type != "cpu" or not hasattr(os, "sysconf"):
         return
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc = _libc()
         start = (t.data_ptr() + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
         end = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
         if end > start:

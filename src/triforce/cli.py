@@ -201,7 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--repeats", type=_positive_int, help="interleaved repeats; medians reported (default 1)")
     gm.add_argument("--budget", type=_positive_int, help="retrieval budget (default 4096)")
     gm.add_argument("--chunk-size", type=_positive_int, help="retrieval chunk size (default 8)")
-    for p in (d, ac, gm):
+    bt = bsub.add_parser("batch", help="throughput of batched decoding across batch sizes, contexts and methods")
+    bt.add_argument("--contexts", type=_int_list, help="prompt lengths (default 4096,16384)")
+    bt.add_argument("--batch-sizes", type=_int_list, help="sequences decoded together (default 1,2,4,8)")
+    bt.add_argument("--methods", type=_name_list,
+                    help="comma-separated (default autoregressive,streaming,retrieval,triforce)")
+    bt.add_argument("--drafts", type=_name_list,
+                    help="drafts of speculative/triforce: ngram, default (the shipped draft) or paths (default ngram)")
+    bt.add_argument("--new-tokens", type=_positive_int, help="tokens generated per sequence (default 64)")
+    bt.add_argument("--temperature", type=_float, help="0 is greedy (default 0; top-p 0.9 when sampling)")
+    bt.add_argument("--repeats", type=_positive_int, help="interleaved repeats; medians reported (default 1)")
+    bt.add_argument("--gamma", type=_positive_int)
+    bt.add_argument("--draft-gamma", type=_positive_int)
+    bt.add_argument("--budget", type=_positive_int)
+    bt.add_argument("--chunk-size", type=_positive_int)
+    for p in (d, ac, gm, bt):
         p.add_argument("--document", help="corpus document: vim, jargon, python-docs or a text file (default vim)")
         p.add_argument("--model", help="target: HF directory or GGUF (default: the embedded SmolLM2-135M-Instruct)")
         p.add_argument("--dtype", choices=["bf16", "fp32"],
@@ -530,7 +544,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         engine.run(args.contexts, args.new_tokens, args.repeats, args.document, not args.no_transformers,
                    Path(args.out))
-    elif args.bench in ("decode", "acceptance", "gamma"):
+    elif args.bench in ("decode", "acceptance", "gamma", "batch"):
         return _paper_bench(args)
     elif args.bench == "draft":
         from .bench import draft
@@ -555,7 +569,7 @@ def _name_list(text: str) -> list[str]:
 
 
 def _paper_bench(args: argparse.Namespace) -> int:
-    """`triforce bench decode|acceptance|gamma`: settings are the flags given, then the --quick
+    """`triforce bench decode|acceptance|gamma|batch`: settings are the flags given, then the --quick
     preset, then the bench's defaults; they are checked before anything is loaded."""
     import importlib
     from pathlib import Path
@@ -568,11 +582,14 @@ def _paper_bench(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(1)  # tiny models: thread hand-offs would cost more than the work
-    if args.bench == "decode":
+    if args.bench in ("decode", "batch"):
         given = (("gamma", args.gamma), ("draft_gamma", args.draft_gamma), ("budget", args.budget),
                  ("chunk_size", args.chunk_size))
         settings["knobs"] = {**settings["knobs"], **{k: v for k, v in given if v is not None}}
+    if args.bench == "decode":
         bench.validate(settings["contexts"], settings["methods"], settings["temperatures"], settings["peers"])
+    elif args.bench == "batch":
+        bench.validate(settings["contexts"], settings["batch_sizes"], settings["methods"], settings["temperature"])
     elif args.bench == "acceptance":
         bench.validate(settings["context"], settings["budgets"], settings["chunk_sizes"], settings["chunk_budget"],
                        settings["needle_depth"], settings["new_tokens"])

@@ -239,6 +239,11 @@ class TriForce:
         self._full = self._draft_cache = None
         self._cached_tokens, self._cached_rope = [], None
 
+    def memory_held(self) -> int:
+        """Bytes of KV cache this engine holds now (kept between runs for prompt caching)."""
+        return sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size()
+                   for c in (self._full, self._draft_cache) if c is not None)
+
     def memory_needed(self, capacity: int) -> int:
         """Bytes a run of `capacity` tokens allocates (KV caches and rotary tables), estimated
         before allocating anything."""
