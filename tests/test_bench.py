@@ -1,4 +1,4 @@
-"""`triforce bench decode|acceptance|gamma|batch --quick`: the whole pipeline on a tiny random model, the
+"""`triforce bench decode|acceptance|gamma|batch|serve --quick`: the whole pipeline on a tiny random model, the
 files it writes, the lossless checks it reports; bad flags give one line and a non-zero exit."""
 
 from __future__ import annotations
@@ -102,6 +102,15 @@ def test_batch_quick(tmp_path):
         assert (tmp_path / "batch_tokens_per_s_256.png").exists()
 
 
+def test_serve_quick(tmp_path):
+    """Two real servers (--max-batch 3 and 1) on the tiny model, three concurrent streaming clients."""
+    report = quick("serve", tmp_path)
+    assert [r["max_batch"] for r in report["rows"]] == [3, 1]
+    assert all(r["tokens_per_s"] > 0 and r["ttft_s"] > 0 for r in report["rows"])
+    assert report["rows"][1]["vs_max_batch_1"] == 1.0
+    assert report["same_text"] is True  # batching changed no client's greedy text
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -120,6 +129,8 @@ def test_batch_quick(tmp_path):
         (["batch", "--batch-sizes", "0,2"], "--batch-sizes"),
         (["batch", "--methods", "autoregressive,beam"], "unknown method 'beam'"),
         (["batch", "--temperature", "-1"], "temperature"),
+        (["serve", "--max-batch", "1"], "--max-batch >= 2"),
+        (["serve", "--method", "beam"], "unknown method 'beam'"),
     ],
 )
 def test_bad_flags_give_one_line_and_nonzero_exit(args, fragment, capsys, tmp_path):

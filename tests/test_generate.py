@@ -76,3 +76,15 @@ def test_prompt_cache_reuses_the_common_prefix_only(embedded_fp32):
     reused = engine.generate(edited, max_new_tokens=12)
     assert reused.stats["cached_prompt_tokens"] == 5
     assert reused.token_ids == fresh.token_ids
+
+
+def test_a_longer_run_keeps_the_cached_prompt(embedded_fp32):
+    """A run needing a larger cache than the prompt's first run grows the cache and keeps the
+    prompt's KV (it used to be dropped and the whole prompt prefilled again)."""
+    engine = TriForce(embedded_fp32)
+    prompt = embedded_fp32.tokenizer.encode("Water boils at one hundred degrees Celsius at sea level, but")
+    engine.generate(prompt, max_new_tokens=1)
+    longer = engine.generate(prompt, max_new_tokens=60, ignore_eos=True)
+    assert longer.stats["cached_prompt_tokens"] == len(prompt)
+    assert engine._full.capacity >= len(prompt) + 60
+    assert longer.token_ids == TriForce(embedded_fp32).generate(prompt, max_new_tokens=60, ignore_eos=True).token_ids

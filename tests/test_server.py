@@ -327,3 +327,35 @@ def test_concurrent_requests_are_batched_and_each_equals_running_alone(server, c
     assert (sequences2 - sequences) / (passes2 - passes) > 1.5  # most passes served several requests
     for prompt, text in zip(prompts, together):
         assert text == cli_greedy(prompt, 20, chat=False)
+
+
+def metric_value(server, name: str) -> float:
+    text = server.request("/metrics")[1]
+    return float(text.split(f"triforce:{name} ")[1].split()[0])
+
+
+def test_request_cancelled_mid_batch_leaves_the_others_exact(server, client):
+    """A streaming client disconnects while three other requests decode in the same batch: it is
+    cancelled (its slot freed), and each of the others still gets exactly its tokens alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = ["def fibonacci(n):", "The river flows", "Once upon a time in a distant kingdom"]
+
+    def ask(prompt: str) -> str:
+        return client.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=32,
+                                         temperature=0).choices[0].text
+
+    alone = [ask(p) for p in prompts]
+    cancelled = metric_value(server, "requests_cancelled_total")
+    outcome: list = [None]
+    with ThreadPoolExecutor(len(prompts) + 1) as pool:
+        aborting = pool.submit(stream_request, server.base, 400, outcome, 0, 3)
+        together = list(pool.map(ask, prompts))
+        aborting.result()
+    assert outcome[0][0] == "aborted"
+    assert together == alone
+    deadline = time.time() + 30
+    while metric_value(server, "requests_cancelled_total") < cancelled + 1 and time.time() < deadline:
+        time.sleep(0.3)
+    assert metric_value(server, "requests_cancelled_total") == cancelled + 1
+    assert metric_value(server, "requests_running") == 0

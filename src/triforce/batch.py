@@ -56,6 +56,7 @@ class ForwardBatcher:
         self._pending: list[_Pass] = []
         self._live = 0
         self._closed = False
+        self.threads = torch.get_num_threads()  # the stepping thread's: its kernels use them all
         self.passes = 0  # decoder passes run
         self.sequence_passes = 0  # sum over passes of the sequences in each
 
@@ -84,9 +85,14 @@ class ForwardBatcher:
 
         def member() -> None:
             _local.batcher = self
+            # A sequence thread only samples and keeps books between passes; with PyTorch's
+            # default it would start an OpenMP team of its own per thread, whose spinning workers
+            # fight the batcher's kernels for the cores (a batch of one ran 1.6x slower than alone).
+            torch.set_num_threads(1)
             try:
                 job()
             finally:
+                torch.set_num_threads(self.threads)  # the process-wide default new threads inherit
                 _local.batcher = None
                 if on_exit is not None:
                     on_exit()

@@ -195,6 +195,15 @@ class FullCache(RowCache):
     def commit(self, num_tokens: int) -> None:
         self.lengths = [n + num_tokens for n in self.lengths]
 
+    def grown(self, capacity: int, keep: int) -> FullCache:
+        """A larger cache holding this one's first `keep` tokens (a cached prompt survives a
+        longer run instead of being prefilled again)."""
+        bigger = FullCache(self.config, capacity, self.batch, self.k.dtype, self.device)
+        for old, new in ((self.k, bigger.k), (self.v, bigger.v)):
+            new[:, :, :, :keep].copy_(old[:, :, :, :keep])
+        bigger.lengths = [keep] * self.batch
+        return bigger
+
     def truncate(self, length: int) -> None:
         """Forget everything after `length` tokens (rejected drafts)."""
         if length > min(self.lengths):

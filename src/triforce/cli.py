@@ -215,7 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--draft-gamma", type=_positive_int)
     bt.add_argument("--budget", type=_positive_int)
     bt.add_argument("--chunk-size", type=_positive_int)
-    for p in (d, ac, gm, bt):
+    bs = bsub.add_parser("serve", help="a server's total tokens/s for concurrent clients, --max-batch N vs 1")
+    bs.add_argument("--clients", type=_positive_int, help="concurrent streaming clients (default 8)")
+    bs.add_argument("--max-batch", type=_positive_int, help="the batching server's --max-batch (default 8)")
+    bs.add_argument("--context", type=_positive_int, help="prompt tokens per client (default 512)")
+    bs.add_argument("--new-tokens", type=_positive_int, help="completion tokens per client (default 128)")
+    bs.add_argument("--method", help="the servers' --method (default autoregressive)")
+    bs.add_argument("--draft", help="the servers' --draft (speculative/triforce)")
+    bs.add_argument("--rounds", type=_positive_int, help="interleaved rounds; medians reported (default 2)")
+    for p in (d, ac, gm, bt, bs):
         p.add_argument("--document", help="corpus document: vim, jargon, python-docs or a text file (default vim)")
         p.add_argument("--model", help="target: HF directory or GGUF (default: the embedded SmolLM2-135M-Instruct)")
         p.add_argument("--dtype", choices=["bf16", "fp32"],
@@ -544,7 +552,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         engine.run(args.contexts, args.new_tokens, args.repeats, args.document, not args.no_transformers,
                    Path(args.out))
-    elif args.bench in ("decode", "acceptance", "gamma", "batch"):
+    elif args.bench in ("decode", "acceptance", "gamma", "batch", "serve"):
         return _paper_bench(args)
     elif args.bench == "draft":
         from .bench import draft
@@ -569,7 +577,7 @@ def _name_list(text: str) -> list[str]:
 
 
 def _paper_bench(args: argparse.Namespace) -> int:
-    """`triforce bench decode|acceptance|gamma|batch`: settings are the flags given, then the --quick
+    """`triforce bench decode|acceptance|gamma|batch|serve`: settings are the flags given, then the --quick
     preset, then the bench's defaults; they are checked before anything is loaded."""
     import importlib
     from pathlib import Path
@@ -590,6 +598,8 @@ def _paper_bench(args: argparse.Namespace) -> int:
         bench.validate(settings["contexts"], settings["methods"], settings["temperatures"], settings["peers"])
     elif args.bench == "batch":
         bench.validate(settings["contexts"], settings["batch_sizes"], settings["methods"], settings["temperature"])
+    elif args.bench == "serve":
+        bench.validate(settings["clients"], settings["max_batch"], settings["method"])
     elif args.bench == "acceptance":
         bench.validate(settings["context"], settings["budgets"], settings["chunk_sizes"], settings["chunk_budget"],
                        settings["needle_depth"], settings["new_tokens"])

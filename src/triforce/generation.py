@@ -162,13 +162,9 @@ class TriForce:
 
     def _build_chain(self, capacity: int, params: SamplingParams) -> Chain:
         target = self.target.decoder
-        if self._full is None or self._full.capacity < capacity or self._full.k.dtype != target.dtype:
-            self._full = None
-            self._cached_tokens = []
-            self._full = FullCache(self.target.config, capacity, dtype=target.dtype, device=target.device)
-        full = self._full
         if self._cached_rope != target.rope.signature:
             self._cached_tokens = []
+        full = self._full_cache(capacity)
         full.truncate(len(self._cached_tokens))
         top = ModelLevel("target", target, full, params, self.prefill_chunk, self.progress)
         top.tokens = list(self._cached_tokens)
@@ -214,17 +210,27 @@ class TriForce:
             return Chain([middle, top], [self.gamma])
         return Chain([bottom_draft("streaming"), middle, top], [self.draft_gamma, self.gamma])
 
+    def _full_cache(self, capacity: int) -> FullCache:
+        """The target's full cache, with room for `capacity` tokens; growing it keeps the cached
+        prompt."""
+        target = self.target.decoder
+        if self._full is not None and self._full.k.dtype != target.dtype:
+            self._full, self._cached_tokens = None, []
+        if self._full is None:
+            self._cached_tokens = []
+            self._full = FullCache(self.target.config, capacity, dtype=target.dtype, device=target.device)
+        elif self._full.capacity < capacity:
+            keep = len(self._cached_tokens)
+            self._full = self._full.grown(capacity, keep)
+        return self._full
+
     def reserve(self, context: int) -> None:
         """Allocate the caches for prompts + outputs of up to `context` tokens now, so serving
         never reallocates (and memory stays flat across requests)."""
         capacity = self.capacity_for(context)
         check_fits(self.memory_needed(capacity), f"a context of {context} tokens")
-        target = self.target.decoder
-        if self._full is None or self._full.capacity < capacity:
-            self._full = None
-            self._cached_tokens = []
-            self._full = FullCache(self.target.config, capacity, dtype=target.dtype, device=target.device)
-        target.prepare(context, capacity)
+        self._full_cache(capacity)
+        self.target.decoder.prepare(context, capacity)
 
     def prepare(self, total: int) -> None:
         """Allocate caches and rotary tables for a run reaching `total` tokens (batching does
