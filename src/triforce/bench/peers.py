@@ -172,6 +172,9 @@ class LlamaCppPeer:
             from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
             kwargs["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=self.lookup)
+            # llama-cpp-python keeps logits of every position when drafting but sizes that array
+            # from this flag: without it a prompt past n_batch (512) tokens fails (0.3.36).
+            kwargs["logits_all"] = True
         if scaling is not None and scaling.get("rope_type") == "yarn":
             kwargs.update(rope_scaling_type=api.LLAMA_ROPE_SCALING_TYPE_YARN,
                           rope_freq_scale=1.0 / float(scaling["factor"]),
