@@ -39,7 +39,7 @@ from ..loading import resolve_model
 PEERS = ("hf", "hf-assisted", "hf-lookup", "llamacpp", "llamacpp-lookup")
 ENGINE = {"hf": "transformers", "llamacpp": "llama.cpp"}
 INSTALL = {"transformers": "pip install transformers",
-           "llama_cpp": "pip install llama-cpp-python (builds from source, several minutes)"}
+           "llama_cpp": "pip install -e '.[llamacpp]' (llama-cpp-python, builds from source, about 10 minutes)"}
 
 
 @dataclass
