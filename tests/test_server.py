@@ -330,8 +330,10 @@ def test_concurrent_requests_are_batched_and_each_equals_running_alone(server, c
 
 
 def metric_value(server, name: str) -> float:
-    text = server.request("/metrics")[1]
-    return float(text.split(f"triforce:{name} ")[1].split()[0])
+    for line in server.request("/metrics")[1].splitlines():
+        if not line.startswith("#") and line.split()[0] == f"triforce:{name}":
+            return float(line.split()[1])
+    raise AssertionError(f"no metric triforce:{name}")
 
 
 def test_request_cancelled_mid_batch_leaves_the_others_exact(server, client):
