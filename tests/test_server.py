@@ -4,8 +4,6 @@ raw HTTP for malformed input, a bounded concurrent load)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,34 +14,15 @@ import urllib.request
 
 import pytest
 
-PORT_BASE = 18400
+from triforce.bench.serve import ServeProcess
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ServerProcess(ServeProcess):
+    """A `triforce serve` process (see triforce.bench.serve), ready on return."""
 
-
-class ServerProcess:
     def __init__(self, *args: str) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "triforce.cli", "serve", "--port", str(self.port), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-        self.base = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.5)
-        raise RuntimeError("server did not start")
+        super().__init__(list(args), threads=None)
+        self.wait_ready(timeout=240)
 
     def request(self, path: str, body: bytes | dict | None = None, method: str = "POST",
                 timeout: float = 120) -> tuple[int, dict | str, dict]:
@@ -67,16 +46,6 @@ class ServerProcess:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 1024
         return 0.0
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")

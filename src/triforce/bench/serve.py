@@ -76,13 +76,16 @@ class ServeProcess:
                 time.sleep(0.5)
         raise TriforceError("the server did not become ready")
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """SIGTERM (the server drains open requests), a kill after a minute; the exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
 
 
 def stream_one(base: str, prompt: str, new_tokens: int, seed: int, temperature: float) -> dict[str, Any]:
