@@ -46,6 +46,26 @@ def test_attention_all_chunks_equals_dense_exactly():
     assert torch.equal(dense, sparse)
 
 
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 2, 128), (8, 1, 64)])
+def test_attention_row_alone_equals_row_in_a_verification(heads):
+    """A decoding query (few rows: keys go straight from the cache to registers) gives
+    bit-identical output to the same query inside a verification block (many rows: keys are
+    staged in scratch), which lossless greedy verification relies on."""
+    nq, nkv, hd = heads
+    torch.manual_seed(1)
+    k = torch.randn(nkv, 1200, hd).bfloat16()
+    v = torch.randn(nkv, 1200, hd).bfloat16()
+    T, first = 6, 1100
+    q = torch.randn(T, nq, hd)
+    chunks = torch.stack([torch.randperm(60)[:25].sort().values * 16 for _ in range(nkv)]).int()
+    for sel in (None, chunks):
+        extra = (sel, 16, 1000) if sel is not None else ()
+        together = native.attention(q, k, v, first + T, first, *extra, out_dtype=torch.float32)
+        for t in range(T):
+            alone = native.attention(q[t : t + 1], k, v, first + t + 1, first + t, *extra, out_dtype=torch.float32)
+            assert torch.equal(alone[0], together[t])
+
+
 @pytest.mark.parametrize("M", [1, 5, 12, 13, 40])
 def test_packed_linear(M):
     if not native.packed_linear_supported():
