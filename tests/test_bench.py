@@ -111,6 +111,14 @@ def test_serve_quick(tmp_path):
     assert report["same_text"] is True  # batching changed no client's greedy text
 
 
+def test_kernels_quick(tmp_path):
+    report = quick("kernels", tmp_path)
+    assert {(r["context"], r["queries"]) for r in report["attention"]} == {(256, 1), (256, 3)}
+    assert all(r["us_per_layer"] > 0 and r["gbs"] > 0 for r in report["attention"])
+    assert [r["rows"] for r in report["projections"]] == [1, 5]
+    assert all(r["ms"] > 0 and r["gmacs"] > 0 for r in report["projections"])
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -131,6 +139,7 @@ def test_serve_quick(tmp_path):
         (["batch", "--temperature", "-1"], "temperature"),
         (["serve", "--max-batch", "1"], "--max-batch >= 2"),
         (["serve", "--method", "beam"], "unknown method 'beam'"),
+        (["kernels", "--queries", "0"], "--queries"),
     ],
 )
 def test_bad_flags_give_one_line_and_nonzero_exit(args, fragment, capsys, tmp_path):

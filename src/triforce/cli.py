@@ -234,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--heldout", default="vim", help="held-out document (never in the draft's training text)")
     dr.add_argument("--update-card", action="store_true", help="record the figures in the draft's model card")
     dr.add_argument("--out", default="bench-out")
+    kn = bsub.add_parser("kernels", help="attention and projection kernels against the memory bandwidth")
+    kn.add_argument("--contexts", type=_int_list, help="cached tokens per attention call (default 2048,8192)")
+    kn.add_argument("--queries", type=_int_list, help="query tokens per call: 1 decodes, more verify (default 1,2,5,7)")
+    kn.add_argument("--rows", type=_int_list, help="input rows per projection pass (default 1,4,8,12,16,24,32)")
+    kn.add_argument("--layers", type=_positive_int, help="separate caches cycled through (default: the model's layers)")
+    kn.add_argument("--repeats", type=_positive_int, default=7, help="timed passes; medians reported")
+    kn.add_argument("--model", help="target: HF directory or GGUF (default: the embedded SmolLM2-135M-Instruct)")
+    kn.add_argument("--quick", action="store_true", help="seconds-long smoke run: one short context, two layers")
+    kn.add_argument("--out", default="bench-out")
     r = bsub.add_parser("rope", help="perplexity past the trained length for each RoPE scaling")
     r.add_argument("--contexts", type=_int_list, default=[8192, 16384, 32768])
     r.add_argument("--last", type=_positive_int, default=512, help="tokens scored at the end of each context")
@@ -559,6 +568,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not (Path(path) / "config.json").exists():
             raise TriforceError(f"no draft model at {path}")
         draft.run(path, args.heldout, update_card=args.update_card, out=Path(args.out))
+    elif args.bench == "kernels":
+        from .bench import kernels
+
+        settings = dict(kernels.QUICK if args.quick else kernels.DEFAULTS)
+        for name in ("contexts", "queries", "rows", "layers", "model"):
+            if getattr(args, name) is not None:
+                settings[name] = getattr(args, name)
+        if not args.quick:
+            settings["repeats"] = args.repeats
+        kernels.run(**settings, out=Path(args.out))
     elif args.bench == "rope":
         from .bench import rope
 

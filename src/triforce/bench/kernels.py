@@ -1,0 +1,128 @@
+"""`triforce bench kernels`: the native kernels' speed against the machine's memory bandwidth.
+
+Attention: one call per layer over `layers` separate caches of the target's shape (allocated as
+the engine allocates them), so each call streams its keys and values from memory as in a real
+decoding step, not from a cache the previous call warmed. Reported per context, query tokens T
+(1 = decoding, more = verifying a draft) and thread count: microseconds per layer and GB/s of
+keys and values read. Projections: the target's own packed layers with M rows of input (one
+decoding step of a batch of M, or a verification of M tokens): milliseconds per pass over every
+layer, GB/s of weights read and multiply-adds per second, which shows where the rows stop being
+free (the pass turns compute-bound).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import native
+from ..cache import allocate_kv
+from ..errors import TriforceError
+from ..loading import load
+from .common import copy_bandwidth_gbs, machine, markdown_table, median, write_report
+
+DEFAULTS: dict[str, Any] = dict(contexts=[2048, 8192], queries=[1, 2, 5, 7], rows=[1, 4, 8, 12, 16, 24, 32],
+                                layers=None, repeats=7, model=None, bandwidth_bytes=1 << 30)
+QUICK: dict[str, Any] = dict(contexts=[256], queries=[1, 3], rows=[1, 5], layers=2, repeats=1,
+                             model=None, bandwidth_bytes=1 << 24)
+
+
+def _timed(fn: Any, repeats: int) -> float:
+    fn()  # first touch and kernel build outside the clock
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return median(times)
+
+
+def _attention_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> None:
+    for i in range(k.shape[0]):  # layer by layer: each call reads its own cold cache
+        native.attention(q, k[i, 0], v[i, 0], context, context - q.shape[0], out_dtype=torch.bfloat16)
+
+
+def _projection_pass(projections: list[Any], inputs: list[torch.Tensor]) -> None:
+    for proj, x in zip(projections, inputs):
+        proj(x)
+
+
+def attention_rows(config: Any, contexts: list[int], queries: list[int], layers: int, repeats: int,
+                   thread_counts: list[int], log: Any) -> list[dict[str, Any]]:
+    hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    rows = []
+    for context in contexts:
+        shape = dataclasses.replace(config, num_layers=layers)
+        k, v = allocate_kv(shape, context + max(queries), 1, torch.bfloat16, "cpu")
+        k.normal_()
+        v.normal_()
+        kv_bytes = 2 * hkv * context * hd * 2
+        for t in queries:
+            q = torch.randn(t, hq, hd)
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                per_layer = _timed(partial(_attention_pass, q, k, v, context), repeats) / layers
+                rows.append({"context": context, "queries": t, "threads": threads,
+                             "us_per_layer": round(per_layer * 1e6, 1), "gbs": round(kv_bytes / per_layer / 1e9, 1)})
+                log(f"attention {context} T={t} threads={threads}: {per_layer * 1e6:.0f} us/layer, "
+                    f"{kv_bytes / per_layer / 1e9:.1f} GB/s")
+    return rows
+
+
+def projection_rows(target: Any, rows_list: list[int], repeats: int, threads: int, log: Any) -> list[dict[str, Any]]:
+    dec = target.decoder
+    torch.set_num_threads(threads)
+    projections = [p for layer in dec.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    if any(p.native is None for p in projections):
+        raise TriforceError("the packed projection kernel needs a CPU with AVX512-BF16 and bf16 weights")
+    weight_bytes = sum(p.nbytes for p in projections)
+    macs_per_row = weight_bytes // 2
+    rows = []
+    for m in rows_list:
+        inputs = [torch.randn(1, m, p.native.in_features).bfloat16() for p in projections]
+        seconds = _timed(partial(_projection_pass, projections, inputs), repeats)
+        rows.append({"rows": m, "ms": round(seconds * 1e3, 2), "gbs": round(weight_bytes / seconds / 1e9, 1),
+                     "gmacs": round(m * macs_per_row / seconds / 1e9, 1)})
+        log(f"projections M={m}: {seconds * 1e3:.1f} ms, {weight_bytes / seconds / 1e9:.1f} GB/s of weights, "
+            f"{m * macs_per_row / seconds / 1e9:.0f} GMAC/s")
+    return rows
+
+
+def run(contexts: list[int] | None = None, queries: list[int] | None = None, rows: list[int] | None = None,
+        layers: int | None = None, repeats: int = 7, model: str | None = None, bandwidth_bytes: int = 1 << 30,
+        out: Path | None = None, log: Any = print) -> dict[str, Any]:
+    if native.library() is None:
+        raise TriforceError("the native kernels are unavailable here (no C compiler, or TRIFORCE_NATIVE=0)")
+    contexts = contexts or DEFAULTS["contexts"]
+    queries = queries or DEFAULTS["queries"]
+    rows = rows or DEFAULTS["rows"]
+    if min(contexts) < 1 or min(queries) < 1 or min(rows) < 1 or (layers is not None and layers < 1):
+        raise TriforceError("contexts, query counts, row counts and layers must be positive")
+    bandwidth = copy_bandwidth_gbs(bandwidth_bytes)
+    log(f"copy bandwidth (read+write): {bandwidth:.1f} GB/s")
+    target = load(model, dtype="bf16")
+    config = target.config
+    layers = layers or config.num_layers
+    all_threads = torch.get_num_threads()
+    thread_counts = sorted({1, all_threads})
+    try:
+        attn = attention_rows(config, contexts, queries, layers, repeats, thread_counts, log)
+        proj = projection_rows(target, rows, repeats, all_threads, log)
+    finally:
+        torch.set_num_threads(all_threads)
+    table = markdown_table(["context", "query tokens", "threads", "us per layer", "KV GB/s"],
+                           [[r["context"], r["queries"], r["threads"], r["us_per_layer"], r["gbs"]] for r in attn])
+    table += "\n\n" + markdown_table(["input rows", "ms per pass", "weight GB/s", "GMAC/s"],
+                                     [[r["rows"], r["ms"], r["gbs"], r["gmacs"]] for r in proj])
+    table += (f"\n\n- copy bandwidth {bandwidth:.1f} GB/s (read+write); attention over {layers} separate "
+              f"{config.num_kv_heads}-KV-head caches per pass; projections over {len(target.decoder.layers)} layers")
+    log(table)
+    report = {"machine": machine(), "copy_bandwidth_gbs": round(bandwidth, 1), "model": target.source,
+              "layers": layers, "attention": attn, "projections": proj, "markdown": table}
+    write_report(out, "kernels", report)
+    return report
