@@ -48,6 +48,23 @@ def test_generate_streams_text_and_prints_summary_from_stdin():
     assert "ms/token" in result.stderr and "prompt 4 tokens" in result.stderr
 
 
+@pytest.mark.parametrize("method", ["triforce", "retrieval"])
+def test_demo_runs_the_main_job_on_a_real_document(method):
+    """The README's main command (shortened): a generation over the Vim manual, then the
+    autoregressive baseline on the cached prompt, with the same greedy tokens."""
+    result = run_cli("demo", "--context", "512", "--max-new-tokens", "6", "--method", method, "--draft", "ngram")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip()) > 0
+    assert f"method {method}" in result.stderr and "prompt " in result.stderr
+    assert "acceptance" in result.stderr  # the per-level summary
+    assert "speedup" in result.stderr and "identical output: yes" in result.stderr
+
+
+def test_demo_refuses_bad_sampling_settings():
+    assert_clean_error(run_cli("demo", "--context", "64", "--top-k", "-2"), "top-k")
+    assert_clean_error(run_cli("demo", "--context", "64", "--temperature", "nan"), "temperature")
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [

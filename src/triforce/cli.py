@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--max-new-tokens", type=_positive_int, default=128)
     dm.add_argument("--temperature", type=_float, default=0.0)
     dm.add_argument("--top-p", type=_float, default=0.9)
+    dm.add_argument("--top-k", type=_nonneg_int, default=0, help="0 disables top-k")
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--no-compare", action="store_true", help="skip the autoregressive baseline run")
 
@@ -517,7 +518,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_p=args.top_p if args.temperature > 0 else 1.0, seed=args.seed)
+                  top_p=args.top_p if args.temperature > 0 else 1.0, top_k=args.top_k, seed=args.seed)
     result = engine.generate(ids, on_text=on_text, **kwargs)
     print("\n", file=sys.stdout)
     print(format_summary(result), file=sys.stderr)
