@@ -78,6 +78,14 @@ def add_speculation_arguments(p: argparse.ArgumentParser) -> None:
                    help="re-select retrieval chunks every N full verifications")
 
 
+def add_sampling_arguments(p: argparse.ArgumentParser, top_p: float, seed: int | None) -> None:
+    """The flags check_sampling_args and the generation calls read, declared once for every command."""
+    p.add_argument("--temperature", type=_float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-p", type=_float, default=top_p)
+    p.add_argument("--top-k", type=_nonneg_int, default=0, help="0 disables top-k")
+    p.add_argument("--seed", type=int, default=seed, help="seed for reproducible sampling")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="triforce", description="Lossless hierarchical speculative decoding (TriForce).")
     sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
@@ -92,10 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "as JSON lines in input order")
     g.add_argument("--chat", action="store_true", help="apply the chat template (prompt as one user turn)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    g.add_argument("--temperature", type=_float, default=0.0, help="0 means greedy")
-    g.add_argument("--top-p", type=_float, default=1.0)
-    g.add_argument("--top-k", type=_nonneg_int, default=0, help="0 disables top-k")
-    g.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    add_sampling_arguments(g, top_p=1.0, seed=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--max-context", type=_positive_int, help="refuse prompts + new tokens longer than this")
     g.add_argument("--num-samples", type=_positive_int, default=1,
@@ -110,10 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--method", default="triforce")
     dm.add_argument("--draft", help="draft model or 'ngram' (default: the shipped draft for the embedded model)")
     dm.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    dm.add_argument("--temperature", type=_float, default=0.0)
-    dm.add_argument("--top-p", type=_float, default=0.9)
-    dm.add_argument("--top-k", type=_nonneg_int, default=0, help="0 disables top-k")
-    dm.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(dm, top_p=0.9, seed=0)
     dm.add_argument("--no-compare", action="store_true", help="skip the autoregressive baseline run")
 
     ds = sub.add_parser("distill", help="train a small draft model for a target by distillation")
@@ -240,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("--queries", type=_int_list, help="query tokens per call: 1 decodes, more verify (default 1,2,5,7)")
     kn.add_argument("--rows", type=_int_list, help="input rows per projection pass (default 1,4,8,12,16,24,32)")
     kn.add_argument("--layers", type=_positive_int, help="separate caches cycled through (default: the model's layers)")
-    kn.add_argument("--repeats", type=_positive_int, default=7, help="timed passes; medians reported")
+    kn.add_argument("--repeats", type=_positive_int, help="timed passes; medians reported (default 7)")
     kn.add_argument("--model", help="target: HF directory or GGUF (default: the embedded SmolLM2-135M-Instruct)")
     kn.add_argument("--quick", action="store_true", help="seconds-long smoke run: one short context, two layers")
     kn.add_argument("--out", default="bench-out")
@@ -570,15 +572,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise TriforceError(f"no draft model at {path}")
         draft.run(path, args.heldout, update_card=args.update_card, out=Path(args.out))
     elif args.bench == "kernels":
-        from .bench import kernels
+        from .bench import kernels, quick
 
-        settings = dict(kernels.QUICK if args.quick else kernels.DEFAULTS)
-        for name in ("contexts", "queries", "rows", "layers", "model"):
-            if getattr(args, name) is not None:
-                settings[name] = getattr(args, name)
-        if not args.quick:
-            settings["repeats"] = args.repeats
-        kernels.run(**settings, out=Path(args.out))
+        kernels.run(**quick.settings(args, kernels.DEFAULTS, kernels.QUICK if args.quick else None),
+                    out=Path(args.out))
     elif args.bench == "rope":
         from .bench import rope
 

@@ -28,8 +28,7 @@ from .common import copy_bandwidth_gbs, machine, markdown_table, median, write_r
 
 DEFAULTS: dict[str, Any] = dict(contexts=[2048, 8192], queries=[1, 2, 5, 7], rows=[1, 4, 8, 12, 16, 24, 32],
                                 layers=None, repeats=7, model=None, bandwidth_bytes=1 << 30)
-QUICK: dict[str, Any] = dict(contexts=[256], queries=[1, 3], rows=[1, 5], layers=2, repeats=1,
-                             model=None, bandwidth_bytes=1 << 24)
+QUICK: dict[str, Any] = dict(contexts=[256], queries=[1, 3], rows=[1, 5], layers=2, repeats=1, bandwidth_bytes=1 << 24)
 
 
 def _timed(fn: Any, repeats: int) -> float:
