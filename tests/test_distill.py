@@ -67,6 +67,19 @@ def test_distill_trains_exports_and_resumes(setup):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming at step 40" in again.stderr
     assert json.loads(again.stdout)["steps"] == 50
+    # --init-from continues from the finished draft: its dimensions win over the command line's,
+    # training starts near where it ended instead of at a fresh draft's loss, the card says so
+    cont = run("--target", str(target), "--out", str(tmp / "continued"), "--corpus", str(corpus), "--steps", "5",
+               "--init-from", str(out), *SMALL[:2], "--hidden", "48", *SMALL[4:])
+    assert cont.returncode == 0, cont.stderr[-2000:]
+    later = json.loads((tmp / "continued" / "distill_report.json").read_text())
+    assert later["architecture"]["hidden"] == 32
+    assert later["first_loss"] < 0.8 * history["first_loss"]
+    assert later["continued_from"]["steps"] == 50
+    assert "continued from:" in (tmp / "continued" / "README.md").read_text()
+    missing = run("--target", str(target), "--out", str(tmp / "nowhere"), "--corpus", str(corpus), "--steps", "1",
+                  "--init-from", str(tmp / "no-such-draft"), *SMALL)
+    assert missing.returncode != 0 and "--init-from" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_distill_refuses_to_overwrite_and_bad_arguments(setup):

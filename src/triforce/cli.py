@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--teacher-topk", type=_positive_int, default=64)
     ds.add_argument("--init", choices=["project", "pca", "random"], default="project",
                     help="project: narrowed copies of target layers; pca: target embedding only; random")
+    ds.add_argument("--init-from", metavar="DIR",
+                    help="continue training an existing draft (its dimensions replace --layers, --hidden, ...)")
     ds.add_argument("--from-layers", type=_int_list0, help="target layers to copy with --init project")
     ds.add_argument("--teacher-cache", help="directory to keep (and share between runs) the target's outputs")
     ds.add_argument("--seed", type=int, default=0)
@@ -544,7 +546,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         target=args.target, out=args.out, corpus=args.corpus, layers=args.layers, hidden=args.hidden,
         heads=args.heads, kv_heads=args.kv_heads, intermediate=args.intermediate, seq_len=args.seq_len,
         batch=args.batch, lr=args.lr, steps=args.steps, time_budget_min=args.time_budget, max_tokens=args.max_tokens,
-        teacher_topk=args.teacher_topk, init=args.init, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        teacher_topk=args.teacher_topk, init=args.init, init_from=args.init_from, seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
         teacher_cache=args.teacher_cache, extra={"layers": args.from_layers} if args.from_layers else {},
     )
     report = distill(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr))
