@@ -15,6 +15,8 @@ rows of `chunk_size`-row chunks, per KV head) plus the dense rows [dense_start, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,34 @@ def attend(
     if chunks is not None:
         k, v, first_row, num_rows = gather_chunks(k, v, chunks, chunk_size, dense_start, num_rows, first_row)
     return attend_torch(q.to(k.dtype), k, v, num_rows, first_row).to(out_dtype)
+
+
+@dataclass
+class AttentionJob:
+    """One sequence's `attend` call, for `attend_many`."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    num_rows: int
+    first_row: int
+    chunks: torch.Tensor | None = None
+    chunk_size: int = 0
+    dense_start: int = 0
+
+
+def attend_many(jobs: list[AttentionJob], out_dtype: torch.dtype) -> torch.Tensor:
+    """`attend` for several sequences, outputs concatenated along the tokens. When the kernel
+    takes them all, it is one call (a batch step then pays one thread fork/join per layer, not
+    one per sequence); each output is the same as `attend` alone would give."""
+    if len(jobs) == 1:
+        j = jobs[0]
+        return attend(j.q, j.k, j.v, j.num_rows, j.first_row, j.chunks, j.chunk_size, j.dense_start, out_dtype)
+    if all(j.q.shape[0] <= native.MAX_KERNEL_QUERIES and native.usable_for(j.k) and j.k.dtype == jobs[0].k.dtype
+           for j in jobs):
+        return native.attention_many(jobs, out_dtype)
+    return torch.cat([attend(j.q, j.k, j.v, j.num_rows, j.first_row, j.chunks, j.chunk_size, j.dense_start, out_dtype)
+                      for j in jobs])
 
 
 def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_rows: int, first_row: int) -> torch.Tensor:

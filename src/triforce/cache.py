@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from . import native
-from .attention import attend
+from .attention import AttentionJob, attend_many
 from .config import ModelConfig
 from .errors import TriforceError
 
@@ -99,6 +99,7 @@ class RowCache:
     """
 
     batch = 1
+    keep_queries = False  # whether saw_queries wants each pass's queries
 
     def buffers(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -110,39 +111,86 @@ class RowCache:
         """(chunks [Hkv, C] or None, chunk_size, dense_start) for sequence b at `layer`."""
         return None, 0, 0
 
-    def _attend_rows(self, layer: int, b: int, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        k, v = self.buffers(layer, b)
-        row, T = self.write_row(b), q.shape[0]
-        chunks, chunk_size, dense_start = self.visible(layer, b)
-        return attend(q, k, v, row + T, row, chunks, chunk_size, dense_start, out_dtype)
-
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        outs = []
+        jobs = []
         T = q.shape[1]
         for b in range(self.batch):
             kb, vb = self.buffers(layer, b)
             row = self.write_row(b)
             kb[:, row : row + T] = k[b].transpose(0, 1)
             vb[:, row : row + T] = v[b].transpose(0, 1)
-            outs.append(self._attend_rows(layer, b, q[b], q.dtype))
-        self.saw_queries(layer, q)
-        return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
+            jobs.append(self._job(layer, b, q[b], kb, vb, row))
+        if self.keep_queries:
+            self.saw_queries(layer, q)
+        return attend_many(jobs, q.dtype).view(q.shape)
+
+    def _job(self, layer: int, b: int, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, row: int) -> AttentionJob:
+        chunks, chunk_size, dense_start = self.visible(layer, b)
+        return AttentionJob(q, kb, vb, row + q.shape[0], row, chunks, chunk_size, dense_start)
 
     def attend_qkv(
         self, layer: int, qkv: torch.Tensor, rope: Any, positions: torch.Tensor, num_heads: int
     ) -> torch.Tensor:
         """qkv [B, T, Hq + 2 Hkv, D] straight from the projection; returns [B, T, Hq, D]."""
-        outs, queries = [], []
+        jobs = self.store_qkv(layer, qkv, rope, positions, num_heads)
+        return attend_many(jobs, qkv.dtype).view(len(jobs), -1, *jobs[0].q.shape[1:])
+
+    def store_qkv(
+        self, layer: int, qkv: torch.Tensor, rope: Any, positions: torch.Tensor, num_heads: int
+    ) -> list[AttentionJob]:
+        """Rotate and store each sequence's new keys and values (fused native call); return
+        the attention each sequence's queries then need, one job per sequence."""
+        jobs = []
         for b in range(self.batch):
             kb, vb = self.buffers(layer, b)
-            q = native.rope_store(qkv[b], rope.cos, rope.sin, positions[b], kb, vb, self.write_row(b), num_heads)
-            queries.append(q)
-            outs.append(self._attend_rows(layer, b, q, qkv.dtype))
-        self.saw_queries(layer, torch.stack(queries))
-        return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
+            row = self.write_row(b)
+            q = native.rope_store(qkv[b], rope.cos, rope.sin, positions[b], kb, vb, row, num_heads)
+            jobs.append(self._job(layer, b, q, kb, vb, row))
+        if self.keep_queries:
+            self.saw_queries(layer, torch.stack([job.q for job in jobs]))
+        return jobs
 
     def saw_queries(self, layer: int, q: torch.Tensor) -> None:
         pass
+
+
+def attend_qkv_batch(
+    layer: int, qkv: torch.Tensor, rope: Any, spans: list[tuple[Any, int, int, torch.Tensor]],
+    positions: torch.Tensor, num_heads: int,
+) -> torch.Tensor:
+    """attend_qkv for a batch step: qkv [1, N, Hq + 2 Hkv, D] holds several sequences' tokens,
+    spans (cache, start, end, its positions) say whose; positions [N] are theirs concatenated.
+    Where every cache takes the plain path (one sequence, the kernel's dtype, no per-query key
+    choice), rotation, cache writes and attention for the whole batch are one native call;
+    otherwise each cache stores its rows and the attention runs as one kernel call of jobs."""
+    if all(_plain(c, qkv, b - a) for c, a, b, _ in spans):
+        fields, keep = [], []
+        for cache, a, b, _ in spans:
+            kb, vb = cache.buffers(layer, 0)
+            chunks, chunk_size, dense_start = cache.visible(layer, 0)
+            n_chunks = 0
+            if chunks is not None:
+                chunks = chunks if chunks.dtype == torch.int32 and chunks.is_contiguous() else chunks.int().contiguous()
+                n_chunks = chunks.shape[1]
+                keep.append(chunks)  # alive until the call returns
+            else:
+                dense_start = 0
+            fields.append([kb.data_ptr(), vb.data_ptr(), kb.stride(0), cache.write_row(0), b - a,
+                           chunks.data_ptr() if chunks is not None else 0, n_chunks, chunk_size, dense_start])
+        out, q = native.rope_attention_many(qkv[0], rope.cos, rope.sin, positions, fields, num_heads)
+        for cache, a, b, _ in spans:
+            if cache.keep_queries:
+                cache.saw_queries(layer, q[a:b].unsqueeze(0))
+        return out.unsqueeze(0)
+    jobs = [j for c, a, b, pos in spans for j in c.store_qkv(layer, qkv[:, a:b], rope, pos, num_heads)]
+    return attend_many(jobs, qkv.dtype).unsqueeze(0)
+
+
+def _plain(cache: Any, qkv: torch.Tensor, num_tokens: int) -> bool:
+    if not isinstance(cache, RowCache) or cache.batch != 1 or type(cache)._job is not RowCache._job:
+        return False
+    k, _ = cache.buffers(0, 0)
+    return num_tokens <= native.MAX_KERNEL_QUERIES and native.usable_for(k) and k.dtype == qkv.dtype
 
 
 class FullCache(RowCache):
@@ -160,6 +208,8 @@ class FullCache(RowCache):
         self.capacity = capacity
         self.batch = batch
         self.k, self.v = allocate_kv(config, capacity, batch, dtype, device)
+        # per layer and sequence, made once: indexing anew costs two tensor ops per layer per step
+        self.views = [[(self.k[i, b], self.v[i, b]) for b in range(batch)] for i in range(config.num_layers)]
         self.lengths = [0] * batch
         self.device = torch.device(device)
         # Queries of the last forward pass, kept only when a retrieval cache asks for them.
@@ -183,7 +233,7 @@ class FullCache(RowCache):
         )
 
     def buffers(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer, b], self.v[layer, b]
+        return self.views[layer][b]
 
     def write_row(self, b: int) -> int:
         return self.lengths[b]
@@ -242,7 +292,7 @@ class SparseView(RowCache):
         pass
 
     def buffers(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.full.k[layer, 0], self.full.v[layer, 0]
+        return self.full.views[layer][0]
 
     def write_row(self, b: int) -> int:
         return self.length

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from .attention import AttentionJob
+from .cache import attend_qkv_batch
 from .config import ModelConfig
 from .errors import TriforceError
 from .rope import RotaryTable, resolve_scaling
@@ -29,6 +31,10 @@ class KVCache(Protocol):
     def attend_qkv(
         self, layer: int, qkv: torch.Tensor, rope: Any, positions: torch.Tensor, num_heads: int
     ) -> torch.Tensor: ...
+
+    def store_qkv(  # attend_qkv's first half: the cache write, leaving the attention as jobs
+        self, layer: int, qkv: torch.Tensor, rope: Any, positions: torch.Tensor, num_heads: int
+    ) -> list[AttentionJob]: ...
 
     def commit(self, num_tokens: int) -> None: ...
 
@@ -202,6 +208,7 @@ class Decoder:
             start += length
         nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
+        flat_positions = torch.cat([pos[0] for *_, pos in spans]) if len(spans) > 1 else None
         h = F.embedding(tokens, self.embed)
         fused = self.fused
         norm = native.rms_norm if fused else rms_norm
@@ -219,6 +226,8 @@ class Decoder:
             qkv = layer.qkv(x).view(B, N, nq + 2 * nkv, hd)
             if len(spans) == 1:
                 attn = attend(i, qkv, spans[0][0], spans[0][3])
+            elif fused:  # the whole batch's rotation, cache writes and attention in one call
+                attn = attend_qkv_batch(i, qkv, self.rope, spans, flat_positions, nq)
             else:
                 attn = torch.cat([attend(i, qkv[:, a:b], cache, pos) for cache, a, b, pos in spans], dim=1)
             h = h + layer.o(attn.reshape(B, N, nq * hd))

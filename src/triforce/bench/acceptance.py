@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..attention import attend
+from ..attention import AttentionJob
 from ..cache import FullCache, RetrievalView, SparseView, StreamingView
 from ..corpus import document_tokens
 from ..errors import TriforceError
@@ -58,17 +58,16 @@ class OracleView(SparseView):
         super().__init__(full)
         self.budget = budget
 
-    def _attend_rows(self, layer: int, b: int, q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        k, v = self.buffers(layer, b)
-        row, T = self.write_row(b), q.shape[0]
+    def _job(self, layer: int, b: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int) -> AttentionJob:
+        T = q.shape[0]
         if row <= self.budget:
-            return attend(q, k, v, row + T, row, out_dtype=out_dtype)
+            return AttentionJob(q, k, v, row + T, row)
         cfg = self.full.config
         qg = q.float().view(T, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
         logits = torch.einsum("thgd,hrd->hgtr", qg, k[:, :row].float()) * cfg.head_dim**-0.5
         weight = logits.softmax(-1).sum((1, 2))  # [Hkv, row]
         rows = weight.topk(self.budget, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
-        return attend(q, k, v, row + T, row, rows, 1, row, out_dtype)
+        return AttentionJob(q, k, v, row + T, row, rows, 1, row)
 
 
 def make_view(kind: str, full: FullCache, budget: int, chunk_size: int, sink: int) -> SparseView:

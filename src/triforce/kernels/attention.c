@@ -283,7 +283,9 @@ static inline __attribute__((always_inline)) void rows_block(
             continue;
         }
         float mn = m[r] > bm ? m[r] : bm;
-        corr[i] = expf(m[r] - mn);
+        /* inline, not expf: a library call makes every live vector register (the scores of
+         * all RB rows) spill around it */
+        corr[i] = _mm512_cvtss_f32(exp512(_mm512_set1_ps(m[r] - mn)));
         const __m512 mnv = _mm512_set1_ps(mn);
         __m512 total = _mm512_setzero_ps();
         for (int sb = 0; sb < nsub; sb++) {
@@ -429,30 +431,53 @@ static void store_out(void *out, long at, const float *o, int D, int bf16) {
     }
 }
 
-/* Returns 0 on success, a negative code on bad arguments or allocation failure. */
-int tf_attention(const float *q, const void *k, const void *v, int kv_is_bf16, long head_stride, void *out_ptr,
-                 int out_is_bf16, int T, int Hq, int Hkv, int D, const int32_t *chunks, int n_chunks, int chunk_size,
-                 int dense_start, int num_rows, int first_row, float scale, int n_threads) {
-    if (T < 1 || Hq < 1 || Hkv < 1 || Hq % Hkv || D < 16 || D > 16 * MAX_CHUNKS || (D % 16) || num_rows < dense_start) return -1;
-    if (n_chunks > 0 && (chunks == NULL || chunk_size < 1)) return -1;
-    KeySet ks = {chunks, n_chunks > 0 ? n_chunks : 0, chunk_size, dense_start, num_rows};
-    const int G = Hq / Hkv, R = G * T;
-    const long N = keys_of_head(&ks);
+/* One sequence's attention: its queries, cache buffers, output and visible keys. */
+typedef struct {
+    const float *q;
+    const void *k, *v;
+    void *out;
+    long head_stride;
+    int T, first_row;
+    KeySet ks;
+    long splits, first_task, partial_at; /* filled in by attention_jobs */
+} Job;
+
+/* Every job's tasks (KV head x fixed key range) in one parallel region, then each job's merge.
+ * A batch of sequences thus costs one thread fork/join per layer, and each sequence's result is
+ * bit-identical to running it alone (same tasks, same merge order). */
+static int attention_jobs(Job *jobs, int n_jobs, int kv_is_bf16, int out_is_bf16, int Hq, int Hkv, int D,
+                          float scale, int n_threads) {
+    if (n_jobs < 1 || Hq < 1 || Hkv < 1 || Hq % Hkv || D < 16 || D > 16 * MAX_CHUNKS || (D % 16)) return -1;
+    const int G = Hq / Hkv;
+    long tasks = 0, partial_floats = 0;
+    int R_max = 0;
+    for (int j = 0; j < n_jobs; j++) {
+        Job *jb = &jobs[j];
+        if (jb->T < 1 || jb->ks.num_rows < jb->ks.dense_start) return -1;
+        if (jb->ks.n_chunks > 0 && (jb->ks.chunks == NULL || jb->ks.chunk_size < 1)) return -1;
+        if (jb->ks.n_chunks < 0) jb->ks.n_chunks = 0;
+        /* Keys are split into fixed, aligned ranges of SPLIT_KEYS (each its own task, merged by
+         * log-sum-exp): never ranges that depend on N, so a query row gets bit-identical results
+         * whether it is decoded alone or verified with other rows (which see a few more keys). */
+        const long N = keys_of_head(&jb->ks);
+        jb->splits = (N + SPLIT_KEYS - 1) / SPLIT_KEYS;
+        if (jb->splits < 1) jb->splits = 1;
+        jb->first_task = tasks;
+        jb->partial_at = partial_floats;
+        const int R = G * jb->T;
+        tasks += (long)Hkv * jb->splits;
+        partial_floats += (long)Hkv * jb->splits * R * (D + 2);
+        if (R > R_max) R_max = R;
+    }
     if (n_threads < 1) n_threads = 1;
-    /* Keys are split into fixed, aligned ranges of SPLIT_KEYS (each its own task, merged by
-     * log-sum-exp): never ranges that depend on N, so a query row gets bit-identical results
-     * whether it is decoded alone or verified with other rows (which see a few more keys). */
-    long splits = (N + SPLIT_KEYS - 1) / SPLIT_KEYS;
-    if (splits < 1) splits = 1;
-    const long tasks = (long)Hkv * splits;
-    const long per_task = (long)R * (D + 2);
-    float *partial = (float *)malloc(sizeof(float) * tasks * per_task);
+    float *partial = (float *)malloc(sizeof(float) * partial_floats);
     if (!partial) return -2;
     int failed = 0;
 #pragma omp parallel num_threads(n_threads)
     {
         /* fp32 path: converted K and V blocks and scores; bf16 path: bf16 queries, the
          * interleaved V block and the transposed K block */
+        const int R = R_max;
         size_t floats = 2 * BLOCK * D + R * BLOCK;
         size_t bf16_floats = R * D / 2 + SUB * BLOCK * D / 2 + SUB * BLOCK * D / 2 + 16;
         float *scratch = (float *)aligned_alloc(64, sizeof(float) * ((floats > bf16_floats ? floats : bf16_floats) + 16) / 64 * 64 + 64);
@@ -460,27 +485,34 @@ int tf_attention(const float *q, const void *k, const void *v, int kv_is_bf16, l
 #pragma omp atomic write
             failed = 1;
         }
+        int j = 0;
 #pragma omp for schedule(dynamic, 1)
         for (long task = 0; task < tasks; task++) {
             if (!scratch) continue;
-            int g = (int)(task / splits);
-            long s = task % splits;
+            while (j + 1 < n_jobs && task >= jobs[j + 1].first_task) j++;
+            while (task < jobs[j].first_task) j--;
+            const Job *jb = &jobs[j];
+            const int Rj = G * jb->T;
+            const long local = task - jb->first_task;
+            int g = (int)(local / jb->splits);
+            long s = local % jb->splits;
+            const long N = keys_of_head(&jb->ks);
             long lo = s * SPLIT_KEYS, hi = lo + SPLIT_KEYS < N ? lo + SPLIT_KEYS : N;
-            float *m = partial + task * per_task, *l = m + R, *acc = l + R;
-            const char *kb = (const char *)k + (long)g * head_stride * (kv_is_bf16 ? 2 : 4);
-            const char *vb = (const char *)v + (long)g * head_stride * (kv_is_bf16 ? 2 : 4);
+            float *m = partial + jb->partial_at + local * (long)Rj * (D + 2), *l = m + Rj, *acc = l + Rj;
+            const char *kb = (const char *)jb->k + (long)g * jb->head_stride * (kv_is_bf16 ? 2 : 4);
+            const char *vb = (const char *)jb->v + (long)g * jb->head_stride * (kv_is_bf16 ? 2 : 4);
 #if defined(__AVX512BF16__)
             if (kv_is_bf16 && D % 32 == 0) {
                 uint16_t *qb = (uint16_t *)scratch;
-                uint16_t *vi = qb + ((R * D + 31) / 32) * 32;
+                uint16_t *vi = qb + ((Rj * D + 31) / 32) * 32;
                 __m512i *kt = (__m512i *)(vi + SUB * BLOCK * D);
-                attend_range_bf16(q, (const uint16_t *)kb, (const uint16_t *)vb, T, Hq, G, D, g, &ks, lo, hi,
-                                  first_row, scale, m, l, acc, qb, vi, kt);
+                attend_range_bf16(jb->q, (const uint16_t *)kb, (const uint16_t *)vb, jb->T, Hq, G, D, g, &jb->ks, lo,
+                                  hi, jb->first_row, scale, m, l, acc, qb, vi, kt);
                 continue;
             }
 #endif
-            attend_range(q, kb, vb, kv_is_bf16, T, Hq, G, D, g, &ks, lo, hi, first_row, scale, m, l, acc,
-                         scratch, scratch + BLOCK * D, scratch + 2 * BLOCK * D);
+            attend_range(jb->q, kb, vb, kv_is_bf16, jb->T, Hq, G, D, g, &jb->ks, lo, hi, jb->first_row,
+                         scale, m, l, acc, scratch, scratch + BLOCK * D, scratch + 2 * BLOCK * D);
         }
         free(scratch);
     }
@@ -490,34 +522,112 @@ int tf_attention(const float *q, const void *k, const void *v, int kv_is_bf16, l
     }
     /* merge the splits of each KV head */
     float o[16 * MAX_CHUNKS];
-    for (int g = 0; g < Hkv; g++) {
-        for (int r = 0; r < R; r++) {
-            int t = r / G, h = g * G + r % G;
-            long at = ((long)t * Hq + h) * D;
-            float M = -INFINITY;
-            for (long s = 0; s < splits; s++) {
-                float ms = partial[((long)g * splits + s) * per_task + r];
-                M = ms > M ? ms : M;
+    for (int j = 0; j < n_jobs; j++) {
+        const Job *jb = &jobs[j];
+        const int R = G * jb->T;
+        const long per_task = (long)R * (D + 2);
+        const float *part = partial + jb->partial_at;
+        for (int g = 0; g < Hkv; g++) {
+            for (int r = 0; r < R; r++) {
+                int t = r / G, h = g * G + r % G;
+                long at = ((long)t * Hq + h) * D;
+                float M = -INFINITY;
+                for (long s = 0; s < jb->splits; s++) {
+                    float ms = part[((long)g * jb->splits + s) * per_task + r];
+                    M = ms > M ? ms : M;
+                }
+                memset(o, 0, sizeof(float) * D);
+                if (M == -INFINITY) {
+                    store_out(jb->out, at, o, D, out_is_bf16);
+                    continue;
+                }
+                float L = 0.0f;
+                for (long s = 0; s < jb->splits; s++) {
+                    const float *base = part + ((long)g * jb->splits + s) * per_task;
+                    if (base[r] == -INFINITY) continue;
+                    float w = expf(base[r] - M);
+                    L += base[R + r] * w;
+                    const float *acc = base + 2 * R + (long)r * D;
+                    for (int c = 0; c < D; c++) o[c] += acc[c] * w;
+                }
+                float inv = 1.0f / L;
+                for (int c = 0; c < D; c++) o[c] *= inv;
+                store_out(jb->out, at, o, D, out_is_bf16);
             }
-            memset(o, 0, sizeof(float) * D);
-            if (M == -INFINITY) {
-                store_out(out_ptr, at, o, D, out_is_bf16);
-                continue;
-            }
-            float L = 0.0f;
-            for (long s = 0; s < splits; s++) {
-                const float *base = partial + ((long)g * splits + s) * per_task;
-                if (base[r] == -INFINITY) continue;
-                float w = expf(base[r] - M);
-                L += base[R + r] * w;
-                const float *acc = base + 2 * R + (long)r * D;
-                for (int c = 0; c < D; c++) o[c] += acc[c] * w;
-            }
-            float inv = 1.0f / L;
-            for (int c = 0; c < D; c++) o[c] *= inv;
-            store_out(out_ptr, at, o, D, out_is_bf16);
         }
     }
     free(partial);
     return 0;
+}
+
+/* Returns 0 on success, a negative code on bad arguments or allocation failure. */
+int tf_attention(const float *q, const void *k, const void *v, int kv_is_bf16, long head_stride, void *out_ptr,
+                 int out_is_bf16, int T, int Hq, int Hkv, int D, const int32_t *chunks, int n_chunks, int chunk_size,
+                 int dense_start, int num_rows, int first_row, float scale, int n_threads) {
+    Job job = {q, k, v, out_ptr, head_stride, T, first_row, {chunks, n_chunks, chunk_size, dense_start, num_rows}, 0, 0, 0};
+    return attention_jobs(&job, 1, kv_is_bf16, out_is_bf16, Hq, Hkv, D, scale, n_threads);
+}
+
+/* Several sequences' attention in one call; jobs[12 * j ..] holds job j as int64:
+ * q, k, v, out (addresses), head_stride, T, chunks (address or 0), n_chunks, chunk_size,
+ * dense_start, num_rows, first_row. */
+int tf_attention_many(const int64_t *fields, int n_jobs, int kv_is_bf16, int out_is_bf16, int Hq, int Hkv, int D,
+                      float scale, int n_threads) {
+    if (n_jobs < 1) return -1;
+    Job *jobs = (Job *)calloc((size_t)n_jobs, sizeof(Job));
+    if (!jobs) return -2;
+    for (int j = 0; j < n_jobs; j++) {
+        const int64_t *f = fields + 12 * (long)j;
+        Job *jb = &jobs[j];
+        jb->q = (const float *)(intptr_t)f[0];
+        jb->k = (const void *)(intptr_t)f[1];
+        jb->v = (const void *)(intptr_t)f[2];
+        jb->out = (void *)(intptr_t)f[3];
+        jb->head_stride = (long)f[4];
+        jb->T = (int)f[5];
+        jb->ks = (KeySet){(const int32_t *)(intptr_t)f[6], (int)f[7], (int)f[8], (int)f[9], (int)f[10]};
+        jb->first_row = (int)f[11];
+    }
+    int code = attention_jobs(jobs, n_jobs, kv_is_bf16, out_is_bf16, Hq, Hkv, D, scale, n_threads);
+    free(jobs);
+    return code;
+}
+
+void tf_rope_store(const void *qkv, const float *cos_t, const float *sin_t, const int64_t *positions,
+                   float *q_out, void *k_cache, void *v_cache, long head_stride, int row0, int T, int Hq,
+                   int Hkv, int D, int bf16);
+
+/* A batch step's whole attention for one layer in one call: for each sequence, rotate its rows
+ * of qkv [N][Hq + 2 Hkv][D] (tokens of the sequences one after another), write its keys and
+ * values into its own cache at row0.., then attend as tf_attention_many. qkv, the caches and out
+ * share one dtype (bf16 flag); q_out [N][Hq][D] float32 receives the rotated queries.
+ * fields[9 j ..]: k, v (addresses), head_stride, row0, T, chunks (address or 0), n_chunks,
+ * chunk_size, dense_start; the sequence sees rows up to row0 + T. */
+int tf_rope_attention_many(const void *qkv, const float *cos_t, const float *sin_t, const int64_t *positions,
+                           float *q_out, void *out, const int64_t *fields, int n_jobs, int Hq, int Hkv, int D,
+                           int bf16, float scale, int n_threads) {
+    if (n_jobs < 1) return -1;
+    Job *jobs = (Job *)calloc((size_t)n_jobs, sizeof(Job));
+    if (!jobs) return -2;
+    const size_t elt = bf16 ? 2 : 4;
+    long at = 0;
+    for (int j = 0; j < n_jobs; j++) {
+        const int64_t *f = fields + 9 * (long)j;
+        Job *jb = &jobs[j];
+        jb->k = (const void *)(intptr_t)f[0];
+        jb->v = (const void *)(intptr_t)f[1];
+        jb->head_stride = (long)f[2];
+        jb->first_row = (int)f[3];
+        jb->T = (int)f[4];
+        jb->ks = (KeySet){(const int32_t *)(intptr_t)f[5], (int)f[6], (int)f[7], (int)f[8], jb->first_row + jb->T};
+        jb->q = q_out + at * Hq * D;
+        jb->out = (char *)out + at * Hq * D * elt;
+        tf_rope_store((const char *)qkv + at * (Hq + 2 * Hkv) * D * elt, cos_t, sin_t, positions + at,
+                      (float *)jb->q, (void *)jb->k, (void *)jb->v, jb->head_stride, jb->first_row, jb->T, Hq, Hkv,
+                      D, bf16);
+        at += jb->T;
+    }
+    int code = attention_jobs(jobs, n_jobs, bf16, bf16, Hq, Hkv, D, scale, n_threads);
+    free(jobs);
+    return code;
 }
