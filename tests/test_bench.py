@@ -117,6 +117,10 @@ def test_kernels_quick(tmp_path):
     assert all(r["us_per_layer"] > 0 and r["gbs"] > 0 for r in report["attention"])
     assert [r["rows"] for r in report["projections"]] == [1, 5]
     assert all(r["ms"] > 0 and r["gmacs"] > 0 for r in report["projections"])
+    peak = report["bf16_dot_peak_gmacs"]
+    if peak["1"] is not None:  # the measured ceiling bounds what the kernels do (noise allowed)
+        assert peak["1"] > 0
+        assert all(0 < r["gmacs"] <= 1.5 * peak[str(r["threads"])] for r in report["attention"])
 
 
 @pytest.mark.parametrize(

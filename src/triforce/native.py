@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -88,6 +89,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tf_pack_weight": ([p, p, i, i], None),
         "tf_linear_bf16": ([p, p, p, p, i, i, i, i, i], i),
         "tf_has_bf16_linear": ([], i),
+        "tf_bf16_dot_peak": ([n, i], f),
         "tf_rms_norm": ([p, p, p, i, i, f, i], None),
         "tf_rope_store": ([p, p, p, p, p, p, p, n, i, i, i, i, i, i], None),
         "tf_silu_mul": ([p, p, i, i, i], None),
@@ -276,6 +278,23 @@ class PackedLinear:
         if code != 0:
             raise RuntimeError("bf16 linear kernel unavailable")
         return y.view(*shape, self.out_features)
+
+
+def bf16_dot_peak_gmacs(threads: int, seconds: float = 0.5) -> float | None:
+    """Measured bf16 multiply-adds per second (GMAC/s) of `threads` threads running nothing
+    but independent pair-dot-product instructions: the compute ceiling of the bf16 kernels.
+    None without AVX512-BF16."""
+    lib = library()
+    if lib is None or not lib.tf_has_bf16_linear():
+        return None
+    iterations = 1 << 16
+    while True:
+        t0 = time.perf_counter()
+        lib.tf_bf16_dot_peak(iterations, threads)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return iterations * 16 * 32 * threads / elapsed / 1e9
+        iterations = int(iterations * max(2.0, 1.2 * seconds / max(elapsed, 1e-6)))
 
 
 # -- glue ------------------------------------------------------------------------------------

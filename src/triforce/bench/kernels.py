@@ -7,7 +7,8 @@ decoding step, not from a cache the previous call warmed. Reported per context, 
 keys and values read. Projections: the target's own packed layers with M rows of input (one
 decoding step of a batch of M, or a verification of M tokens): milliseconds per pass over every
 layer, GB/s of weights read and multiply-adds per second, which shows where the rows stop being
-free (the pass turns compute-bound).
+free (the pass turns compute-bound). Both also in multiply-adds per second, against the
+machine's measured bf16 ceiling (threads running nothing but pair-dot-product instructions).
 """
 
 from __future__ import annotations
@@ -61,15 +62,18 @@ def attention_rows(config: Any, contexts: list[int], queries: list[int], layers:
         k.normal_()
         v.normal_()
         kv_bytes = 2 * hkv * context * hd * 2
+        macs_per_query = 2 * hq * context * hd  # q.k and p.v for every query head
         for t in queries:
             q = torch.randn(t, hq, hd)
             for threads in thread_counts:
                 torch.set_num_threads(threads)
                 per_layer = _timed(partial(_attention_pass, q, k, v, context), repeats) / layers
+                gmacs = t * macs_per_query / per_layer / 1e9
                 rows.append({"context": context, "queries": t, "threads": threads,
-                             "us_per_layer": round(per_layer * 1e6, 1), "gbs": round(kv_bytes / per_layer / 1e9, 1)})
+                             "us_per_layer": round(per_layer * 1e6, 1), "gbs": round(kv_bytes / per_layer / 1e9, 1),
+                             "gmacs": round(gmacs, 1)})
                 log(f"attention {context} T={t} threads={threads}: {per_layer * 1e6:.0f} us/layer, "
-                    f"{kv_bytes / per_layer / 1e9:.1f} GB/s")
+                    f"{kv_bytes / per_layer / 1e9:.1f} GB/s, {gmacs:.0f} GMAC/s")
     return rows
 
 
@@ -109,19 +113,27 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
     layers = layers or config.num_layers
     all_threads = torch.get_num_threads()
     thread_counts = sorted({1, all_threads})
+    peak = {t: native.bf16_dot_peak_gmacs(t, seconds=0.5 if repeats > 1 else 0.05) for t in thread_counts}
+    if None not in peak.values():
+        log("bf16 dot-product ceiling: " + ", ".join(f"{g:.0f} GMAC/s with {t} thread(s)" for t, g in peak.items()))
     try:
         attn = attention_rows(config, contexts, queries, layers, repeats, thread_counts, log)
         proj = projection_rows(target, rows, repeats, all_threads, log)
     finally:
         torch.set_num_threads(all_threads)
-    table = markdown_table(["context", "query tokens", "threads", "us per layer", "KV GB/s"],
-                           [[r["context"], r["queries"], r["threads"], r["us_per_layer"], r["gbs"]] for r in attn])
+    table = markdown_table(["context", "query tokens", "threads", "us per layer", "KV GB/s", "GMAC/s"],
+                           [[r["context"], r["queries"], r["threads"], r["us_per_layer"], r["gbs"], r["gmacs"]]
+                            for r in attn])
     table += "\n\n" + markdown_table(["input rows", "ms per pass", "weight GB/s", "GMAC/s"],
                                      [[r["rows"], r["ms"], r["gbs"], r["gmacs"]] for r in proj])
     table += (f"\n\n- copy bandwidth {bandwidth:.1f} GB/s (read+write); attention over {layers} separate "
               f"{config.num_kv_heads}-KV-head caches per pass; projections over {len(target.decoder.layers)} layers")
+    if None not in peak.values():
+        table += "\n- bf16 dot-product ceiling: " + ", ".join(f"{g:.0f} GMAC/s with {t} thread(s)"
+                                                           for t, g in peak.items())
     log(table)
     report = {"machine": machine(), "copy_bandwidth_gbs": round(bandwidth, 1), "model": target.source,
+              "bf16_dot_peak_gmacs": {str(t): (round(g, 1) if g is not None else None) for t, g in peak.items()},
               "layers": layers, "attention": attn, "projections": proj, "markdown": table}
     write_report(out, "kernels", report)
     return report

@@ -283,9 +283,7 @@ static inline __attribute__((always_inline)) void rows_block(
             continue;
         }
         float mn = m[r] > bm ? m[r] : bm;
-        /* inline, not expf: a library call makes every live vector register (the scores of
-         * all RB rows) spill around it */
-        corr[i] = _mm512_cvtss_f32(exp512(_mm512_set1_ps(m[r] - mn)));
+        corr[i] = expf(m[r] - mn);
         const __m512 mnv = _mm512_set1_ps(mn);
         __m512 total = _mm512_setzero_ps();
         for (int sb = 0; sb < nsub; sb++) {

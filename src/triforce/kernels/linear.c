@@ -118,3 +118,36 @@ int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bi
     return -1;
 #endif
 }
+
+/* The machine's bf16 multiply-add ceiling, for `triforce bench kernels`: each thread runs
+ * `iterations` rounds of 16 independent pair-dot-product instructions, in the form the kernels
+ * use (a weight register times an input pair broadcast from memory), 32 multiply-adds each.
+ * Sixteen chains: fewer leave the units waiting on each instruction's latency (12 reached half
+ * the rate here). Returns a sum of the results (so none is optimised away), or -1 without
+ * AVX512-BF16. */
+float tf_bf16_dot_peak(long iterations, int n_threads) {
+#if defined(__AVX512BF16__)
+    float total = 0.0f;
+#pragma omp parallel num_threads(n_threads) reduction(+ : total)
+    {
+        uint32_t pairs[256 * 8];
+        for (int i = 0; i < 256 * 8; i++) pairs[i] = 0x3c003c00u + (uint32_t)(i & 7);
+        __m512 acc[16];
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_set1_ps((float)i);
+        const __m512bh w0 = (__m512bh)_mm512_set1_epi32(0x3f803f80), w1 = (__m512bh)_mm512_set1_epi32(0x3f813f80);
+        for (long it = 0; it < iterations; it++) {
+            const uint32_t *p = pairs + (it & 255) * 8;
+            for (int j = 0; j < 8; j++) {
+                acc[j] = _mm512_dpbf16_ps(acc[j], w0, (__m512bh)_mm512_set1_epi32((int)p[j]));
+                acc[8 + j] = _mm512_dpbf16_ps(acc[8 + j], w1, (__m512bh)_mm512_set1_epi32((int)p[j]));
+            }
+        }
+        for (int i = 0; i < 16; i++) total += _mm512_reduce_add_ps(acc[i]);
+    }
+    return total;
+#else
+    (void)iterations;
+    (void)n_threads;
+    return -1.0f;
+#endif
+}
