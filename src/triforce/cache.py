@@ -167,14 +167,9 @@ def attend_qkv_batch(
         fields, keep = [], []
         for cache, a, b, _ in spans:
             kb, vb = cache.buffers(layer, 0)
-            chunks, chunk_size, dense_start = cache.visible(layer, 0)
-            n_chunks = 0
-            if chunks is not None:
-                chunks = chunks if chunks.dtype == torch.int32 and chunks.is_contiguous() else chunks.int().contiguous()
-                n_chunks = chunks.shape[1]
-                keep.append(chunks)  # alive until the call returns
-            else:
-                dense_start = 0
+            selection, chunk_size, dense_start = cache.visible(layer, 0)
+            chunks, n_chunks, dense_start = native.chunk_args(selection, dense_start)
+            keep.append(chunks)  # alive until the call returns
             fields.append([kb.data_ptr(), vb.data_ptr(), kb.stride(0), cache.write_row(0), b - a,
                            chunks.data_ptr() if chunks is not None else 0, n_chunks, chunk_size, dense_start])
         out, q = native.rope_attention_many(qkv[0], rope.cos, rope.sin, positions, fields, num_heads)

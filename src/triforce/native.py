@@ -138,6 +138,27 @@ def usable_for(t: torch.Tensor) -> bool:
 
 
 # -- attention --------------------------------------------------------------------------------
+def chunk_args(chunks: torch.Tensor | None, dense_start: int) -> tuple[torch.Tensor | None, int, int]:
+    """The kernel's view of a key selection: (chunks as contiguous int32 or None, their count,
+    dense_start, which only means something alongside chunks). Keep the returned tensor alive
+    until the kernel call returns."""
+    if chunks is None:
+        return None, 0, 0
+    if chunks.dtype != torch.int32 or not chunks.is_contiguous():
+        chunks = chunks.to(torch.int32).contiguous()
+    return chunks, chunks.shape[1], dense_start
+
+
+def _check_kv(k: torch.Tensor, v: torch.Tensor, head_dim: int) -> None:
+    if k.stride(2) != 1 or k.stride(1) != head_dim or v.stride() != k.stride():
+        raise ValueError("kernel needs K/V with contiguous rows and equal layouts")
+
+
+def _checked(code: int) -> None:
+    if code != 0:
+        raise RuntimeError(f"attention kernel failed with code {code}")
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -154,25 +175,16 @@ def attention(
     assert lib is not None
     T, nq, hd = q.shape
     nkv = k.shape[0]
-    if k.stride(2) != 1 or k.stride(1) != hd or v.stride() != k.stride():
-        raise ValueError("kernel needs K/V with contiguous rows and equal layouts")
+    _check_kv(k, v, hd)
     qf = q if (q.dtype == torch.float32 and q.is_contiguous()) else q.float().contiguous()
     out_dtype = out_dtype or q.dtype
     out = torch.empty(T, nq, hd, dtype=out_dtype)
-    n_chunks, chunks_ptr = 0, None
-    if chunks is not None:
-        if chunks.dtype != torch.int32 or not chunks.is_contiguous():
-            chunks = chunks.to(torch.int32).contiguous()
-        n_chunks, chunks_ptr = chunks.shape[1], chunks.data_ptr()
-    else:
-        dense_start = 0
-    code = lib.tf_attention(
+    chunks, n_chunks, dense_start = chunk_args(chunks, dense_start)
+    _checked(lib.tf_attention(
         qf.data_ptr(), k.data_ptr(), v.data_ptr(), _is_bf16(k), k.stride(0), out.data_ptr(), _is_bf16(out),
-        T, nq, nkv, hd, chunks_ptr, n_chunks, chunk_size, dense_start, num_rows, first_row, hd**-0.5,
-        torch.get_num_threads(),
-    )
-    if code != 0:
-        raise RuntimeError(f"attention kernel failed with code {code}")
+        T, nq, nkv, hd, chunks.data_ptr() if chunks is not None else None, n_chunks, chunk_size, dense_start,
+        num_rows, first_row, hd**-0.5, torch.get_num_threads(),
+    ))
     return out
 
 
@@ -189,17 +201,12 @@ def attention_many(jobs: list[AttentionJob], out_dtype: torch.dtype) -> torch.Te
     fields, keep, at = [], [], 0
     for job in jobs:
         q, k, v = job.q, job.k, job.v
-        if k.stride(2) != 1 or k.stride(1) != hd or v.stride() != k.stride() or k.dtype != first.k.dtype:
-            raise ValueError("kernel needs K/V with contiguous rows, equal layouts and one dtype")
+        _check_kv(k, v, hd)
+        if k.dtype != first.k.dtype:
+            raise ValueError("kernel needs one K/V dtype for every sequence")
         if q.dtype != torch.float32 or not q.is_contiguous():
             q = q.float().contiguous()
-        chunks, n_chunks, dense_start = job.chunks, 0, job.dense_start
-        if chunks is not None:
-            if chunks.dtype != torch.int32 or not chunks.is_contiguous():
-                chunks = chunks.to(torch.int32).contiguous()
-            n_chunks = chunks.shape[1]
-        else:
-            dense_start = 0
+        chunks, n_chunks, dense_start = chunk_args(job.chunks, job.dense_start)
         keep += [q, chunks]  # alive until the call returns
         T = q.shape[0]
         fields.append([q.data_ptr(), k.data_ptr(), v.data_ptr(), out[at].data_ptr(), k.stride(0), T,
@@ -207,10 +214,8 @@ def attention_many(jobs: list[AttentionJob], out_dtype: torch.dtype) -> torch.Te
                        job.num_rows, job.first_row])
         at += T
     table = torch.tensor(fields, dtype=torch.int64)
-    code = lib.tf_attention_many(table.data_ptr(), len(jobs), _is_bf16(first.k), _is_bf16(out), nq, nkv, hd,
-                                 hd**-0.5, torch.get_num_threads())
-    if code != 0:
-        raise RuntimeError(f"attention kernel failed with code {code}")
+    _checked(lib.tf_attention_many(table.data_ptr(), len(jobs), _is_bf16(first.k), _is_bf16(out), nq, nkv, hd,
+                                   hd**-0.5, torch.get_num_threads()))
     return out
 
 
@@ -230,13 +235,11 @@ def rope_attention_many(
     q = torch.empty(N, num_heads, D, dtype=torch.float32)
     out = torch.empty(N, num_heads, D, dtype=qkv.dtype)
     table = torch.tensor(fields, dtype=torch.int64)
-    code = lib.tf_rope_attention_many(
+    _checked(lib.tf_rope_attention_many(
         qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(), out.data_ptr(),
         table.data_ptr(), len(fields), num_heads, (heads - num_heads) // 2, D, _is_bf16(qkv), D**-0.5,
         torch.get_num_threads(),
-    )
-    if code != 0:
-        raise RuntimeError(f"attention kernel failed with code {code}")
+    ))
     return out, q
 
 
