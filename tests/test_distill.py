@@ -120,3 +120,24 @@ def test_fused_head_loss_matches_autograd():
     got.backward()
     assert abs(got.item() - ref.item()) < 1e-4
     assert torch.allclose(h.grad, gh, atol=1e-5) and torch.allclose(w.grad, gw, atol=1e-5)
+
+
+def test_teacher_cache_grows_with_more_sequences_and_resets_on_other_text(tmp_path):
+    from triforce.distill import TeacherCache
+
+    seqs = torch.randint(0, 100, (5, 9))
+    small = TeacherCache(tmp_path, seqs[:3], k=2)
+    small.index[1] = 7
+    small.probs[1] = 0.5
+    small.done[1] = 1
+    del small
+    grown = TeacherCache(tmp_path, seqs, k=2)  # same first rows: the work done is kept
+    assert grown.done.tolist() == [0, 1, 0, 0, 0]
+    assert bool((grown.index[1] == 7).all()) and bool((grown.probs[1] == 0.5).all())
+    assert bool((grown.index[3:] == 0).all())
+    grown.done[4] = 1
+    del grown
+    other = seqs.clone()
+    other[0, 0] += 1  # other text in a cached row: nothing may be reused
+    reset = TeacherCache(tmp_path, other, k=2)
+    assert reset.done.tolist() == [0, 0, 0, 0, 0]

@@ -103,27 +103,40 @@ def build_sequences(cfg: DistillConfig, tokenizer: Any, eos: int) -> tuple[torch
     return train, held[:64], sources
 
 
+def rows_digest(sequences: torch.Tensor) -> str:
+    return hashlib.sha256(sequences.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
 class TeacherCache:
     """The target's top-k next-token probabilities per training sequence, computed once, kept
     on disk (memory-mapped) so an interrupted run resumes without recomputing them."""
 
-    def __init__(self, directory: Path, num_sequences: int, seq_len: int, k: int) -> None:
+    def __init__(self, directory: Path, sequences: torch.Tensor, k: int) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.k = k
+        num_sequences, seq_len = sequences.shape[0], sequences.shape[1] - 1
         shape = (num_sequences, seq_len, k)
-        meta = directory / "meta.json"
-        fresh = not meta.exists() or json.loads(meta.read_text()) != {"shape": list(shape)}
-        if fresh:
+        meta_file = directory / "meta.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        old = meta.get("shape", [0, seq_len, k])
+        # a larger --max-tokens keeps the same sequences first (one shuffle, then a cut), so a
+        # cache of the first rows grows instead of being recomputed; the digest proves it
+        grows = (old[1:] == [seq_len, k] and old[0] <= num_sequences
+                 and meta.get("digest", rows_digest(sequences[: old[0]])) == rows_digest(sequences[: old[0]]))
+        kept = old[0] if grows else 0
+        if not grows:
             for f in directory.glob("*.bin"):
                 f.unlink()
-            meta.write_text(json.dumps({"shape": list(shape)}))
+        files = {"index.bin": 4 * seq_len * k, "probs.bin": 2 * seq_len * k, "done.bin": 1}
+        for name, row_bytes in files.items():
+            with open(directory / name, "ab") as f:  # zero-fills the rows that are new
+                f.truncate(max(kept, num_sequences) * row_bytes)
+        meta_file.write_text(json.dumps({"shape": list(shape), "digest": rows_digest(sequences)}))
         numel = num_sequences * seq_len * k
         index_file, probs_file = str(directory / "index.bin"), str(directory / "probs.bin")
         self.index = torch.from_file(index_file, shared=True, size=numel, dtype=torch.int32).view(shape)
         self.probs = torch.from_file(probs_file, shared=True, size=numel, dtype=torch.float16).view(shape)
         self.done = torch.from_file(str(directory / "done.bin"), shared=True, size=num_sequences, dtype=torch.uint8)
-        if fresh:
-            self.done.zero_()
 
     def fill(self, rows: torch.Tensor, sequences: torch.Tensor, teacher: LoadedModel) -> None:
         todo = [int(r) for r in rows if not self.done[int(r)]]
@@ -410,7 +423,7 @@ def distill(cfg: DistillConfig, resume: bool = False, log: Any = print) -> dict[
     work = out / WORKDIR
     work.mkdir(parents=True, exist_ok=True)
     teacher_dir = Path(cfg.teacher_cache) if cfg.teacher_cache else work / "teacher"
-    teacher = TeacherCache(teacher_dir, len(train), cfg.seq_len, cfg.teacher_topk)
+    teacher = TeacherCache(teacher_dir, train, cfg.teacher_topk)
     student = make_student(cfg, target, train[:8, :-1])
     params = sum(p.numel() for p in student.parameters())
     init = f"from {cfg.init_from}" if cfg.init_from else cfg.init
