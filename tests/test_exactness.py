@@ -358,3 +358,32 @@ def test_prompt_inside_the_draft_sink(small_vocab_models):
         assert len(out.token_ids) == 30
         if temperature == 0:
             assert out.token_ids == ar.token_ids
+
+
+def test_prompt_cache_holds_exactly_the_rows_a_fresh_prefill_computes(embedded_bf16):
+    """Prefill chunks (flash attention) and decoding steps (the kernel) round differently, so a
+    reused prompt is exact only if every kept row was computed as a fresh prefill of the new
+    prompt computes it. Checked bit for bit on the cache itself, where a mere token comparison
+    would pass by luck: the same prompt again, a chat-style continuation (old prompt, its answer,
+    more text), and a shorter edit of it."""
+    from triforce.corpus import document_tokens
+
+    tok = embedded_bf16.tokenizer
+    text = document_tokens(tok, "vim", 900, offset=5000)
+    knobs = dict(max_new_tokens=12, ignore_eos=True)
+
+    def rows(engine: TriForce, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return engine._full.k[:, :, :, :n], engine._full.v[:, :, :, :n]
+
+    engine = TriForce(embedded_bf16, method="autoregressive", prefill_chunk=256)
+    first = engine.generate(text[:600], **knobs)
+    follow_ups = [text[:600], text[:600] + first.token_ids + text[600:900], text[:700], text[:530]]
+    for prompt in follow_ups:
+        fresh = TriForce(embedded_bf16, method="autoregressive", prefill_chunk=256)
+        expected = fresh.generate(prompt, **knobs)
+        got = engine.generate(prompt, **knobs)
+        assert got.token_ids == expected.token_ids
+        n = len(prompt) + len(got.token_ids) - 1
+        for mine, theirs in zip(rows(engine, n), rows(fresh, n)):
+            assert torch.equal(mine, theirs), f"prompt of {len(prompt)} tokens: cached rows differ"
+    assert got.stats["cached_prompt_tokens"] == 512  # whole chunks of 256 survive the edit

@@ -207,6 +207,11 @@ class FullCache(RowCache):
         self.views = [[(self.k[i, b], self.v[i, b]) for b in range(batch)] for i in range(config.num_layers)]
         self.lengths = [0] * batch
         self.device = torch.device(device)
+        # How the rows were computed, for prompt caching that stays exact (see `reusable`):
+        # rows [0, aligned_rows) ran in whole prefill chunks [k C, (k+1) C) with C = aligned_chunk;
+        # rows [kernel_from, length) ran through the attention kernel (few tokens per pass),
+        # whose rows do not depend on how many ran together.
+        self.aligned_rows, self.aligned_chunk, self.kernel_from = 0, 0, 0
         # Queries of the last forward pass, kept only when a retrieval cache asks for them.
         self.keep_queries = False
         self.last_queries: list[torch.Tensor] = []
@@ -247,13 +252,40 @@ class FullCache(RowCache):
         for old, new in ((self.k, bigger.k), (self.v, bigger.v)):
             new[:, :, :, :keep].copy_(old[:, :, :, :keep])
         bigger.lengths = [keep] * self.batch
+        bigger.aligned_chunk = self.aligned_chunk
+        bigger.aligned_rows, bigger.kernel_from = self.aligned_rows, self.kernel_from
+        bigger.truncate(keep)
         return bigger
+
+    def note_rows(self, start: int, end: int, chunk: int, kernel: bool) -> None:
+        """Rows [start, end) were just computed in one pass (of chunk size `chunk`)."""
+        if self.aligned_chunk != chunk:
+            self.aligned_chunk, self.aligned_rows = chunk, 0
+        if start == self.aligned_rows and start % chunk == 0 and end - start == chunk:
+            self.aligned_rows = end
+        if not kernel:
+            self.kernel_from = end
+
+    def reusable(self, common: int, prompt_len: int, chunk: int, kernel_max: int) -> int:
+        """How many of the `common` leading rows shared with a new prompt hold exactly what a
+        fresh prefill of that prompt would compute. A fresh prefill runs whole chunks
+        [k C, (k+1) C) and then a final piece [base, prompt_len): rows of the same whole chunks
+        match, and when the final piece is short enough for the attention kernel, rows the kernel
+        computed (decoded tokens, or an earlier short final piece) match too."""
+        aligned = self.aligned_rows if self.aligned_chunk == chunk else 0
+        base = (prompt_len - 1) // chunk * chunk if prompt_len else 0
+        if prompt_len - base <= kernel_max and aligned >= base and self.kernel_from <= base:
+            return common
+        return min(common, aligned, base)
 
     def truncate(self, length: int) -> None:
         """Forget everything after `length` tokens (rejected drafts)."""
         if length > min(self.lengths):
             raise ValueError(f"cannot truncate to {length}: cache holds {self.lengths}")
         self.lengths = [length] * len(self.lengths)
+        if self.aligned_chunk:
+            self.aligned_rows = min(self.aligned_rows, length // self.aligned_chunk * self.aligned_chunk)
+        self.kernel_from = min(self.kernel_from, length)
 
 
 class SparseView(RowCache):

@@ -23,6 +23,7 @@ import torch
 from .batch import run_forward
 from .cache import FullCache, RetrievalView, SparseView, StreamingCache
 from .model import Decoder
+from .native import MAX_KERNEL_QUERIES
 from .sampling import SamplingParams, sample, verify, warp
 
 TAIL_CHECK = 256  # tokens compared when aligning a level's cache with the context
@@ -159,6 +160,8 @@ class ModelLevel(Level):
         """Keep the cached KV of the longest common prefix with a new prompt (prompt caching);
         returns how many tokens were kept."""
         common = self._common_prefix(prompt, exhaustive=True)
+        if isinstance(self.cache, FullCache):  # only rows a fresh prefill would compute alike
+            common = self.cache.reusable(common, len(prompt), self.prefill_chunk, MAX_KERNEL_QUERIES)
         self._truncate(common)
         return common
 
@@ -177,7 +180,9 @@ class ModelLevel(Level):
         """Run `inputs` after the cache; return logits of the last `num_scored` positions."""
         t0 = time.perf_counter()
         dec, cache = self.decoder, self.cache
-        pieces = _split_for_cache(inputs, num_scored, self.prefill_chunk, cache)
+        full = cache if isinstance(cache, FullCache) else None
+        start = full.length if full is not None else 0
+        pieces = _split_for_cache(inputs, num_scored, self.prefill_chunk, cache, start)
         logits = None
         bar = None
         if self.progress and len(pieces) > 2:
@@ -195,6 +200,9 @@ class ModelLevel(Level):
                 logits = out[0]
             else:
                 run_forward(dec, ids, cache, "none")
+            if full is not None:
+                end = full.length
+                full.note_rows(end - len(piece), end, self.prefill_chunk, kernel=len(piece) <= MAX_KERNEL_QUERIES)
             if bar is not None:
                 bar.update(len(piece))
         if bar is not None:
@@ -247,13 +255,17 @@ class ModelLevel(Level):
 
 
 def _split_for_cache(
-    inputs: list[int], num_scored: int, chunk: int, cache: Any
+    inputs: list[int], num_scored: int, chunk: int, cache: Any, start: int = 0
 ) -> list[tuple[str, Any]]:
     """Pieces of a forward pass: ("fill", tokens), ("skip", count), ("last", tokens).
 
     Long inputs (prefill) run in chunks so activations stay bounded. A StreamingLLM cache keeps
     only its sink and window, so of a long prompt it runs the start (the sink) and the last
     window tokens; the rest it would evict unread.
+
+    Other caches cut long inputs at multiples of `chunk` counted from the cache's first row
+    (`start` is where the inputs begin): a row's keys and values then depend only on the
+    tokens, never on where an earlier prompt happened to end, which keeps prompt caching exact.
     """
     pieces: list[tuple[str, Any]] = []
     if isinstance(cache, StreamingCache):
@@ -266,6 +278,13 @@ def _split_for_cache(
                 pieces.append(("fill", head))
             pieces.append(("skip", len(inputs) - len(head) - len(tail)))
             inputs = tail
+    elif len(inputs) > MAX_KERNEL_QUERIES:
+        cuts = [start] + list(range((start // chunk + 1) * chunk, start + len(inputs), chunk)) + [start + len(inputs)]
+        pieces = [("fill", inputs[a - start : b - start]) for a, b in zip(cuts, cuts[1:])]
+        while len(pieces) > 1 and len(pieces[-1][1]) < num_scored:  # the scored rows stay in one pass
+            pieces[-2:] = [("fill", pieces[-2][1] + pieces[-1][1])]
+        pieces[-1] = ("last", pieces[-1][1])
+        return pieces
     last_len = max(num_scored, min(chunk, len(inputs)))
     body, last = inputs[: len(inputs) - last_len], inputs[len(inputs) - last_len :]
     for i in range(0, len(body), chunk):
