@@ -271,19 +271,29 @@ static inline __attribute__((always_inline)) void rows_block(
         }
     }
     uint32_t pairs[4][SUB * BLOCK / 2];
-    float corr[4];
+    float mnew[4], shift[16] = {0};
+    int none[4];
     for (int i = 0; i < RB; i++) {
-        const int r = r0 + i;
         __m512 bmv = _mm512_set1_ps(-INFINITY);
         for (int sb = 0; sb < nsub; sb++) bmv = _mm512_mask_max_ps(bmv, visible[i][sb], bmv, sv[i][sb]);
-        float bm = _mm512_reduce_max_ps(bmv);
-        if (bm == -INFINITY) { /* nothing visible in this block: leave the row as it is */
+        const float bm = _mm512_reduce_max_ps(bmv), mo = m[r0 + i];
+        mnew[i] = mo > bm ? mo : bm;
+        none[i] = bm == -INFINITY;
+        shift[i] = none[i] ? 0.0f : mo - mnew[i];
+    }
+    /* every row's correction in one vector exp: a libm call here would spill every live
+     * vector register (the scores) per row. Lane i depends only on row i, so a row gets the
+     * same value whatever group it is computed in. */
+    float corr[16];
+    _mm512_storeu_ps(corr, exp512(_mm512_loadu_ps(shift)));
+    for (int i = 0; i < RB; i++) {
+        const int r = r0 + i;
+        if (none[i]) { /* nothing visible in this block: leave the row as it is */
             corr[i] = 1.0f;
             memset(pairs[i], 0, sizeof(pairs[i]));
             continue;
         }
-        float mn = m[r] > bm ? m[r] : bm;
-        corr[i] = expf(m[r] - mn);
+        const float mn = mnew[i];
         const __m512 mnv = _mm512_set1_ps(mn);
         __m512 total = _mm512_setzero_ps();
         for (int sb = 0; sb < nsub; sb++) {
@@ -385,8 +395,10 @@ static inline __attribute__((always_inline)) void attend_range_bf16_impl(
                 _mm512_storeu_si512((void *)(dst + 32), hi);
             }
         }
-        for (int r = 0; r < R;) {
-            int rb = R - r < rb_max ? R - r : rb_max;
+        /* groups as even as possible (21 rows: 4,4,4,3,3,3, not 4,4,4,4,4,1): a lone row has
+         * only two accumulation chains and waits on the multiply-add latency */
+        for (int r = 0, groups = (R + rb_max - 1) / rb_max; r < R; groups--) {
+            int rb = (R - r + groups - 1) / groups;
             rows_group(0, rb, r, G, D, nk, nsub, first_row, scale, qb, kt, vi, k, v, rows, m, l, acc);
             r += rb;
         }
