@@ -114,8 +114,11 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
     all_threads = torch.get_num_threads()
     thread_counts = sorted({1, all_threads})
     peak = {t: native.bf16_dot_peak_gmacs(t, seconds=0.5 if repeats > 1 else 0.05) for t in thread_counts}
+    ceiling = None
     if None not in peak.values():
-        log("bf16 dot-product ceiling: " + ", ".join(f"{g:.0f} GMAC/s with {t} thread(s)" for t, g in peak.items()))
+        ceiling = "bf16 dot-product ceiling: " + ", ".join(
+            f"{g:.0f} GMAC/s with {t} thread(s)" for t, g in peak.items())
+        log(ceiling)
     try:
         attn = attention_rows(config, contexts, queries, layers, repeats, thread_counts, log)
         proj = projection_rows(target, rows, repeats, all_threads, log)
@@ -128,9 +131,8 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
                                      [[r["rows"], r["ms"], r["gbs"], r["gmacs"]] for r in proj])
     table += (f"\n\n- copy bandwidth {bandwidth:.1f} GB/s (read+write); attention over {layers} separate "
               f"{config.num_kv_heads}-KV-head caches per pass; projections over {len(target.decoder.layers)} layers")
-    if None not in peak.values():
-        table += "\n- bf16 dot-product ceiling: " + ", ".join(f"{g:.0f} GMAC/s with {t} thread(s)"
-                                                           for t, g in peak.items())
+    if ceiling is not None:
+        table += f"\n- {ceiling}"
     log(table)
     report = {"machine": machine(), "copy_bandwidth_gbs": round(bandwidth, 1), "model": target.source,
               "bf16_dot_peak_gmacs": {str(t): (round(g, 1) if g is not None else None) for t, g in peak.items()},
