@@ -23,6 +23,12 @@ import torch.nn.functional as F
 from . import native
 
 
+def kernel_runs(k: torch.Tensor, num_queries: int) -> bool:
+    """Whether `num_queries` new tokens over cache buffer `k` go through the native kernel. The
+    one place this is decided: the prompt cache relies on knowing which rows the kernel wrote."""
+    return num_queries <= native.MAX_KERNEL_QUERIES and native.usable_for(k)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -35,7 +41,7 @@ def attend(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     out_dtype = out_dtype or k.dtype
-    if q.shape[0] <= native.MAX_KERNEL_QUERIES and native.usable_for(k):
+    if kernel_runs(k, q.shape[0]):
         return native.attention(q, k, v, num_rows, first_row, chunks, chunk_size, dense_start, out_dtype)
     if chunks is not None:
         k, v, first_row, num_rows = gather_chunks(k, v, chunks, chunk_size, dense_start, num_rows, first_row)
@@ -63,7 +69,7 @@ def attend_many(jobs: list[AttentionJob], out_dtype: torch.dtype) -> torch.Tenso
     if len(jobs) == 1:
         j = jobs[0]
         return attend(j.q, j.k, j.v, j.num_rows, j.first_row, j.chunks, j.chunk_size, j.dense_start, out_dtype)
-    if all(j.q.shape[0] <= native.MAX_KERNEL_QUERIES and native.usable_for(j.k) and j.k.dtype == jobs[0].k.dtype
+    if all(kernel_runs(j.k, j.q.shape[0]) and j.k.dtype == jobs[0].k.dtype
            for j in jobs):
         return native.attention_many(jobs, out_dtype)
     return torch.cat([attend(j.q, j.k, j.v, j.num_rows, j.first_row, j.chunks, j.chunk_size, j.dense_start, out_dtype)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from . import native
-from .attention import AttentionJob, attend_many
+from .attention import AttentionJob, attend_many, kernel_runs
 from .config import ModelConfig
 from .errors import TriforceError
 
@@ -185,7 +185,7 @@ def _plain(cache: Any, qkv: torch.Tensor, num_tokens: int) -> bool:
     if not isinstance(cache, RowCache) or cache.batch != 1 or type(cache)._job is not RowCache._job:
         return False
     k, _ = cache.buffers(0, 0)
-    return num_tokens <= native.MAX_KERNEL_QUERIES and native.usable_for(k) and k.dtype == qkv.dtype
+    return kernel_runs(k, num_tokens) and k.dtype == qkv.dtype
 
 
 class FullCache(RowCache):

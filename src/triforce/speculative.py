@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .attention import kernel_runs
 from .batch import run_forward
 from .cache import FullCache, RetrievalView, SparseView, StreamingCache
 from .model import Decoder
@@ -161,7 +162,10 @@ class ModelLevel(Level):
         returns how many tokens were kept."""
         common = self._common_prefix(prompt, exhaustive=True)
         if isinstance(self.cache, FullCache):  # only rows a fresh prefill would compute alike
-            common = self.cache.reusable(common, len(prompt), self.prefill_chunk, MAX_KERNEL_QUERIES)
+            # without the kernel (another device, an older CPU) short passes run through SDPA
+            # too, whose rows depend on how many tokens share the pass: only whole chunks match
+            kernel_max = MAX_KERNEL_QUERIES if kernel_runs(self.cache.buffers(0, 0)[0], 1) else 0
+            common = self.cache.reusable(common, len(prompt), self.prefill_chunk, kernel_max)
         self._truncate(common)
         return common
 
@@ -202,7 +206,8 @@ class ModelLevel(Level):
                 run_forward(dec, ids, cache, "none")
             if full is not None:
                 end = full.length
-                full.note_rows(end - len(piece), end, self.prefill_chunk, kernel=len(piece) <= MAX_KERNEL_QUERIES)
+                full.note_rows(end - len(piece), end, self.prefill_chunk,
+                               kernel=kernel_runs(full.buffers(0, 0)[0], len(piece)))
             if bar is not None:
                 bar.update(len(piece))
         if bar is not None:
