@@ -121,6 +121,10 @@ def test_kernels_quick(tmp_path):
     if peak["1"] is not None:  # the measured ceiling bounds what the kernels do (noise allowed)
         assert peak["1"] > 0
         assert all(0 < r["gmacs"] <= 1.5 * peak[str(r["threads"])] for r in report["attention"])
+        chains = report["bf16_dot_gmacs_by_chains"]
+        assert list(chains) == ["2", "4", "6", "8", "12", "16"]
+        # two chains wait on the instruction's latency (about a third of the rate here)
+        assert 0 < chains["2"] < 0.8 * chains["16"]
 
 
 @pytest.mark.parametrize(

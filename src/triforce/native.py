@@ -89,7 +89,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tf_pack_weight": ([p, p, i, i], None),
         "tf_linear_bf16": ([p, p, p, p, i, i, i, i, i], i),
         "tf_has_bf16_linear": ([], i),
-        "tf_bf16_dot_peak": ([n, i], f),
+        "tf_bf16_dot_peak": ([n, i, i], f),
         "tf_rms_norm": ([p, p, p, i, i, f, i], None),
         "tf_rope_store": ([p, p, p, p, p, p, p, n, i, i, i, i, i, i], None),
         "tf_silu_mul": ([p, p, i, i, i], None),
@@ -283,20 +283,22 @@ class PackedLinear:
         return y.view(*shape, self.out_features)
 
 
-def bf16_dot_peak_gmacs(threads: int, seconds: float = 0.5) -> float | None:
+def bf16_dot_peak_gmacs(threads: int, seconds: float = 0.5, chains: int = 16) -> float | None:
     """Measured bf16 multiply-adds per second (GMAC/s) of `threads` threads running nothing
-    but independent pair-dot-product instructions: the compute ceiling of the bf16 kernels.
-    None without AVX512-BF16."""
+    but the pair-dot-product instruction in `chains` (2, 4, 6, 8, 12, 16) independent chains:
+    with enough chains, the compute ceiling of the bf16 kernels. None without AVX512-BF16."""
+    if chains not in (2, 4, 6, 8, 12, 16):
+        raise ValueError(f"chains must be 2, 4, 6, 8, 12 or 16, got {chains}")
     lib = library()
     if lib is None or not lib.tf_has_bf16_linear():
         return None
     iterations = 1 << 16
     while True:
         t0 = time.perf_counter()
-        lib.tf_bf16_dot_peak(iterations, threads)
+        lib.tf_bf16_dot_peak(iterations, threads, chains)
         elapsed = time.perf_counter() - t0
         if elapsed >= seconds:
-            return iterations * 16 * 32 * threads / elapsed / 1e9
+            return iterations * chains * 32 * threads / elapsed / 1e9
         iterations = int(iterations * max(2.0, 1.2 * seconds / max(elapsed, 1e-6)))
 
 

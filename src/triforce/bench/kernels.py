@@ -70,8 +70,8 @@ def attention_rows(config: Any, contexts: list[int], queries: list[int], layers:
                 per_layer = _timed(partial(_attention_pass, q, k, v, context), repeats) / layers
                 gmacs = t * macs_per_query / per_layer / 1e9
                 rows.append({"context": context, "queries": t, "threads": threads,
-                             "us_per_layer": round(per_layer * 1e6, 1), "gbs": round(kv_bytes / per_layer / 1e9, 1),
-                             "gmacs": round(gmacs, 1)})
+                             "us_per_layer": round(per_layer * 1e6, 1), "gbs": round(kv_bytes / per_layer / 1e9, 3),
+                             "gmacs": round(gmacs, 3)})
                 log(f"attention {context} T={t} threads={threads}: {per_layer * 1e6:.0f} us/layer, "
                     f"{kv_bytes / per_layer / 1e9:.1f} GB/s, {gmacs:.0f} GMAC/s")
     return rows
@@ -115,9 +115,14 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
     thread_counts = sorted({1, all_threads})
     peak = {t: native.bf16_dot_peak_gmacs(t, seconds=0.5 if repeats > 1 else 0.05) for t in thread_counts}
     ceiling = None
+    chains: dict[str, float] = {}
     if None not in peak.values():
         ceiling = "bf16 dot-product ceiling: " + ", ".join(
             f"{g:.0f} GMAC/s with {t} thread(s)" for t, g in peak.items())
+        # one thread, fewer independent chains: how many a loop needs to reach the ceiling
+        chains = {str(c): round(native.bf16_dot_peak_gmacs(1, seconds=0.2 if repeats > 1 else 0.02, chains=c) or 0, 1)
+                  for c in (2, 4, 6, 8, 12, 16)}
+        ceiling += "; one thread by independent chains: " + ", ".join(f"{c}: {g:.0f}" for c, g in chains.items())
         log(ceiling)
     try:
         attn = attention_rows(config, contexts, queries, layers, repeats, thread_counts, log)
@@ -136,6 +141,7 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
     log(table)
     report = {"machine": machine(), "copy_bandwidth_gbs": round(bandwidth, 1), "model": target.source,
               "bf16_dot_peak_gmacs": {str(t): (round(g, 1) if g is not None else None) for t, g in peak.items()},
+              "bf16_dot_gmacs_by_chains": chains,
               "layers": layers, "attention": attn, "projections": proj, "markdown": table}
     write_report(out, "kernels", report)
     return report

@@ -120,34 +120,47 @@ int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bi
 }
 
 /* The machine's bf16 multiply-add ceiling, for `triforce bench kernels`: each thread runs
- * `iterations` rounds of 16 independent pair-dot-product instructions, in the form the kernels
- * use (a weight register times an input pair broadcast from memory), 32 multiply-adds each.
- * Sixteen chains: fewer leave the units waiting on each instruction's latency (12 reached half
- * the rate here). Returns a sum of the results (so none is optimised away), or -1 without
- * AVX512-BF16. */
-float tf_bf16_dot_peak(long iterations, int n_threads) {
+ * `iterations` rounds of NC independent pair-dot-product instructions (NC chains), in the form
+ * the kernels use (a weight register times an input pair broadcast from memory), 32
+ * multiply-adds each. With fewer chains than the instruction's latency in cycles the units wait
+ * on it; the sweep over NC shows how many a loop needs. Returns a sum of the results (so none is
+ * optimised away), or -1 without AVX512-BF16. */
+#if defined(__AVX512BF16__)
+static inline __attribute__((always_inline)) float dot_chains(long iterations, const int NC) {
+    uint32_t pairs[256 * 8];
+    for (int i = 0; i < 256 * 8; i++) pairs[i] = 0x3c003c00u + (uint32_t)(i & 7);
+    __m512 acc[16];
+    for (int i = 0; i < NC; i++) acc[i] = _mm512_set1_ps((float)i);
+    const __m512bh w0 = (__m512bh)_mm512_set1_epi32(0x3f803f80), w1 = (__m512bh)_mm512_set1_epi32(0x3f813f80);
+    for (long it = 0; it < iterations; it++) {
+        const uint32_t *p = pairs + (it & 255) * 8;
+        for (int j = 0; j < NC; j++)
+            acc[j] = _mm512_dpbf16_ps(acc[j], j & 1 ? w1 : w0, (__m512bh)_mm512_set1_epi32((int)p[j & 7]));
+    }
+    float total = 0.0f;
+    for (int i = 0; i < NC; i++) total += _mm512_reduce_add_ps(acc[i]);
+    return total;
+}
+#endif
+
+/* `chains` (2, 4, 6, 8, 12 or 16) independent chains per thread, `iterations` times. */
+float tf_bf16_dot_peak(long iterations, int n_threads, int chains) {
 #if defined(__AVX512BF16__)
     float total = 0.0f;
 #pragma omp parallel num_threads(n_threads) reduction(+ : total)
-    {
-        uint32_t pairs[256 * 8];
-        for (int i = 0; i < 256 * 8; i++) pairs[i] = 0x3c003c00u + (uint32_t)(i & 7);
-        __m512 acc[16];
-        for (int i = 0; i < 16; i++) acc[i] = _mm512_set1_ps((float)i);
-        const __m512bh w0 = (__m512bh)_mm512_set1_epi32(0x3f803f80), w1 = (__m512bh)_mm512_set1_epi32(0x3f813f80);
-        for (long it = 0; it < iterations; it++) {
-            const uint32_t *p = pairs + (it & 255) * 8;
-            for (int j = 0; j < 8; j++) {
-                acc[j] = _mm512_dpbf16_ps(acc[j], w0, (__m512bh)_mm512_set1_epi32((int)p[j]));
-                acc[8 + j] = _mm512_dpbf16_ps(acc[8 + j], w1, (__m512bh)_mm512_set1_epi32((int)p[j]));
-            }
-        }
-        for (int i = 0; i < 16; i++) total += _mm512_reduce_add_ps(acc[i]);
+    switch (chains) {
+    case 2: total += dot_chains(iterations, 2); break;
+    case 4: total += dot_chains(iterations, 4); break;
+    case 6: total += dot_chains(iterations, 6); break;
+    case 8: total += dot_chains(iterations, 8); break;
+    case 12: total += dot_chains(iterations, 12); break;
+    default: total += dot_chains(iterations, 16); break;
     }
     return total;
 #else
     (void)iterations;
     (void)n_threads;
+    (void)chains;
     return -1.0f;
 #endif
 }
