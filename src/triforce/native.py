@@ -283,12 +283,15 @@ class PackedLinear:
         return y.view(*shape, self.out_features)
 
 
+DOT_CHAINS = (2, 4, 6, 8, 12, 16)  # the chain counts tf_bf16_dot_peak is compiled for
+
+
 def bf16_dot_peak_gmacs(threads: int, seconds: float = 0.5, chains: int = 16) -> float | None:
     """Measured bf16 multiply-adds per second (GMAC/s) of `threads` threads running nothing
-    but the pair-dot-product instruction in `chains` (2, 4, 6, 8, 12, 16) independent chains:
+    but the pair-dot-product instruction in `chains` (one of DOT_CHAINS) independent chains:
     with enough chains, the compute ceiling of the bf16 kernels. None without AVX512-BF16."""
-    if chains not in (2, 4, 6, 8, 12, 16):
-        raise ValueError(f"chains must be 2, 4, 6, 8, 12 or 16, got {chains}")
+    if chains not in DOT_CHAINS:
+        raise ValueError(f"chains must be one of {DOT_CHAINS}, got {chains}")
     lib = library()
     if lib is None or not lib.tf_has_bf16_linear():
         return None

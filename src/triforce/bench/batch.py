@@ -149,8 +149,8 @@ def run(
             base_b1 = [e["tokens_per_s"] for e in runs[(batch_sizes[0], plan[0])]]
             for config in plan:
                 entries = runs[(bs, config)]
-                tps = median([e["tokens_per_s"] for e in entries])
                 mine = [e["tokens_per_s"] for e in entries]
+                tps = median(mine)
                 row = {
                     "context": context, "batch": bs, "method": name_of(config),
                     "tokens_per_s": round(tps, 2),

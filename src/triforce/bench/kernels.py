@@ -121,7 +121,7 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
             f"{g:.0f} GMAC/s with {t} thread(s)" for t, g in peak.items())
         # one thread, fewer independent chains: how many a loop needs to reach the ceiling
         chains = {str(c): round(native.bf16_dot_peak_gmacs(1, seconds=0.2 if repeats > 1 else 0.02, chains=c) or 0, 1)
-                  for c in (2, 4, 6, 8, 12, 16)}
+                  for c in native.DOT_CHAINS}
         ceiling += "; one thread by independent chains: " + ", ".join(f"{c}: {g:.0f}" for c, g in chains.items())
         log(ceiling)
     try:
