@@ -87,7 +87,7 @@ def test_attention_row_alone_equals_row_in_a_verification(heads):
             assert torch.equal(alone[0], together[t])
 
 
-@pytest.mark.parametrize("M", [1, 5, 12, 13, 40])
+@pytest.mark.parametrize("M", [1, 4, 5, 12, 13, 28, 29, 40])
 def test_packed_linear(M):
     if not native.packed_linear_supported():
         pytest.skip("no AVX512-BF16")
@@ -101,6 +101,10 @@ def test_packed_linear(M):
     assert (got32 - ref).abs().max() < 1e-3 * ref.abs().max()
     got16 = lin(x)
     assert got16.dtype == torch.bfloat16 and (got16.float() - ref).abs().max() < 1e-2 * ref.abs().max()
+    # Tiles (one or two 16-output blocks per pass, 1-14 rows) change with M; a row's sums must
+    # not, or a sequence's tokens would depend on its batch mates.
+    for m in range(M):
+        assert torch.equal(lin(x[m : m + 1], torch.float32)[0], got32[m])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -17,7 +17,18 @@
 #include <immintrin.h>
 #endif
 
-#define TILE_M 12
+/* Rows of x per tile: two blocks' 2 x 14 accumulators, their 2 weight vectors and a broadcast
+ * fit the 32 vector registers. */
+#define TILE_M 14
+/* Tiles of at least this many rows take two adjacent 16-output blocks per pass over K: each
+ * broadcast of an x pair then feeds two multiply-adds, and the broadcasts, not the multiply-adds,
+ * were what limited a 7-14 row tile. */
+#define TWO_BLOCK_MIN_ROWS 5
+/* Weight vectors prefetched ahead (1 KiB). With a few rows of x the multiply-adds between loads
+ * leave the hardware prefetcher too few misses in flight to stream from memory; a single row
+ * streams faster without it. */
+#define PREFETCH_VECTORS 16
+#define PREFETCH_MIN_ROWS 3
 
 /* Pack W [N][K] (bf16, row-major) into [ceil(N/16)][K/2][16][2]; rows past N are zero. K even. */
 void tf_pack_weight(const uint16_t *w, uint16_t *packed, int N, int K) {
@@ -59,14 +70,58 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as PyT
     return (uint16_t)(bits >> 16);
 }
 
-/* One tile: rows m0..m0+mt of x against one 16-output block. */
-static inline __attribute__((always_inline)) void block_tile(const uint32_t *xpairs, int pairs, int mt,
-                                                              const __m512i *wb, __m512 *acc) {
-    for (int i = 0; i < mt; i++) acc[i] = _mm512_setzero_ps();
+/* One tile: mt rows of x against NB (1 or 2) adjacent 16-output blocks; block s's row i sums
+ * into acc[s * mt + i]. Each output's sum runs over the pairs in the same order whatever the
+ * tiling, so a row's result does not depend on the other rows (batch equals alone). */
+static inline __attribute__((always_inline)) void block_tile(const uint32_t *xpairs, int pairs, const int mt,
+                                                              const __m512i *wb, __m512 *acc, const int NB) {
+    const __m512i *wb1 = wb + pairs; /* the next block */
+    __m512 a[2 * TILE_M]; /* local, so the compiler keeps it in registers (acc may alias) */
+    for (int i = 0; i < NB * mt; i++) a[i] = _mm512_setzero_ps();
     for (int p = 0; p < pairs; p++) {
-        __m512bh w = (__m512bh)_mm512_loadu_si512((const void *)(wb + p));
-        for (int i = 0; i < mt; i++)
-            acc[i] = _mm512_dpbf16_ps(acc[i], w, (__m512bh)_mm512_set1_epi32((int)xpairs[(long)i * pairs + p]));
+        if (mt >= PREFETCH_MIN_ROWS) {
+            _mm_prefetch((const char *)(wb + p + PREFETCH_VECTORS), _MM_HINT_T0);
+            if (NB == 2) _mm_prefetch((const char *)(wb1 + p + PREFETCH_VECTORS), _MM_HINT_T0);
+        }
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(wb + p)), w1 = w0;
+        if (NB == 2) w1 = (__m512bh)_mm512_loadu_si512((const void *)(wb1 + p));
+        for (int i = 0; i < mt; i++) {
+            __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xpairs[(long)i * pairs + p]);
+            a[i] = _mm512_dpbf16_ps(a[i], w0, xb);
+            if (NB == 2) a[mt + i] = _mm512_dpbf16_ps(a[mt + i], w1, xb);
+        }
+    }
+    for (int i = 0; i < NB * mt; i++) acc[i] = a[i];
+}
+
+static void tile(const uint32_t *xpairs, int pairs, int mt, const __m512i *wb, __m512 *acc, int NB) {
+    switch (mt * 2 + NB - 1) { /* constant trip counts keep the accumulators in registers */
+#define CASE(n)                                                    \
+    case 2 * n: block_tile(xpairs, pairs, n, wb, acc, 1); break;   \
+    case 2 * n + 1: block_tile(xpairs, pairs, n, wb, acc, 2); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7)
+        CASE(8) CASE(9) CASE(10) CASE(11) CASE(12) CASE(13) CASE(14)
+#undef CASE
+    }
+}
+
+/* Adds the bias and writes rows m0..m0+mt of outputs n0..n0+16 (clipped to N). */
+static void store_block(const __m512 *acc, int mt, int m0, int n0, int N, const uint16_t *bias, void *y,
+                        int y_is_f32) {
+    int nv = N - n0 < 16 ? N - n0 : 16;
+    __mmask16 mask = (__mmask16)((1u << nv) - 1);
+    __m512 bv = _mm512_setzero_ps();
+    if (bias) {
+        for (int j = 0; j < nv; j++) ((float *)&bv)[j] = bf16_to_float(bias[n0 + j]);
+    }
+    for (int i = 0; i < mt; i++) {
+        __m512 r = _mm512_add_ps(acc[i], bv);
+        if (y_is_f32) {
+            _mm512_mask_storeu_ps((float *)y + (long)(m0 + i) * N + n0, mask, r);
+        } else {
+            __m256i h = (__m256i)_mm512_cvtneps_pbh(r);
+            _mm256_mask_storeu_epi16((uint16_t *)y + (long)(m0 + i) * N + n0, mask, h);
+        }
     }
 }
 #endif
@@ -76,37 +131,25 @@ static inline __attribute__((always_inline)) void block_tile(const uint32_t *xpa
 int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bias, void *y, int y_is_f32, int M,
                    int N, int K, int n_threads) {
 #if defined(__AVX512BF16__)
-    const int pairs = K / 2, blocks = (N + 15) / 16;
-    const int tiles = (M + TILE_M - 1) / TILE_M;
+    const int pairs = K / 2, blocks = (N + 15) / 16, groups = (blocks + 1) / 2;
+    const int tiles = (M + TILE_M - 1) / TILE_M; /* of near-equal heights, so no tile is short */
     if (n_threads < 1) n_threads = 1;
 #pragma omp parallel for num_threads(n_threads) schedule(static) collapse(2)
-    for (int b = 0; b < blocks; b++) {
+    for (int g = 0; g < groups; g++) {
         for (int t = 0; t < tiles; t++) {
+            const int b = 2 * g, nb = b + 1 < blocks ? 2 : 1;
+            const int m0 = (int)((long)t * M / tiles), mt = (int)((long)(t + 1) * M / tiles) - m0;
             const __m512i *wb = (const __m512i *)(packed + (long)b * pairs * 32);
-            int m0 = t * TILE_M, mt = M - m0 < TILE_M ? M - m0 : TILE_M;
-            __m512 acc[TILE_M];
             const uint32_t *xp = (const uint32_t *)(x + (long)m0 * K);
-            switch (mt) { /* constant trip counts keep the accumulators in registers */
-#define CASE(n) \
-    case n:     \
-        block_tile(xp, pairs, n, wb, acc); \
-        break;
-                CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) CASE(10) CASE(11) CASE(12)
-#undef CASE
-            }
-            int n0 = b * 16, nv = N - n0 < 16 ? N - n0 : 16;
-            __mmask16 mask = (__mmask16)((1u << nv) - 1);
-            __m512 bv = _mm512_setzero_ps();
-            if (bias) {
-                for (int j = 0; j < nv; j++) ((float *)&bv)[j] = bf16_to_float(bias[n0 + j]);
-            }
-            for (int i = 0; i < mt; i++) {
-                __m512 r = _mm512_add_ps(acc[i], bv);
-                if (y_is_f32) {
-                    _mm512_mask_storeu_ps((float *)y + (long)(m0 + i) * N + n0, mask, r);
-                } else {
-                    __m256i h = (__m256i)_mm512_cvtneps_pbh(r);
-                    _mm256_mask_storeu_epi16((uint16_t *)y + (long)(m0 + i) * N + n0, mask, h);
+            __m512 acc[2 * TILE_M];
+            if (nb == 2 && mt >= TWO_BLOCK_MIN_ROWS) {
+                tile(xp, pairs, mt, wb, acc, 2);
+                store_block(acc, mt, m0, b * 16, N, bias, y, y_is_f32);
+                store_block(acc + mt, mt, m0, (b + 1) * 16, N, bias, y, y_is_f32);
+            } else {
+                for (int s = 0; s < nb; s++) { /* in order: the weights stream forwards */
+                    tile(xp, pairs, mt, wb + (long)s * pairs, acc, 1);
+                    store_block(acc, mt, m0, (b + s) * 16, N, bias, y, y_is_f32);
                 }
             }
         }
