@@ -384,6 +384,17 @@ static inline __attribute__((always_inline)) void attend_range_bf16_impl(
             rows_group(1, R, 0, G, D, nk, nsub, first_row, scale, qb, kt, vi, k, v, rows, m, l, acc);
             continue;
         }
+        /* Ask for every key and value line of the block (into L2) before copying any: the copies
+         * below go tile by tile and left too few misses in flight to stream from memory. Over
+         * 30 cold layers at 8K, a 7-token verification went from 24.8 to 22.3 ms (min of 40,
+         * builds alternating); prefetching a block ahead was no better, into L1 worse, and
+         * decoding (the direct path above) did not gain. */
+        for (int j = 0; j < nk; j++) {
+            for (int c = 0; c < D; c += 32) {
+                _mm_prefetch((const char *)(k + (long)rows[j] * D + c), _MM_HINT_T1);
+                _mm_prefetch((const char *)(v + (long)rows[j] * D + c), _MM_HINT_T1);
+            }
+        }
         for (int sb = 0; sb < nsub; sb++) {
             for (int hf = 0; hf < halves; hf++) {
                 __m512i tile[BLOCK];
