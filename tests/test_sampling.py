@@ -63,6 +63,24 @@ def test_verify_greedy_accepts_while_argmax_agrees():
     assert verify(drafts, q, p, torch.Generator().manual_seed(0)) == (2, 4)
     p_all = eye[[1, 2, 3, 0]]
     assert verify(drafts, q, p_all, torch.Generator().manual_seed(0)) == (3, 0)
+    # the greedy shortcut (no uniforms, no multinomial draw) gives the same answers
+    assert verify(drafts, q, p, None, greedy=True) == (2, 4)
+    assert verify(drafts, q, p_all, None, greedy=True) == (3, 0)
+    assert verify(drafts, q, eye[[0, 2, 3, 1]], None, greedy=True) == (0, 0)
+
+
+def test_verify_greedy_shortcut_equals_the_general_rule_on_one_hot_rows():
+    torch.manual_seed(0)
+    V, gen = 50, torch.Generator().manual_seed(3)
+    eye = torch.eye(V)
+    for _ in range(300):
+        n = int(torch.randint(1, 7, ()))
+        drafts = torch.randint(0, V, (n,)).tolist()
+        # the verifier agrees on a random prefix, then picks at random
+        agree = int(torch.randint(0, n + 1, ()))
+        p_tokens = drafts[:agree] + torch.randint(0, V, (n + 1 - agree,)).tolist()
+        p = eye[p_tokens]
+        assert verify(drafts, eye[drafts], p, None, greedy=True) == verify(drafts, eye[drafts], p, gen)
 
 
 def test_verify_never_accepts_a_token_the_verifier_cannot_produce():

@@ -469,9 +469,11 @@ class Chain:
         if i > 0:
             drafts, q = self._gather(i - 1, context, self.gammas[i - 1], generator)
         p = level.score(context, drafts)
-        accepted, next_token = verify(drafts, q, p, generator) if drafts else (0, _draw(p[0], level, generator))
         if drafts:
+            accepted, next_token = verify(drafts, q, p, generator, greedy=_greedy(level))
             self.levels[i - 1].stats.record(len(drafts), accepted)
+        else:
+            accepted, next_token = 0, _draw(p[0], level, generator)
         level.rollback(len(context) + accepted)
         for lower in self.levels[:i]:
             lower.rollback(len(context) + accepted)
@@ -489,8 +491,12 @@ class Chain:
         return new
 
 
-def _draw(probs: torch.Tensor, level: Level, generator: torch.Generator | None) -> int:
+def _greedy(level: Level) -> bool:
     params = getattr(level, "params", None)
-    if params is not None and params.greedy:
+    return params is not None and params.greedy
+
+
+def _draw(probs: torch.Tensor, level: Level, generator: torch.Generator | None) -> int:
+    if _greedy(level):
         return int(probs.argmax())
     return int(sample(probs, generator))
