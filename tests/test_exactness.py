@@ -141,8 +141,10 @@ def spec_module():
     return triforce.speculative
 
 
-def buggy_verify(drafts, q, p, generator):
-    """The reference's verification: on rejection it resamples from p, not from max(0, p - q)."""
+def buggy_verify(drafts, q, p, generator, greedy=False):
+    """The reference's verification: on rejection it resamples from p, not from max(0, p - q).
+    (Only sampling runs use it: `greedy` is never set here.)"""
+    assert not greedy
     from triforce.sampling import sample
 
     for i, token in enumerate(drafts):
