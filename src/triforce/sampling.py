@@ -96,21 +96,19 @@ def verify(
     max(0, p - q) at the first rejection, or from p after the last draft if all were accepted.
     The result is distributed exactly as sampling from the verifier alone.
 
-    greedy: the distributions are one-hot (temperature 0), so the rule reduces to "accept while
-    the verifier's token is the draft, then emit the verifier's token". Taken directly: drawing
-    from a one-hot row with torch.multinomial costs about 1 ms over a 49K vocabulary, several
-    times a decoding step's bookkeeping.
+    greedy: the distributions are one-hot (temperature 0), where the rule reduces to "accept
+    while the verifier's token is the draft, then emit the verifier's token"; that is taken
+    directly, because drawing from a one-hot row with torch.multinomial costs about 1 ms over a
+    49K vocabulary, several times a decoding step's bookkeeping.
     """
     n = len(draft_tokens)
+    idx = torch.tensor(draft_tokens, dtype=torch.long).unsqueeze(1)
+    p = target_probs[:n].gather(1, idx).squeeze(1)
     if greedy:
-        if n:
-            agree = target_probs[:n].gather(1, torch.tensor(draft_tokens).unsqueeze(1)).squeeze(1) > 0
-            first_miss = (~agree).nonzero()
-            n = int(first_miss[0, 0]) if len(first_miss) else n
-        return n, int(target_probs[n].argmax())
+        misses = (p == 0).nonzero()
+        accepted = int(misses[0, 0]) if len(misses) else n
+        return accepted, int(target_probs[accepted].argmax())
     if n:
-        idx = torch.tensor(draft_tokens, dtype=torch.long).unsqueeze(1)
-        p = target_probs[:n].gather(1, idx).squeeze(1)
         q = draft_probs.gather(1, idx).squeeze(1)
         uniforms = torch.rand(n, generator=generator)
         # accept iff u * q < p (u < p/q without dividing; q > 0 for a sampled draft): with u in
