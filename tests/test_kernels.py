@@ -101,8 +101,8 @@ def test_packed_linear(M):
     assert (got32 - ref).abs().max() < 1e-3 * ref.abs().max()
     got16 = lin(x)
     assert got16.dtype == torch.bfloat16 and (got16.float() - ref).abs().max() < 1e-2 * ref.abs().max()
-    # Tiles (one or two 16-output blocks per pass, 1-14 rows) change with M; a row's sums must
-    # not, or a sequence's tokens would depend on its batch mates.
+    # Tiles (AVX512: one or two 16-output blocks of 1-14 rows; AMX: up to 16 rows) change with
+    # M; a row's sums must not, or a sequence's tokens would depend on its batch mates.
     for m in range(M):
         assert torch.equal(lin(x[m : m + 1], torch.float32)[0], got32[m])
 

@@ -16,6 +16,11 @@
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define TF_AMX 1
+#endif
 
 /* Rows of x per tile: two blocks' 2 x 14 accumulators, their 2 weight vectors and a broadcast
  * fit the 32 vector registers. */
@@ -126,6 +131,93 @@ static void store_block(const __m512 *acc, int mt, int m0, int n0, int N, const 
 }
 #endif
 
+#if defined(TF_AMX) && defined(__AVX512BF16__)
+/* AMX path (CPUs with tile registers). The packed layout is already the tile layout AMX wants
+ * for its second operand: 16 consecutive pairs of one 16-output block are a 16 x 64-byte tile.
+ * Why: a verification or retrieval pass sends 12-28 rows through every projection, and there the
+ * AVX512 kernel is bound by multiply-adds (about half the weights' streaming speed at 28 rows);
+ * one tile instruction does 16 x 16 x 32 of them. Each output element still sums the K
+ * dimension in 32-wide steps in the same order whatever M is, so a row's result does not depend
+ * on its batch mates; the path is chosen by shape (K % 32) alone, never by M. */
+#define AMX_BLOCKS 3 /* 16-output blocks per pass: 3 accumulators + 1 x tile + 3 weight tiles */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Linux hands out the tile state only on request, once per process. */
+static int amx_permitted(void) {
+    static volatile int state = 0; /* 0 unknown, 1 granted, -1 refused */
+    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
+    return state == 1;
+}
+
+/* tiles 0-2: accumulators (mt x 16 floats); 3: mt rows of x (32 bf16); 4-6: weights (16 pairs x 16) */
+static void amx_configure(int mt) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 4; t++) {
+        cfg.rows[t] = (uint8_t)mt;
+        cfg.colsb[t] = 64;
+    }
+    for (int t = 4; t < 7; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* mt rows of x (row stride K) against nb (1-3) adjacent blocks starting at wb; out[s] gets
+ * block s's mt x 16 results. */
+static void amx_group(const uint16_t *x, int K, const uint16_t *wb, long block_elems, int nb, __m512 out[][16]) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    for (int k = 0; k < K; k += 32) {
+        const uint16_t *w = wb + (long)k * 16; /* pair k/2 of block 0: 32 bf16 per pair */
+        _tile_loadd(3, x + k, K * 2);
+        _tile_loadd(4, w, 64);
+        if (nb > 1) _tile_loadd(5, w + block_elems, 64);
+        if (nb > 2) _tile_loadd(6, w + 2 * block_elems, 64);
+        _tile_dpbf16ps(0, 3, 4);
+        if (nb > 1) _tile_dpbf16ps(1, 3, 5);
+        if (nb > 2) _tile_dpbf16ps(2, 3, 6);
+    }
+    _tile_stored(0, out[0], 64);
+    if (nb > 1) _tile_stored(1, out[1], 64);
+    if (nb > 2) _tile_stored(2, out[2], 64);
+}
+
+static void linear_amx(const uint16_t *x, const uint16_t *packed, const uint16_t *bias, void *y, int y_is_f32,
+                       int M, int N, int K, int n_threads) {
+    const int blocks = (N + 15) / 16, groups = (blocks + AMX_BLOCKS - 1) / AMX_BLOCKS;
+    const int tiles = (M + 15) / 16; /* of near-equal heights (at most two distinct) */
+    const long block_elems = (long)K * 16;
+#pragma omp parallel num_threads(n_threads)
+    {
+        int configured = 0;
+#pragma omp for schedule(static) collapse(2)
+        for (int g = 0; g < groups; g++) {
+            for (int t = 0; t < tiles; t++) {
+                const int m0 = (int)((long)t * M / tiles), mt = (int)((long)(t + 1) * M / tiles) - m0;
+                const int b = AMX_BLOCKS * g, nb = blocks - b < AMX_BLOCKS ? blocks - b : AMX_BLOCKS;
+                if (configured != mt) { /* per thread: other libraries' tile code may have run here */
+                    amx_configure(mt);
+                    configured = mt;
+                }
+                __m512 out[AMX_BLOCKS][16];
+                amx_group(x + (long)m0 * K, K, packed + b * block_elems, block_elems, nb, out);
+                for (int s = 0; s < nb; s++) store_block(out[s], mt, m0, (b + s) * 16, N, bias, y, y_is_f32);
+            }
+        }
+        if (configured) _tile_release();
+    }
+}
+#endif
+
 /* x [M][K] bf16, packed weights, bias [N] bf16 or NULL; y [M][N] written as bf16 (y_is_f32 = 0)
  * or float32. Returns 0, or -1 when this build has no AVX512-BF16. */
 int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bias, void *y, int y_is_f32, int M,
@@ -134,6 +226,12 @@ int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bi
     const int pairs = K / 2, blocks = (N + 15) / 16, groups = (blocks + 1) / 2;
     const int tiles = (M + TILE_M - 1) / TILE_M; /* of near-equal heights, so no tile is short */
     if (n_threads < 1) n_threads = 1;
+#if defined(TF_AMX)
+    if (K % 32 == 0 && amx_permitted()) {
+        linear_amx(x, packed, bias, y, y_is_f32, M, N, K, n_threads);
+        return 0;
+    }
+#endif
 #pragma omp parallel for num_threads(n_threads) schedule(static) collapse(2)
     for (int g = 0; g < groups; g++) {
         for (int t = 0; t < tiles; t++) {
