@@ -218,7 +218,8 @@ def summary_rows(results: dict[tuple[str, float], list[dict[str, Any]]], names: 
         entries = results[(name, temperature)]
         row = {"temperature": temperature, "method": name, "engine": entries[0]["engine"], **common,
                **summarize(entries, base)}
-        row["speedup_vs_hf"] = round(hf / row["ms_per_token"], 2) if hf and row["ms_per_token"] > 0 else None
+        mine = ms(name)  # unrounded, as `summarize` does: a sub-ms tiny-model row rounded first drifts off 1.0
+        row["speedup_vs_hf"] = round(hf / mine, 2) if hf and mine else None
         if entries[0].get("matching_prefix") is not None:
             row["matching_prefix"] = min(e["matching_prefix"] for e in entries)
         rows.append(row)
