@@ -232,6 +232,53 @@ static inline __attribute__((always_inline)) void interleave_values(const uint16
     *hi = _mm512_unpackhi_epi16(a, b);
 }
 
+/* Scores of RB query rows against NS consecutive 16-key sub-blocks (from sb) of the block:
+ * sv[i][sb..], with visibility masks. Each score sums its dimension pairs in two chains (even and
+ * odd pairs) in the same order whatever RB and NS are, so results do not depend on them. NS = 2
+ * shares each broadcast query pair between two tiles and doubles the independent chains (16 for
+ * 4 rows): a CPU issuing two pair-dot-products per cycle (AMD Zen 5) needs 12 or more in flight
+ * (`triforce bench kernels` sweeps them). Over 30 cold layers at 8K, 3-7-token verification
+ * gained 3-7% (builds alternating, medians of 16). */
+static inline __attribute__((always_inline)) void block_scores(
+    const int RB, const int NS, const int direct, int sb, int r0, int G, const int D, int nk, int first_row,
+    float scale, const uint32_t *const *qp, const __m512i *kt, const uint16_t *k, const int *rows,
+    __m512 sv[4][SUB], __mmask16 visible[4][SUB]) {
+    const int npairs = D / 2, halves = D / 32;
+    __m512 a[4][2][2];
+    for (int i = 0; i < RB; i++)
+        for (int s = 0; s < NS; s++) a[i][s][0] = a[i][s][1] = _mm512_setzero_ps();
+    for (int hf = 0; hf < halves; hf++) {
+        /* dimension pairs 16 hf .. 16 hf + 15 of each sub-block's 16 keys */
+        const __m512i *kb[2];
+        __m512i tile[BLOCK];
+        for (int s = 0; s < NS; s++) kb[s] = kt + (sb + s) * npairs + 16 * hf;
+        if (direct) { /* NS == 1 */
+            __m512i raw[BLOCK];
+            load_key_tile(k, rows + sb * BLOCK, nk - sb * BLOCK, D, hf, raw);
+            transpose16x16_epi32(raw, tile);
+            kb[0] = tile;
+        }
+        for (int p = 0; p < 16; p += 2) {
+            const int pr = 16 * hf + p;
+            for (int i = 0; i < RB; i++) {
+                const __m512bh q0 = (__m512bh)_mm512_set1_epi32((int)qp[i][pr]);
+                const __m512bh q1 = (__m512bh)_mm512_set1_epi32((int)qp[i][pr + 1]);
+                for (int s = 0; s < NS; s++) {
+                    a[i][s][0] = _mm512_dpbf16_ps(a[i][s][0], (__m512bh)kb[s][p], q0);
+                    a[i][s][1] = _mm512_dpbf16_ps(a[i][s][1], (__m512bh)kb[s][p + 1], q1);
+                }
+            }
+        }
+    }
+    for (int s = 0; s < NS; s++) {
+        __m512i rowv = _mm512_loadu_si512((const void *)(rows + (sb + s) * BLOCK));
+        for (int i = 0; i < RB; i++) {
+            sv[i][sb + s] = _mm512_mul_ps(_mm512_add_ps(a[i][s][0], a[i][s][1]), _mm512_set1_ps(scale));
+            visible[i][sb + s] = _mm512_cmple_epi32_mask(rowv, _mm512_set1_epi32(first_row + (r0 + i) / G));
+        }
+    }
+}
+
 /* RB query rows (r0..) against one block of up to SUB*BLOCK keys: scores, online softmax, p.V.
  * Keys and values come from the block's scratch copies (kt, vi: shared by every row group) or,
  * when `direct` (all rows in one group), straight from the cache rows: each transposed 16-key
@@ -243,39 +290,17 @@ static inline __attribute__((always_inline)) void rows_block(
     const int RB, const int direct, int r0, int G, const int D, int nk, int nsub, int first_row, float scale,
     const uint16_t *qb, const __m512i *kt, const uint16_t *vi, const uint16_t *k, const uint16_t *v,
     const int *rows, float *m, float *l, float *acc) {
-    const int npairs = D / 2, nc = D / 16, halves = D / 32;
+    const int nc = D / 16, halves = D / 32;
     __m512 sv[4][SUB];
     __mmask16 visible[4][SUB];
     const uint32_t *qp[4];
     for (int i = 0; i < RB; i++) qp[i] = (const uint32_t *)(qb + (long)(r0 + i) * D);
-    for (int sb = 0; sb < nsub; sb++) {
-        __m512 a[4][2];
-        for (int i = 0; i < RB; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
-        for (int hf = 0; hf < halves; hf++) {
-            /* dimension pairs 16 hf .. 16 hf + 15 of the sub-block's 16 keys */
-            __m512i tile[BLOCK];
-            const __m512i *kb = kt + sb * npairs + 16 * hf;
-            if (direct) {
-                __m512i raw[BLOCK];
-                load_key_tile(k, rows + sb * BLOCK, nk - sb * BLOCK, D, hf, raw);
-                transpose16x16_epi32(raw, tile);
-                kb = tile;
-            }
-            for (int p = 0; p < 16; p += 2) {
-                const int pr = 16 * hf + p;
-                __m512bh k0 = (__m512bh)kb[p], k1 = (__m512bh)kb[p + 1];
-                for (int i = 0; i < RB; i++) {
-                    a[i][0] = _mm512_dpbf16_ps(a[i][0], k0, (__m512bh)_mm512_set1_epi32((int)qp[i][pr]));
-                    a[i][1] = _mm512_dpbf16_ps(a[i][1], k1, (__m512bh)_mm512_set1_epi32((int)qp[i][pr + 1]));
-                }
-            }
-        }
-        __m512i rowv = _mm512_loadu_si512((const void *)(rows + sb * BLOCK));
-        for (int i = 0; i < RB; i++) {
-            sv[i][sb] = _mm512_mul_ps(_mm512_add_ps(a[i][0], a[i][1]), _mm512_set1_ps(scale));
-            visible[i][sb] = _mm512_cmple_epi32_mask(rowv, _mm512_set1_epi32(first_row + (r0 + i) / G));
-        }
-    }
+    int sb = 0;
+    if (!direct) /* tiles in scratch: two sub-blocks at a time */
+        for (; sb + 1 < nsub; sb += 2)
+            block_scores(RB, 2, 0, sb, r0, G, D, nk, first_row, scale, qp, kt, k, rows, sv, visible);
+    for (; sb < nsub; sb++)
+        block_scores(RB, 1, direct, sb, r0, G, D, nk, first_row, scale, qp, kt, k, rows, sv, visible);
     uint32_t pairs[4][SUB * BLOCK / 2];
     float mnew[4], shift[16] = {0};
     int none[4];
@@ -348,6 +373,18 @@ static inline __attribute__((always_inline)) void rows_group(
     }
 }
 
+/* Every key and value line of keys [a, b) of KV head g, into L2. */
+static inline __attribute__((always_inline)) void prefetch_keys(const uint16_t *k, const uint16_t *v, const KeySet *ks, int g, long a, long b,
+                                 int D) {
+    for (long i = a; i < b; i++) {
+        const long row = key_row(ks, g, i);
+        for (int c = 0; c < D; c += 32) {
+            _mm_prefetch((const char *)(k + row * D + c), _MM_HINT_T1);
+            _mm_prefetch((const char *)(v + row * D + c), _MM_HINT_T1);
+        }
+    }
+}
+
 /* The same task for bf16 caches on CPUs with AVX512-BF16: keys and values are used as stored
  * (no conversion to float). Keys come in blocks of 64, transposed 16 at a time so that
  * kt[p] holds dimension pair p of 16 keys; then q.k for 16 keys is D/2 pair-dot-product
@@ -384,17 +421,10 @@ static inline __attribute__((always_inline)) void attend_range_bf16_impl(
             rows_group(1, R, 0, G, D, nk, nsub, first_row, scale, qb, kt, vi, k, v, rows, m, l, acc);
             continue;
         }
-        /* Ask for every key and value line of the block (into L2) before copying any: the copies
-         * below go tile by tile and left too few misses in flight to stream from memory. Over
-         * 30 cold layers at 8K, a 7-token verification went from 24.8 to 22.3 ms (min of 40,
-         * builds alternating); prefetching a block ahead was no better, into L1 worse, and
-         * decoding (the direct path above) did not gain. */
-        for (int j = 0; j < nk; j++) {
-            for (int c = 0; c < D; c += 32) {
-                _mm_prefetch((const char *)(k + (long)rows[j] * D + c), _MM_HINT_T1);
-                _mm_prefetch((const char *)(v + (long)rows[j] * D + c), _MM_HINT_T1);
-            }
-        }
+        /* The first block's lines are asked for (into L2) before copying any: the copies go
+         * tile by tile and alone leave too few misses in flight to stream from memory. Each later
+         * block was asked for while the one before it computed (below). */
+        if (start == lo) prefetch_keys(k, v, ks, g, start, start + nk, D);
         for (int sb = 0; sb < nsub; sb++) {
             for (int hf = 0; hf < halves; hf++) {
                 __m512i tile[BLOCK];
@@ -414,8 +444,17 @@ static inline __attribute__((always_inline)) void attend_range_bf16_impl(
         }
         /* groups as even as possible (21 rows: 4,4,4,3,3,3, not 4,4,4,4,4,1): a lone row has
          * only two accumulation chains and waits on the multiply-add latency */
-        for (int r = 0, groups = (R + rb_max - 1) / rb_max; r < R; groups--) {
+        const long ng = (R + rb_max - 1) / rb_max; /* row groups */
+        for (int r = 0, groups = (int)ng; r < R; groups--) {
             int rb = (R - r + groups - 1) / groups;
+            /* Each row group asks for its share of the next block's lines, so loads from memory
+             * overlap this block's arithmetic. Asking for the whole next block at once did not
+             * help: a burst of 256 prefetches overflows the core's queue of misses and most are
+             * dropped. Over 30 cold layers at 8K (AMD Zen 5, old and new builds alternating,
+             * medians of 12): 7-token verification 15.2 -> 11.5 ms, 3 tokens 10.9 -> 8.2. */
+            const long next = start + SUB * BLOCK, gi = ng - groups;
+            const long share_end = next + SUB * BLOCK * (gi + 1) / ng;
+            prefetch_keys(k, v, ks, g, next + SUB * BLOCK * gi / ng, share_end < hi ? share_end : hi, D);
             rows_group(0, rb, r, G, D, nk, nsub, first_row, scale, qb, kt, vi, k, v, rows, m, l, acc);
             r += rb;
         }
