@@ -362,13 +362,22 @@ def test_prompt_inside_the_draft_sink(small_vocab_models):
             assert out.token_ids == ar.token_ids
 
 
-def test_prompt_cache_holds_exactly_the_rows_a_fresh_prefill_computes(embedded_bf16):
-    """Prefill chunks (flash attention) and decoding steps (the kernel) round differently, so a
-    reused prompt is exact only if every kept row was computed as a fresh prefill of the new
-    prompt computes it. Checked bit for bit on the cache itself, where a mere token comparison
-    would pass by luck: the same prompt again, a chat-style continuation (old prompt, its answer,
-    more text), and a shorter edit of it."""
+@pytest.mark.parametrize("long_passes_on_kernel", [True, False], ids=["kernel-prefill", "flash-prefill"])
+def test_prompt_cache_holds_exactly_the_rows_a_fresh_prefill_computes(embedded_bf16, long_passes_on_kernel,
+                                                                       monkeypatch):
+    """Where prefill chunks run through flash attention, they and decoding steps (the kernel)
+    round differently, so a reused prompt is exact only if every kept row was computed as a
+    fresh prefill of the new prompt computes it. Checked bit for bit on the cache itself, where a
+    mere token comparison would pass by luck: the same prompt again, a chat-style continuation
+    (old prompt, its answer, more text), and a shorter edit of it. Where the kernel runs prefill
+    too, every row is reusable."""
+    from triforce import native
     from triforce.corpus import document_tokens
+
+    if long_passes_on_kernel and not native.prefill_on_kernel(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip("this CPU prefills through flash attention")
+    if not long_passes_on_kernel:
+        monkeypatch.setattr(native, "prefill_on_kernel", lambda t: False)
 
     tok = embedded_bf16.tokenizer
     text = document_tokens(tok, "vim", 900, offset=5000)
@@ -388,4 +397,5 @@ def test_prompt_cache_holds_exactly_the_rows_a_fresh_prefill_computes(embedded_b
         n = len(prompt) + len(got.token_ids) - 1
         for mine, theirs in zip(rows(engine, n), rows(fresh, n)):
             assert torch.equal(mine, theirs), f"prompt of {len(prompt)} tokens: cached rows differ"
-    assert got.stats["cached_prompt_tokens"] == 512  # whole chunks of 256 survive the edit
+    # the edit keeps all of itself from the kernel's rows, else only the whole chunks of 256
+    assert got.stats["cached_prompt_tokens"] == (530 if long_passes_on_kernel else 512)

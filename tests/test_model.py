@@ -128,6 +128,22 @@ def test_prefill_chunks_agree_long_prompt_native_kernel(embedded_fp32):
     assert (whole - halves).abs().max() < 1e-4
 
 
+def test_bf16_rows_do_not_depend_on_how_the_prompt_is_split():
+    """Where the kernel runs passes of any length (bf16 caches, AVX512-BF16, no AMX), a row's
+    logits and cached keys are bit-identical however the prompt was cut into passes: the
+    property that lets the prompt cache keep every row."""
+    loaded = triforce.load(None, dtype="bf16")
+    if not native.prefill_on_kernel(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip("this CPU prefills bf16 through flash attention")
+    from triforce.corpus import document_tokens
+
+    ids = document_tokens(loaded.tokenizer, "vim", 700, offset=3000)
+    whole = our_logits(loaded, ids)
+    assert torch.equal(whole, our_logits(loaded, ids, [300, 399, 1]))
+    assert torch.equal(whole, our_logits(loaded, ids, [650] + [10] * 5))
+    assert torch.equal(whole, our_logits(loaded, ids, [1] * 40 + [660]))
+
+
 def test_embedded_gguf_logits_match_transformers(embedded_fp32, hf_embedded):
     ids = embedded_fp32.tokenizer.encode("The capital of France is Paris. The capital of Italy is")
     with torch.no_grad():

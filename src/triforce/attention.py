@@ -3,9 +3,9 @@
 Two implementations with one contract:
 - a native CPU kernel (kernels/attention.c, compiled on first use) for decoding and
   verification: it streams the cache once, for all query heads sharing a KV head, and reads
-  retrieval chunks in place instead of gathering them;
-- PyTorch (grouped-query SDPA), used for long prefill chunks, on other devices, and whenever
-  the kernel is unavailable.
+  retrieval chunks in place instead of gathering them; on bf16 caches without AMX, prefill too;
+- PyTorch (grouped-query SDPA), used for other long prefill chunks, on other devices, and
+  whenever the kernel is unavailable.
 
 Contract: q [T, Hq, D] are the queries of the tokens at key rows first_row .. first_row+T-1;
 keys live in k/v [Hkv, capacity, D]; query t may see key row j iff j <= first_row + t. The keys a
@@ -15,6 +15,7 @@ rows of `chunk_size`-row chunks, per KV head) plus the dense rows [dense_start, 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +24,18 @@ import torch.nn.functional as F
 from . import native
 
 
+def kernel_query_limit(k: torch.Tensor) -> int:
+    """The most new tokens per pass over cache buffer `k` that go through the native kernel (0:
+    none). The one place this is decided: the prompt cache relies on knowing which rows the
+    kernel wrote."""
+    if not native.usable_for(k):
+        return 0
+    return sys.maxsize if native.prefill_on_kernel(k) else native.MAX_KERNEL_QUERIES
+
+
 def kernel_runs(k: torch.Tensor, num_queries: int) -> bool:
-    """Whether `num_queries` new tokens over cache buffer `k` go through the native kernel. The
-    one place this is decided: the prompt cache relies on knowing which rows the kernel wrote."""
-    return num_queries <= native.MAX_KERNEL_QUERIES and native.usable_for(k)
+    """Whether `num_queries` new tokens over cache buffer `k` go through the native kernel."""
+    return num_queries <= kernel_query_limit(k)
 
 
 def attend(

@@ -271,7 +271,11 @@ class FullCache(RowCache):
         fresh prefill of that prompt would compute. A fresh prefill runs whole chunks
         [k C, (k+1) C) and then a final piece [base, prompt_len): rows of the same whole chunks
         match, and when the final piece is short enough for the attention kernel, rows the kernel
-        computed (decoded tokens, or an earlier short final piece) match too."""
+        computed (decoded tokens, or an earlier short final piece) match too. When the kernel
+        takes passes of any length, a fresh prefill runs every row through it, and a kernel row
+        does not depend on how the tokens were split into passes: every row it wrote matches."""
+        if kernel_max >= prompt_len and self.kernel_from == 0:
+            return common
         aligned = self.aligned_rows if self.aligned_chunk == chunk else 0
         base = (prompt_len - 1) // chunk * chunk if prompt_len else 0
         if prompt_len - base <= kernel_max and aligned >= base and self.kernel_from <= base:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .attention import kernel_runs
+from .attention import kernel_query_limit, kernel_runs
 from .batch import run_forward
 from .cache import FullCache, RetrievalView, SparseView, StreamingCache
 from .model import Decoder
@@ -164,7 +164,7 @@ class ModelLevel(Level):
         if isinstance(self.cache, FullCache):  # only rows a fresh prefill would compute alike
             # without the kernel (another device, an older CPU) short passes run through SDPA
             # too, whose rows depend on how many tokens share the pass: only whole chunks match
-            kernel_max = MAX_KERNEL_QUERIES if kernel_runs(self.cache.buffers(0, 0)[0], 1) else 0
+            kernel_max = kernel_query_limit(self.cache.buffers(0, 0)[0])
             common = self.cache.reusable(common, len(prompt), self.prefill_chunk, kernel_max)
         self._truncate(common)
         return common
