@@ -53,6 +53,15 @@ def test_decode_quick(tmp_path):
         assert (tmp_path / "decode_speedup_T0.6.png").exists()
 
 
+def test_engine_bench_prefills_afresh_every_repeat(tmp_path):
+    """Repeats measure prefill, so none may be served by the prompt cache of the one before."""
+    from triforce.bench import engine
+
+    report = engine.run([96], new_tokens=3, repeats=2, with_transformers=False, out=tmp_path, log=lambda *_: None)
+    ours = [m for m in report["raw"] if m["engine"] == "triforce"]
+    assert len(ours) == 2 and all(m["cached_prompt_tokens"] == 0 for m in ours)
+
+
 def test_acceptance_quick(tmp_path):
     report = quick("acceptance", tmp_path)
     rows = report["rows"]
