@@ -126,6 +126,8 @@ def test_kernels_quick(tmp_path):
     assert all(r["us_per_layer"] > 0 and r["gbs"] > 0 for r in report["attention"])
     assert [r["rows"] for r in report["projections"]] == [1, 5]
     assert all(r["ms"] > 0 and r["gmacs"] > 0 for r in report["projections"])
+    assert [(r["context"], r["new_tokens"]) for r in report["prefill"]] == [(256, 96)]
+    assert all(r["kernel_ms"] > 0 and r["flash_ms"] > 0 and r["kernel_speedup"] > 0 for r in report["prefill"])
     peak = report["bf16_dot_peak_gmacs"]
     if peak["1"] is not None:  # the measured ceiling bounds what the kernels do (noise allowed)
         assert peak["1"] > 0
@@ -157,6 +159,7 @@ def test_kernels_quick(tmp_path):
         (["serve", "--max-batch", "1"], "--max-batch >= 2"),
         (["serve", "--method", "beam"], "unknown method 'beam'"),
         (["kernels", "--queries", "0"], "--queries"),
+        (["kernels", "--prefill-queries", "0"], "--prefill-queries"),
     ],
 )
 def test_bad_flags_give_one_line_and_nonzero_exit(args, fragment, capsys, tmp_path):

@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("--queries", type=_int_list, help="query tokens per call: 1 decodes, more verify (default 1,2,5,7)")
     kn.add_argument("--rows", type=_int_list, help="input rows per projection pass (default 1,4,8,12,16,24,32)")
     kn.add_argument("--layers", type=_positive_int, help="separate caches cycled through (default: the model's layers)")
+    kn.add_argument("--prefill-queries", type=_positive_int,
+                    help="new tokens of the prefill chunk timed through the kernel and flash attention (default 1024)")
     kn.add_argument("--repeats", type=_positive_int, help="timed passes; medians reported (default 7)")
     kn.add_argument("--model", help="target: HF directory or GGUF (default: the embedded SmolLM2-135M-Instruct)")
     kn.add_argument("--quick", action="store_true", help="seconds-long smoke run: one short context, two layers")

@@ -32,9 +32,8 @@ if TYPE_CHECKING:
     from .attention import AttentionJob
 
 MAX_KERNEL_QUERIES = 64  # beyond this many new tokens (prefill chunks) SDPA is compute-efficient
-# ... except for bf16 caches on CPUs with AVX512-BF16 and no AMX, where the kernel's bf16
-# multiply-adds beat PyTorch's CPU flash attention (which converts to fp32) 1.9-3x even for
-# 1024-token prefill chunks; see `prefill_on_kernel`.
+# ... except for bf16 caches on CPUs with AVX512-BF16 and no AMX, where the kernel beats
+# PyTorch's CPU flash attention 1.9-3x even for 1024-token prefill chunks; see `prefill_on_kernel`.
 _SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.c"))
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _library: ctypes.CDLL | None | bool = False  # False: not tried yet

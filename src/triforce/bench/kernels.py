@@ -9,6 +9,9 @@ decoding step of a batch of M, or a verification of M tokens): milliseconds per 
 layer, GB/s of weights read and multiply-adds per second, which shows where the rows stop being
 free (the pass turns compute-bound). Both also in multiply-adds per second, against the
 machine's measured bf16 ceiling (threads running nothing but pair-dot-product instructions).
+Prefill: one chunk of `prefill_queries` new tokens after each context, on one layer, through
+the kernel and through PyTorch's flash attention (what prefill uses where the kernel does not
+take it), runs alternating, medians and their ratio.
 """
 
 from __future__ import annotations
@@ -22,14 +25,16 @@ from typing import Any
 import torch
 
 from .. import native
+from ..attention import attend_torch
 from ..cache import allocate_kv
 from ..errors import TriforceError
 from ..loading import load
 from .common import copy_bandwidth_gbs, machine, markdown_table, median, write_report
 
 DEFAULTS: dict[str, Any] = dict(contexts=[2048, 8192], queries=[1, 2, 5, 7], rows=[1, 4, 8, 12, 16, 24, 32],
-                                layers=None, repeats=7, model=None, bandwidth_bytes=1 << 30)
-QUICK: dict[str, Any] = dict(contexts=[256], queries=[1, 3], rows=[1, 5], layers=2, repeats=1, bandwidth_bytes=1 << 24)
+                                layers=None, repeats=7, model=None, bandwidth_bytes=1 << 30, prefill_queries=1024)
+QUICK: dict[str, Any] = dict(contexts=[256], queries=[1, 3], rows=[1, 5], layers=2, repeats=1, bandwidth_bytes=1 << 24,
+                             prefill_queries=96)
 
 
 def _timed(fn: Any, repeats: int) -> float:
@@ -96,16 +101,44 @@ def projection_rows(target: Any, rows_list: list[int], repeats: int, threads: in
     return rows
 
 
+def prefill_rows(config: Any, contexts: list[int], new_tokens: int, repeats: int, log: Any) -> list[dict[str, Any]]:
+    hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    rows = []
+    for context in contexts:
+        total = context + new_tokens
+        k, v = torch.randn(hkv, total, hd).bfloat16(), torch.randn(hkv, total, hd).bfloat16()
+        q = torch.randn(new_tokens, hq, hd).bfloat16()
+        paths = {"kernel": partial(native.attention, q, k, v, total, context, out_dtype=torch.bfloat16),
+                 "flash": partial(attend_torch, q, k, v, total, context)}
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for fn in paths.values():
+            fn()  # first touch outside the clock
+        for _ in range(repeats):
+            for name, fn in paths.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        kernel_s, flash_s = median(times["kernel"]), median(times["flash"])
+        macs = 2 * hq * new_tokens * (context + new_tokens / 2) * hd  # causal: half the new block
+        rows.append({"context": context, "new_tokens": new_tokens, "kernel_ms": round(kernel_s * 1e3, 2),
+                     "flash_ms": round(flash_s * 1e3, 2), "kernel_gmacs": round(macs / kernel_s / 1e9, 1),
+                     "flash_gmacs": round(macs / flash_s / 1e9, 1), "kernel_speedup": round(flash_s / kernel_s, 2)})
+        log(f"prefill {new_tokens} after {context}: kernel {kernel_s * 1e3:.1f} ms, flash {flash_s * 1e3:.1f} ms "
+            f"per layer ({flash_s / kernel_s:.2f}x)")
+    return rows
+
+
 def run(contexts: list[int] | None = None, queries: list[int] | None = None, rows: list[int] | None = None,
         layers: int | None = None, repeats: int = 7, model: str | None = None, bandwidth_bytes: int = 1 << 30,
-        out: Path | None = None, log: Any = print) -> dict[str, Any]:
+        prefill_queries: int = 1024, out: Path | None = None, log: Any = print) -> dict[str, Any]:
     if native.library() is None:
         raise TriforceError("the native kernels are unavailable here (no C compiler, or TRIFORCE_NATIVE=0)")
     contexts = contexts or DEFAULTS["contexts"]
     queries = queries or DEFAULTS["queries"]
     rows = rows or DEFAULTS["rows"]
-    if min(contexts) < 1 or min(queries) < 1 or min(rows) < 1 or (layers is not None and layers < 1):
-        raise TriforceError("contexts, query counts, row counts and layers must be positive")
+    if min(contexts) < 1 or min(queries) < 1 or min(rows) < 1 or (layers is not None and layers < 1) or (
+            prefill_queries < 1):
+        raise TriforceError("contexts, query counts, row counts, layers and prefill queries must be positive")
     bandwidth = copy_bandwidth_gbs(bandwidth_bytes)
     log(f"copy bandwidth (read+write): {bandwidth:.1f} GB/s")
     target = load(model, dtype="bf16")
@@ -127,6 +160,7 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
     try:
         attn = attention_rows(config, contexts, queries, layers, repeats, thread_counts, log)
         proj = projection_rows(target, rows, repeats, all_threads, log)
+        prefill = prefill_rows(config, contexts, prefill_queries, repeats, log)
     finally:
         torch.set_num_threads(all_threads)
     table = markdown_table(["context", "query tokens", "threads", "us per layer", "KV GB/s", "GMAC/s"],
@@ -134,6 +168,11 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
                             for r in attn])
     table += "\n\n" + markdown_table(["input rows", "ms per pass", "weight GB/s", "GMAC/s"],
                                      [[r["rows"], r["ms"], r["gbs"], r["gmacs"]] for r in proj])
+    table += "\n\n" + markdown_table(
+        ["prefill: new tokens after context", "kernel ms per layer", "flash ms per layer", "kernel GMAC/s",
+         "flash GMAC/s", "kernel speedup"],
+        [[f"{r['new_tokens']} after {r['context']}", r["kernel_ms"], r["flash_ms"], r["kernel_gmacs"],
+          r["flash_gmacs"], r["kernel_speedup"]] for r in prefill])
     table += (f"\n\n- copy bandwidth {bandwidth:.1f} GB/s (read+write); attention over {layers} separate "
               f"{config.num_kv_heads}-KV-head caches per pass; projections over {len(target.decoder.layers)} layers")
     if ceiling is not None:
@@ -142,6 +181,6 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
     report = {"machine": machine(), "copy_bandwidth_gbs": round(bandwidth, 1), "model": target.source,
               "bf16_dot_peak_gmacs": {str(t): (round(g, 1) if g is not None else None) for t, g in peak.items()},
               "bf16_dot_gmacs_by_chains": chains,
-              "layers": layers, "attention": attn, "projections": proj, "markdown": table}
+              "layers": layers, "attention": attn, "projections": proj, "prefill": prefill, "markdown": table}
     write_report(out, "kernels", report)
     return report
