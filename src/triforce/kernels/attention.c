@@ -260,12 +260,21 @@ static inline __attribute__((always_inline)) void block_scores(
         }
         for (int p = 0; p < 16; p += 2) {
             const int pr = 16 * hf + p;
+            /* each tile loaded once, for every row: left to itself the compiler re-loads it
+             * per row (a load per multiply-add, past what the load ports sustain) */
+            __m512i t00 = kb[0][p], t01 = kb[0][p + 1], t10 = t00, t11 = t01;
+            if (NS == 2) {
+                t10 = kb[1][p];
+                t11 = kb[1][p + 1];
+            }
+            __asm__("" : "+v"(t00), "+v"(t01), "+v"(t10), "+v"(t11));
+            const __m512bh tl[2][2] = {{(__m512bh)t00, (__m512bh)t01}, {(__m512bh)t10, (__m512bh)t11}};
             for (int i = 0; i < RB; i++) {
                 const __m512bh q0 = (__m512bh)_mm512_set1_epi32((int)qp[i][pr]);
                 const __m512bh q1 = (__m512bh)_mm512_set1_epi32((int)qp[i][pr + 1]);
                 for (int s = 0; s < NS; s++) {
-                    a[i][s][0] = _mm512_dpbf16_ps(a[i][s][0], (__m512bh)kb[s][p], q0);
-                    a[i][s][1] = _mm512_dpbf16_ps(a[i][s][1], (__m512bh)kb[s][p + 1], q1);
+                    a[i][s][0] = _mm512_dpbf16_ps(a[i][s][0], tl[s][0], q0);
+                    a[i][s][1] = _mm512_dpbf16_ps(a[i][s][1], tl[s][1], q1);
                 }
             }
         }
