@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 MAX_KERNEL_QUERIES = 64  # beyond this many new tokens (prefill chunks) SDPA is compute-efficient
 # ... except for bf16 caches on CPUs with AVX512-BF16 and no AMX, where the kernel beats
-# PyTorch's CPU flash attention 1.9-3x even for 1024-token prefill chunks; see `prefill_on_kernel`.
+# PyTorch's CPU flash attention even for 1024-token prefill chunks; see `prefill_on_kernel`.
 _SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.c"))
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _library: ctypes.CDLL | None | bool = False  # False: not tried yet
@@ -130,10 +130,11 @@ def set_native(enabled: bool) -> None:
 
 def prefill_on_kernel(t: torch.Tensor) -> bool:
     """Whether passes of any length over bf16 cache buffer `t` go through the attention kernel.
-    Measured on AMD EPYC (Zen 5), one layer, 1024 new tokens after 0-8K cached ones: 1.9-3.0x
-    faster than PyTorch's flash attention (embedded shape and Llama-8B's). Not on CPUs with
-    AMX tiles, where PyTorch's bf16 attention runs on them (not measured against the kernel),
-    nor for fp32 caches, where the kernel is 0.6-1.0x PyTorch's."""
+    Measured on AMD EPYC (Zen 5), one layer, 1024 new tokens after 0-16K cached ones: 1.9-3.0x
+    faster than PyTorch's flash attention (embedded shape and Llama-8B's), 3.1-3.6x since the
+    score tiles stay in registers (`triforce bench kernels` re-measures it). Not on CPUs with
+    AMX tiles, which PyTorch's bf16 matrix code can use (the two were not compared there), nor
+    for fp32 caches, where the kernel is 0.6-1.0x PyTorch's."""
     return t.dtype == torch.bfloat16 and usable_for(t) and packed_linear_supported() and not _cpu_has_amx()
 
 
