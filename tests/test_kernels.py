@@ -87,6 +87,24 @@ def test_attention_row_alone_equals_row_in_a_verification(heads):
             assert torch.equal(alone[0], together[t])
 
 
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 2, 128)])
+def test_prefill_sized_pass_matches_torch_and_each_row_alone(heads):
+    """A prefill chunk (hundreds of rows, keys past a 2048-key split, causal within the chunk)
+    through the kernel: close to PyTorch's attention, and each row bit-identical to decoding it
+    alone, which lets the prompt cache keep rows however the prompt was split."""
+    nq, nkv, hd = heads
+    torch.manual_seed(4)
+    T, first = 300, 2000
+    k = torch.randn(nkv, first + T, hd).bfloat16()
+    v = torch.randn(nkv, first + T, hd).bfloat16()
+    q = torch.randn(T, nq, hd)
+    out = native.attention(q, k, v, first + T, first, out_dtype=torch.float32)
+    assert (out - attend_torch(q, k.float(), v.float(), first + T, first)).abs().max() < 2e-2
+    for t in (0, 47, 48, T - 1):
+        alone = native.attention(q[t : t + 1], k, v, first + t + 1, first + t, out_dtype=torch.float32)
+        assert torch.equal(alone[0], out[t])
+
+
 @pytest.mark.parametrize("M", [1, 4, 5, 12, 13, 28, 29, 40])
 def test_packed_linear(M):
     if not native.packed_linear_supported():
