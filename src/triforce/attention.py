@@ -34,7 +34,10 @@ def kernel_query_limit(k: torch.Tensor) -> int:
 
 
 def kernel_runs(k: torch.Tensor, num_queries: int) -> bool:
-    """Whether `num_queries` new tokens over cache buffer `k` go through the native kernel."""
+    """Whether `num_queries` new tokens over cache buffer `k` go through the native kernel
+    (`kernel_query_limit`, with the per-layer decoding case answered first)."""
+    if num_queries <= native.MAX_KERNEL_QUERIES:
+        return native.usable_for(k)
     return num_queries <= kernel_query_limit(k)
 
 
