@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import triforce
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -89,3 +91,31 @@ def hf_embedded():
     path = embedded_model_path()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval()
+
+
+VOCAB = 12
+
+
+@pytest.fixture(scope="session")
+def small_vocab_models(tmp_path_factory):
+    """A target and a (different, random) draft over a 12-token vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tmp = tmp_path_factory.mktemp("small")
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok_dir = tmp / "tok"
+    tok_dir.mkdir()
+    tok.save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16)
+    target = make_hf_model(tmp / "target", tok_dir, seed=3, num_hidden_layers=2, **common)
+    draft = make_hf_model(tmp / "draft", tok_dir, seed=4, num_hidden_layers=1, **common)
+    return triforce.load(target, dtype="fp32"), triforce.load(draft, dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def embedded_bf16():
+    return triforce.load(None, dtype="bf16")

@@ -7,9 +7,10 @@ import torch
 
 import triforce
 from triforce.batch import generate_batch
+from triforce.engine import Engine
 from triforce.errors import TriforceError
-from triforce.generation import TriForce
 from triforce.model import Decoder
+from triforce.settings import EngineSettings
 
 from .conftest import make_hf_model
 
@@ -33,8 +34,12 @@ def prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (3, 40, 300, 120)]
 
 
+def settings(method, draft=None):
+    return EngineSettings(method=method, draft=draft if method in ("speculative", "triforce") else None, **KNOBS)
+
+
 def alone(target, draft, method, request):
-    return TriForce(target, draft, method=method, **KNOBS).generate(**request)
+    return Engine(target, settings(method, draft)).generate(**request)
 
 
 @pytest.mark.parametrize("method", PRESETS)
@@ -42,7 +47,7 @@ def test_batch_equals_alone_greedy(models, method):
     target, draft = models
     requests = [dict(prompt=p, max_new_tokens=n, ignore_eos=True)
                 for p, n in zip(prompts(target.config.vocab_size), (30, 9, 22, 15))]
-    batched = generate_batch(target, draft, requests, method=method, **KNOBS)
+    batched = generate_batch(target, requests, settings(method, draft))
     for request, result in zip(requests, batched):
         assert result.token_ids == alone(target, draft, method, request).token_ids
         assert len(result.token_ids) == request["max_new_tokens"]  # each left when it was done
@@ -53,8 +58,8 @@ def test_batch_sampling_is_per_sequence_reproducible(models, method):
     target, draft = models
     requests = [dict(prompt=p, max_new_tokens=12, temperature=t, top_p=0.9, seed=s, ignore_eos=True)
                 for p, t, s in zip(prompts(target.config.vocab_size), (0.6, 1.0, 0.8, 1.0), (1, 2, 3, 4))]
-    batched = generate_batch(target, draft, requests, method=method, **KNOBS)
-    mates = generate_batch(target, draft, requests[1:3], method=method, **KNOBS)
+    batched = generate_batch(target, requests, settings(method, draft))
+    mates = generate_batch(target, requests[1:3], settings(method, draft))
     for request, result in zip(requests, batched):
         assert result.token_ids == alone(target, draft, method, request).token_ids
     assert [r.token_ids for r in mates] == [r.token_ids for r in batched[1:3]]
@@ -63,25 +68,25 @@ def test_batch_sampling_is_per_sequence_reproducible(models, method):
 def test_a_step_reads_the_weights_once_for_the_batch(models, monkeypatch):
     target, draft = models
     sizes = []
-    original = Decoder.forward_batch
+    original = Decoder.forward
 
-    def counting(self, requests):
-        sizes.append(len(requests))
-        return original(self, requests)
+    def counting(self, segments, residuals=None):
+        sizes.append(len(segments))
+        return original(self, segments, residuals)
 
-    monkeypatch.setattr(Decoder, "forward_batch", counting)
+    monkeypatch.setattr(Decoder, "forward", counting)
     requests = [dict(prompt=p, max_new_tokens=10, ignore_eos=True) for p in prompts(target.config.vocab_size)]
-    generate_batch(target, None, requests, method="autoregressive")
+    generate_batch(target, requests)
     assert sizes.count(4) >= 8  # the decoding steps ran all four sequences in one pass
 
 
 def test_bad_request_and_memory_admission(models, monkeypatch):
     target, draft = models
     with pytest.raises(TriforceError, match="prompt"):
-        generate_batch(target, None, [dict(max_new_tokens=3)])
+        generate_batch(target, [dict(max_new_tokens=3)])
     monkeypatch.setattr("triforce.cache.available_memory_bytes", lambda: 10_000)
     with pytest.raises(TriforceError, match="batch of 2 sequences"):
-        generate_batch(target, None, [dict(prompt=[5, 6, 7]), dict(prompt=[8, 9])])
+        generate_batch(target, [dict(prompt=[5, 6, 7]), dict(prompt=[8, 9])])
 
 
 def test_one_failing_sequence_leaves_the_others_exact(models):
@@ -89,7 +94,7 @@ def test_one_failing_sequence_leaves_the_others_exact(models):
     ps = prompts(target.config.vocab_size)
     requests = [dict(prompt=ps[0], max_new_tokens=8), dict(prompt=ps[1], max_new_tokens=8, temperature=-1.0),
                 dict(prompt=ps[3], max_new_tokens=8)]
-    results = generate_batch(target, draft, requests, method="triforce", **KNOBS)
+    results = generate_batch(target, requests, settings("triforce", draft))
     assert isinstance(results[1], TriforceError)
     assert results[0].token_ids == alone(target, draft, "triforce", requests[0]).token_ids
     assert results[2].token_ids == alone(target, draft, "triforce", requests[2]).token_ids
@@ -130,3 +135,12 @@ def test_cli_batch_file_errors(tmp_path, content, fragment):
     batch = tmp_path / "requests.jsonl"
     batch.write_text(content)
     assert_clean_error(run_cli("generate", "--batch-file", str(batch)), fragment)
+
+
+def test_an_engine_of_a_batch_refuses_to_run_outside_it(models):
+    """Its passes would wait forever for a step nobody runs: it says so instead."""
+    from triforce.batcher import ForwardBatcher
+
+    engine = Engine(models[0], batcher=ForwardBatcher())
+    with pytest.raises(RuntimeError, match="outside the batch"):
+        engine.generate([5, 6, 7], max_new_tokens=2)

@@ -55,9 +55,11 @@ def test_distill_trains_exports_and_resumes(setup):
     with torch.no_grad():
         expected = hf(ids).logits[0]
     from triforce.cache import FullCache
+    from triforce.model import Segment
 
     draft.decoder.prepare(ids.shape[1])
-    got = draft.decoder.forward(ids, FullCache(draft.config, ids.shape[1], dtype=torch.float32))[0]
+    cache = FullCache(draft.config, ids.shape[1], dtype=torch.float32)
+    got = draft.decoder.forward([Segment(ids[0], cache, ids.shape[1])])[0]
     assert (got - expected).abs().max() < 1e-3  # bf16 weights, fp32 compute on both sides
     card = (out / "README.md").read_text()
     assert "corpus" in card and "40 steps" in card
@@ -98,10 +100,11 @@ def test_distill_refuses_to_overwrite_and_bad_arguments(setup):
 
 def test_mismatched_draft_is_refused(setup, embedded_fp32):
     _, target, _ = setup
-    from triforce.generation import TriForce
+    from triforce.engine import Engine
+    from triforce.settings import EngineSettings
 
     with pytest.raises(TriforceError, match="vocabulary"):
-        TriForce(embedded_fp32, triforce.load(target, dtype="fp32"), method="triforce")
+        Engine(embedded_fp32, EngineSettings(method="triforce", draft=triforce.load(target, dtype="fp32")))
 
 
 def test_fused_head_loss_matches_autograd():

@@ -4,40 +4,18 @@ has exactly the target's distribution (chi-square against the enumerated joint d
 from __future__ import annotations
 
 import itertools
-import json
 
 import pytest
 import torch
 
-import triforce
 from triforce.cache import FullCache
+from triforce.engine import Engine
 from triforce.errors import TriforceError
-from triforce.generation import TriForce
+from triforce.model import Segment
 from triforce.sampling import SamplingParams, warp
+from triforce.settings import EngineSettings
 
-from .conftest import make_hf_model
-
-VOCAB = 12
-
-
-@pytest.fixture(scope="module")
-def small_vocab_models(tmp_path_factory):
-    """A target and a (different, random) draft over a 12-token vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tmp = tmp_path_factory.mktemp("small")
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok_dir = tmp / "tok"
-    tok_dir.mkdir()
-    tok.save(str(tok_dir / "tokenizer.json"))
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16)
-    target = make_hf_model(tmp / "target", tok_dir, seed=3, num_hidden_layers=2, **common)
-    draft = make_hf_model(tmp / "draft", tok_dir, seed=4, num_hidden_layers=1, **common)
-    return triforce.load(target, dtype="fp32"), triforce.load(draft, dtype="fp32")
+from .conftest import VOCAB
 
 
 def exact_joint(model, prompt: list[int], params: SamplingParams, length: int = 3) -> dict[tuple, float]:
@@ -47,7 +25,7 @@ def exact_joint(model, prompt: list[int], params: SamplingParams, length: int = 
 
     def dist(prefix: list[int]) -> torch.Tensor:
         cache = FullCache(model.config, len(prefix) + 1, dtype=torch.float32)
-        logits = dec.forward(torch.tensor([prefix]), cache, logits_for="last")[0]
+        logits = dec.forward([Segment(torch.tensor(prefix), cache, 1)])[0][0]
         return warp(logits, params)
 
     joint = {(): 1.0}
@@ -100,10 +78,10 @@ SAMPLES = 10_000
 ALPHA = 1e-3
 
 
-def make_engine(target, draft, preset: str) -> TriForce:
+def make_engine(target, draft, preset: str, batcher=None) -> Engine:
     method, draft_kind = PRESETS[preset]
     d = draft if draft_kind == "model" else ("ngram" if draft_kind == "ngram" else None)
-    return TriForce(target, d, method=method, **KNOBS)
+    return Engine(target, EngineSettings(method=method, draft=d, **KNOBS), batcher=batcher)
 
 
 # A prompt long enough that the sparse levels really drop context (budget 12, window 6).
@@ -136,21 +114,22 @@ def test_sampling_distribution_is_the_targets(small_vocab_models, preset, settin
 
 
 def spec_module():
-    import triforce.speculative
+    import triforce.chain
 
-    return triforce.speculative
+    return triforce.chain
 
 
 def buggy_verify(drafts, q, p, generator, greedy=False):
     """The reference's verification: on rejection it resamples from p, not from max(0, p - q).
     (Only sampling runs use it: `greedy` is never set here.)"""
     assert not greedy
-    from triforce.sampling import sample
+    from triforce.sampling import draw
 
+    params = SamplingParams(1.0)
     for i, token in enumerate(drafts):
         if torch.rand(1, generator=generator).item() * q[i, token] >= p[i, token]:
-            return i, int(sample(p[i], generator))
-    return len(drafts), int(sample(p[len(drafts)], generator))
+            return i, draw(p[i], params, generator)
+    return len(drafts), draw(p[len(drafts)], params, generator)
 
 
 def test_distribution_test_catches_the_reference_bug(small_vocab_models, monkeypatch):
@@ -190,8 +169,10 @@ def batched_chi_square(target, draft, preset: str, temperature: float, top_p: fl
     one batch; the four Pearson statistics (independent samples) add up, as do their degrees of
     freedom."""
     from triforce.batch import run_batch
+    from triforce.batcher import ForwardBatcher
 
-    engines = [make_engine(target, draft, preset) for _ in BATCH_PROMPTS]
+    batcher = ForwardBatcher()
+    engines = [make_engine(target, draft, preset, batcher) for _ in BATCH_PROMPTS]
     requests = [dict(prompt=p, max_new_tokens=3, temperature=temperature, top_p=top_p, seed=99 + i,
                      num_samples=BATCH_SAMPLES, ignore_eos=True) for i, p in enumerate(BATCH_PROMPTS)]
     run = run_batch(engines, requests)
@@ -242,7 +223,7 @@ def test_num_samples_prefills_once_and_restores(small_vocab_models):
 def test_draft_with_other_vocabulary_is_refused(small_vocab_models, embedded_fp32):
     target, _ = small_vocab_models
     with pytest.raises(TriforceError, match="vocabulary"):
-        TriForce(embedded_fp32, target, method="speculative")
+        Engine(embedded_fp32, EngineSettings(method="speculative", draft=target))
 
 
 def test_every_knob_combination_small(small_vocab_models):
@@ -250,8 +231,9 @@ def test_every_knob_combination_small(small_vocab_models):
     target, draft = small_vocab_models
     ar = make_engine(target, draft, "autoregressive").generate(PROMPT, max_new_tokens=25, ignore_eos=True).token_ids
     for gamma, dgamma, budget, chunk, rebuild in itertools.product((1, 5), (1, 3), (7, 100), (3, 8), (1, 4)):
-        engine = TriForce(target, draft, method="triforce", gamma=gamma, draft_gamma=dgamma, budget=budget,
-                          chunk_size=chunk, sink=1, window=5, rebuild_every=rebuild)
+        engine = Engine(target, EngineSettings(method="triforce", draft=draft, gamma=gamma, draft_gamma=dgamma,
+                                               budget=budget, chunk_size=chunk, sink=1, window=5,
+                                               rebuild_every=rebuild))
         out = engine.generate(PROMPT, max_new_tokens=25, ignore_eos=True).token_ids
         assert out == ar, (gamma, dgamma, budget, chunk, rebuild)
 
@@ -292,45 +274,18 @@ def test_short_prompts(small_vocab_models, preset, prompt_len):
     assert out.token_ids == ar
 
 
-def test_budget_covering_the_context_is_exactly_full_attention(small_vocab_models):
-    """With every chunk selected the retrieval level computes what the target computes: every
-    draft is accepted, even when sampling (acceptance min(1, p/q) with p == q)."""
-    target, draft = small_vocab_models
-    engine = TriForce(target, None, method="retrieval", gamma=4, budget=10_000, chunk_size=4)
-    out = engine.generate(PROMPT, max_new_tokens=30, temperature=1.0, seed=3, ignore_eos=True)
-    middle = out.stats["levels"][0]
-    assert middle["num_draft_tokens"] > 20 and middle["draft_acceptance_rate"] == 1.0
-
-
 def test_streaming_draft_on_a_long_prompt_stays_in_its_position_range(small_vocab_models):
     """A prompt far longer than sink + window: the draft's cache keeps re-rotating keys into its
     slots (a forward at a position past its capacity would raise), and output stays exact."""
     target, draft = small_vocab_models
     prompt = [1] + [3 + (i * 5 + i // 7) % (VOCAB - 3) for i in range(400)]
-    engine = TriForce(target, draft, method="triforce", gamma=3, draft_gamma=2, budget=24, chunk_size=4,
-                      sink=2, window=6)
+    engine = Engine(target, EngineSettings(method="triforce", draft=draft, gamma=3, draft_gamma=2, budget=24,
+                                           chunk_size=4, sink=2, window=6))
     ar = _ar_tokens(target, draft, prompt, 60)
     out = engine.generate(prompt, max_new_tokens=60, ignore_eos=True)
     assert out.token_ids == ar
     cache = engine._draft_cache
-    assert cache.capacity == 2 + 6 + cache.slack and cache.seq_length > 400
-
-
-def test_rope_shift_is_an_exact_rerotation():
-    from triforce.config import ModelConfig
-    from triforce.rope import RotaryTable
-
-    cfg = ModelConfig("llama", 10, 64, 64, 1, 4, 2, 16, 1e-5, 10000.0, 256, True)
-    table = RotaryTable(cfg, None, 256, 256)
-    x = torch.randn(20, 2, 16)
-    pos = torch.arange(100, 120)
-    shifted = table.shift(table.rotate(x, pos), torch.full((20,), -37))
-    assert (shifted - table.rotate(x, pos - 37)).abs().max() < 1e-5
-
-
-@pytest.fixture(scope="module")
-def embedded_bf16():
-    return triforce.load(None, dtype="bf16")
+    assert cache.capacity == 2 + 6 + cache.slack and cache.length > 400
 
 
 @pytest.mark.parametrize("method", ["speculative", "retrieval", "streaming", "triforce"])
@@ -343,8 +298,8 @@ def test_bf16_greedy_equals_autoregressive_on_a_real_document(embedded_bf16, met
     if embedded_bf16.decoder.dtype != torch.bfloat16:
         pytest.skip("no bf16 on this CPU")
     prompt = document_tokens(embedded_bf16.tokenizer, "vim", 1500, offset=20000)
-    ar = TriForce(embedded_bf16, method="autoregressive").generate(prompt, max_new_tokens=64, ignore_eos=True)
-    engine = TriForce(embedded_bf16, "ngram", method=method, budget=256, window=128)
+    ar = Engine(embedded_bf16).generate(prompt, max_new_tokens=64, ignore_eos=True)
+    engine = Engine(embedded_bf16, EngineSettings(method=method, draft="ngram", budget=256, window=128))
     out = engine.generate(prompt, max_new_tokens=64, ignore_eos=True)
     assert out.token_ids == ar.token_ids
 
@@ -355,47 +310,9 @@ def test_prompt_inside_the_draft_sink(small_vocab_models):
     prompt = [1, 4, 5, 6]
     ar = make_engine(target, draft, "autoregressive").generate(prompt, max_new_tokens=30, ignore_eos=True)
     for temperature, seed in ((0.0, None), (1.0, 5)):
-        engine = TriForce(target, draft, method="triforce", sink=16, window=8, budget=8, chunk_size=4)
+        engine = Engine(target, EngineSettings(method="triforce", draft=draft, sink=16, window=8, budget=8,
+                                               chunk_size=4))
         out = engine.generate(prompt, max_new_tokens=30, ignore_eos=True, temperature=temperature, seed=seed)
         assert len(out.token_ids) == 30
         if temperature == 0:
             assert out.token_ids == ar.token_ids
-
-
-@pytest.mark.parametrize("long_passes_on_kernel", [True, False], ids=["kernel-prefill", "flash-prefill"])
-def test_prompt_cache_holds_exactly_the_rows_a_fresh_prefill_computes(embedded_bf16, long_passes_on_kernel,
-                                                                       monkeypatch):
-    """Where prefill chunks run through flash attention, they and decoding steps (the kernel)
-    round differently, so a reused prompt is exact only if every kept row was computed as a
-    fresh prefill of the new prompt computes it. Checked bit for bit on the cache itself, where a
-    mere token comparison would pass by luck: the same prompt again, a chat-style continuation
-    (old prompt, its answer, more text), and a shorter edit of it. Where the kernel runs prefill
-    too, every row is reusable."""
-    from triforce import native
-    from triforce.corpus import document_tokens
-
-    if long_passes_on_kernel and not native.prefill_on_kernel(torch.zeros(1, dtype=torch.bfloat16)):
-        pytest.skip("this CPU prefills through flash attention")
-    if not long_passes_on_kernel:
-        monkeypatch.setattr(native, "prefill_on_kernel", lambda t: False)
-
-    tok = embedded_bf16.tokenizer
-    text = document_tokens(tok, "vim", 900, offset=5000)
-    knobs = dict(max_new_tokens=12, ignore_eos=True)
-
-    def rows(engine: TriForce, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return engine._full.k[:, :, :, :n], engine._full.v[:, :, :, :n]
-
-    engine = TriForce(embedded_bf16, method="autoregressive", prefill_chunk=256)
-    first = engine.generate(text[:600], **knobs)
-    follow_ups = [text[:600], text[:600] + first.token_ids + text[600:900], text[:700], text[:530]]
-    for prompt in follow_ups:
-        fresh = TriForce(embedded_bf16, method="autoregressive", prefill_chunk=256)
-        expected = fresh.generate(prompt, **knobs)
-        got = engine.generate(prompt, **knobs)
-        assert got.token_ids == expected.token_ids
-        n = len(prompt) + len(got.token_ids) - 1
-        for mine, theirs in zip(rows(engine, n), rows(fresh, n)):
-            assert torch.equal(mine, theirs), f"prompt of {len(prompt)} tokens: cached rows differ"
-    # the edit keeps all of itself from the kernel's rows, else only the whole chunks of 256
-    assert got.stats["cached_prompt_tokens"] == (530 if long_passes_on_kernel else 512)

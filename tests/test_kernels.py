@@ -34,27 +34,6 @@ def test_attention_dense_and_chunked(dtype, heads, T):
     assert (sparse - attend_torch(q, gk, gv, gn, gf)).abs().max() < tol
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_attention_many_equals_each_alone(dtype):
-    """One kernel call for a batch of sequences (different lengths, token counts, dense or
-    retrieval keys, cache capacities) gives each sequence bit-identically its own call's output."""
-    from triforce.attention import AttentionJob
-
-    torch.manual_seed(3)
-    jobs = []
-    for n, T, cap, chunked in [(700, 1, 800, False), (1300, 7, 1400, True), (90, 3, 96, False), (2049, 1, 2100, True)]:
-        k, v = torch.randn(3, cap, 64, dtype=dtype), torch.randn(3, cap, 64, dtype=dtype)
-        chunks = None
-        if chunked:  # 12 chunks of 8 rows from the first half, per KV head
-            chunks = torch.stack([torch.randperm(n // 16)[:12].sort().values * 8 for _ in range(3)]).int()
-        jobs.append(AttentionJob(torch.randn(T, 9, 64), k, v, n, n - T, chunks, 8 if chunked else 0,
-                                 n - 40 if chunked else 0))
-    together = native.attention_many(jobs, torch.bfloat16)
-    alone = torch.cat([native.attention(j.q, j.k, j.v, j.num_rows, j.first_row, j.chunks, j.chunk_size,
-                                        j.dense_start, torch.bfloat16) for j in jobs])
-    assert torch.equal(together, alone)
-
-
 def test_attention_all_chunks_equals_dense_exactly():
     """Selecting every chunk reads the same keys in the same order: bit-identical to dense."""
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ import torch
 import triforce
 from triforce.cache import FullCache
 from triforce.errors import TriforceError
+from triforce.model import Segment
 
 from .conftest import make_hf_model
 from .gguf_util import hf_gguf_logits, write_llama_gguf
@@ -34,7 +35,8 @@ def test_gguf_with_every_quant_type_matches_transformers(gguf_model):
     loaded = triforce.load(gguf_model, dtype="fp32")
     dec = loaded.decoder
     dec.prepare(len(ids))
-    got = dec.forward(torch.tensor([ids]), FullCache(loaded.config, len(ids), dtype=torch.float32))[0]
+    cache = FullCache(loaded.config, len(ids), dtype=torch.float32)
+    got = dec.forward([Segment(torch.tensor(ids), cache, len(ids))])[0]
     assert (got - expected).abs().max().item() < 1e-4
     assert loaded.config.architecture == "llama" and not loaded.config.tie_word_embeddings
 

@@ -8,6 +8,7 @@ import torch
 import triforce
 from triforce import native
 from triforce.cache import FullCache
+from triforce.model import Segment
 
 from .conftest import make_hf_model
 
@@ -62,8 +63,8 @@ def our_logits(loaded, ids, chunks=None):
     chunks = chunks or [len(ids)]
     outs, start = [], 0
     for size in chunks:
-        piece = torch.tensor([ids[start : start + size]])
-        outs.append(dec.forward(piece, cache, logits_for="all")[0])
+        piece = torch.tensor(ids[start : start + size])
+        outs.append(dec.forward([Segment(piece, cache, size)])[0])
         start += size
     assert start == len(ids)
     return torch.cat(outs)

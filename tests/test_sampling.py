@@ -44,9 +44,9 @@ def test_warp_matches_transformers_warpers():
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": math.nan}, "temperature"),
         ({"temperature": math.inf}, "temperature"),
-        ({"top_p": 0.0}, "top-p"),
-        ({"top_p": 1.5}, "top-p"),
-        ({"top_k": -1}, "top-k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
     ],
 )
 def test_invalid_sampling_parameters_are_refused(kwargs, message):

@@ -8,8 +8,10 @@ import torch
 
 from triforce.cache import FullCache
 from triforce.corpus import document_tokens
-from triforce.generation import TriForce
+from triforce.engine import Engine
 from triforce.loading import SHIPPED_DRAFT, default_draft, load
+from triforce.model import Segment
+from triforce.settings import EngineSettings
 
 pytestmark = pytest.mark.skipif(not (SHIPPED_DRAFT / "config.json").exists(), reason="no shipped draft")
 
@@ -39,7 +41,8 @@ def test_shipped_draft_loads_in_transformers_with_the_same_logits(shipped_fp32):
     dec.prepare(len(ids))
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0]
-        ours = dec.forward(torch.tensor([ids]), FullCache(shipped_fp32.config, len(ids), dtype=dec.dtype))[0]
+        ours = dec.forward([Segment(torch.tensor(ids), FullCache(shipped_fp32.config, len(ids), dtype=dec.dtype),
+                                    len(ids))])[0]
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=2e-3)
 
 
@@ -47,8 +50,8 @@ def test_shipped_draft_loads_in_transformers_with_the_same_logits(shipped_fp32):
 def test_greedy_with_the_shipped_draft_equals_autoregressive(embedded_fp32, shipped_fp32, method):
     """On 3K tokens of a real document, with a budget below the context so retrieval is sparse."""
     prompt = document_tokens(embedded_fp32.tokenizer, "vim", 3000)
-    baseline = TriForce(embedded_fp32, method="autoregressive").generate(prompt, max_new_tokens=40).token_ids
-    engine = TriForce(embedded_fp32, shipped_fp32, method=method, budget=1024, window=256)
+    baseline = Engine(embedded_fp32).generate(prompt, max_new_tokens=40).token_ids
+    engine = Engine(embedded_fp32, EngineSettings(method=method, draft=shipped_fp32, budget=1024, window=256))
     result = engine.generate(prompt, max_new_tokens=40)
     assert result.token_ids == baseline
     bottom = result.stats["levels"][0]

@@ -1,4 +1,4 @@
-"""Attention of a few new queries over keys in a cache buffer.
+"""Attention of a pass's new queries over the keys each sequence's cache lets it see.
 
 Two implementations with one contract:
 - a native CPU kernel (kernels/attention.c, compiled on first use) for decoding and
@@ -16,12 +16,30 @@ rows of `chunk_size`-row chunks, per KV head) plus the dense rows [dense_start, 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from . import native
+
+
+@dataclass
+class KVSlot:
+    """Where a sequence's new keys and values go (rows `row`.. of k/v [Hkv, capacity, D]) and
+    which older rows its queries see: all of them (chunks None), or `chunks` plus the dense rows
+    from `dense_start`. A cache that picks keys by the queries themselves (a benchmark's oracle)
+    sets `choose`, which maps the rotated queries to (chunks, chunk_size, dense_start)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    row: int
+    chunks: torch.Tensor | None = None
+    chunk_size: int = 0
+    dense_start: int = 0
+    choose: Callable[[torch.Tensor], tuple[torch.Tensor | None, int, int]] | None = None
 
 
 def kernel_query_limit(k: torch.Tensor) -> int:
@@ -41,6 +59,52 @@ def kernel_runs(k: torch.Tensor, num_queries: int) -> bool:
     return num_queries <= kernel_query_limit(k)
 
 
+def attend_layer(
+    qkv: torch.Tensor, spans: list[tuple[KVSlot, int, int, torch.Tensor]], rope: Any, num_heads: int, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's attention for a pass: qkv [N, Hq + 2 Hkv, D] straight from the projection
+    holds the tokens of one or more sequences; spans (slot, start, end, positions [end-start])
+    say whose. Rotates q and k, writes k and v at each slot, attends. Returns the output
+    [N, Hq, D] (qkv's dtype) and the rotated queries [N, Hq, D].
+
+    Where every sequence takes the kernel (`fused`: the native glue is loaded), all of it is
+    one native call; otherwise each sequence is rotated and stored, then attends on its own.
+    A sequence's rows come out the same either way (the kernel's result for a row does not
+    depend on the other rows of the call)."""
+    nq = num_heads
+    if fused and all(slot.choose is None and kernel_runs(slot.k, b - a) and slot.k.dtype == qkv.dtype
+                     for slot, a, b, _ in spans):
+        fields, keep = [], []
+        for slot, a, b, _ in spans:
+            chunks, n_chunks, dense_start = native.chunk_args(slot.chunks, slot.dense_start)
+            keep.append(chunks)  # alive until the call returns
+            fields.append([slot.k.data_ptr(), slot.v.data_ptr(), slot.k.stride(0), slot.row, b - a,
+                           chunks.data_ptr() if chunks is not None else 0, n_chunks, slot.chunk_size, dense_start])
+        positions = spans[0][3] if len(spans) == 1 else torch.cat([pos for *_, pos in spans])
+        out, q = native.rope_attention_many(qkv, rope.cos, rope.sin, positions, fields, nq)
+        return out, q
+    outs, queries = [], []
+    for slot, a, b, positions in spans:
+        part = qkv[a:b]
+        T = b - a
+        if fused:  # rotation and the cache write in one native call
+            q = native.rope_store(part, rope.cos, rope.sin, positions, slot.k, slot.v, slot.row, nq)
+        else:
+            nkv = (part.shape[1] - nq) // 2
+            qk = rope.rotate(part[:, : nq + nkv], positions)
+            q = qk[:, :nq]
+            slot.k[:, slot.row : slot.row + T] = qk[:, nq:].transpose(0, 1)
+            slot.v[:, slot.row : slot.row + T] = part[:, nq + nkv :].transpose(0, 1)
+        chunks, chunk_size, dense_start = slot.chunks, slot.chunk_size, slot.dense_start
+        if slot.choose is not None:
+            chunks, chunk_size, dense_start = slot.choose(q)
+        outs.append(attend(q, slot.k, slot.v, slot.row + T, slot.row, chunks, chunk_size, dense_start, qkv.dtype))
+        queries.append(q)
+    if len(outs) == 1:
+        return outs[0], queries[0]
+    return torch.cat(outs), torch.cat([q.float() for q in queries])
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -58,34 +122,6 @@ def attend(
     if chunks is not None:
         k, v, first_row, num_rows = gather_chunks(k, v, chunks, chunk_size, dense_start, num_rows, first_row)
     return attend_torch(q.to(k.dtype), k, v, num_rows, first_row).to(out_dtype)
-
-
-@dataclass
-class AttentionJob:
-    """One sequence's `attend` call, for `attend_many`."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    num_rows: int
-    first_row: int
-    chunks: torch.Tensor | None = None
-    chunk_size: int = 0
-    dense_start: int = 0
-
-
-def attend_many(jobs: list[AttentionJob], out_dtype: torch.dtype) -> torch.Tensor:
-    """`attend` for several sequences, outputs concatenated along the tokens. When the kernel
-    takes them all, it is one call (a batch step then pays one thread fork/join per layer, not
-    one per sequence); each output is the same as `attend` alone would give."""
-    if len(jobs) == 1:
-        j = jobs[0]
-        return attend(j.q, j.k, j.v, j.num_rows, j.first_row, j.chunks, j.chunk_size, j.dense_start, out_dtype)
-    if all(kernel_runs(j.k, j.q.shape[0]) and j.k.dtype == jobs[0].k.dtype
-           for j in jobs):
-        return native.attention_many(jobs, out_dtype)
-    return torch.cat([attend(j.q, j.k, j.v, j.num_rows, j.first_row, j.chunks, j.chunk_size, j.dense_start, out_dtype)
-                      for j in jobs])
 
 
 def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_rows: int, first_row: int) -> torch.Tensor:

@@ -1,16 +1,19 @@
-"""KV caches behind one small interface.
+"""KV caches: where each sequence's keys and values live, and which of them its queries see.
 
 The decoder asks a cache for the RoPE positions of the tokens it is about to run
-(`positions`), hands it each layer's new queries, keys and values (`attend`), and tells it when
-the forward pass is over (`commit`). What the queries may see is the cache's business:
+(`positions`), for each layer's slot (`slot`: the buffers new rows go to and the rows a query
+may see), and tells it when the pass is over (`commit`). What the queries may see is the
+cache's business:
 
 - FullCache: every token, in preallocated per-layer buffers written in place; `truncate` drops
   rejected draft tokens in O(1).
-- (speculative caches, built on a FullCache or their own buffers, live in speculative.py's
-  neighbours: StreamingCache and RetrievalCache below.)
+- StreamingView, RetrievalView: the target attending to a subset of its own FullCache (the
+  middle level of TriForce), reading its buffers in place.
+- StreamingCache: a small draft model's own StreamingLLM cache.
 
-Buffers are [layers, batch, kv_heads, capacity, head_dim]: each (layer, sequence, head) is a
-contiguous [capacity, head_dim] matrix, which is what the attention kernel streams.
+Buffers are [layers, kv_heads, capacity, head_dim]: each (layer, head) is a contiguous
+[capacity, head_dim] matrix, which is what the attention kernel streams. Each cache says how
+many bytes it will take before it is built (`bytes_for`), and can snapshot and restore itself.
 """
 
 from __future__ import annotations
@@ -23,8 +26,7 @@ from typing import Any
 
 import torch
 
-from . import native
-from .attention import AttentionJob, attend_many, kernel_runs
+from .attention import KVSlot
 from .config import ModelConfig
 from .errors import TriforceError
 
@@ -49,7 +51,7 @@ def check_fits(nbytes: int, what: str) -> None:
     if available is not None and nbytes > 0.9 * available:
         raise TriforceError(
             f"{what} needs {nbytes / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of memory is "
-            "available; use a shorter context (--max-context) or fewer tokens"
+            "available; use a shorter context or fewer tokens"
         )
 
 
@@ -74,13 +76,17 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
         pass
 
 
+def kv_bytes(config: ModelConfig, capacity: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V buffers holding `capacity` tokens."""
+    return capacity * config.kv_bytes_per_token(torch.finfo(dtype).bits // 8)
+
+
 def allocate_kv(
-    config: ModelConfig, capacity: int, batch: int, dtype: torch.dtype, device: torch.device | str
+    config: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (config.num_layers, batch, config.num_kv_heads, capacity, config.head_dim)
-    nbytes = 2 * torch.Size(shape).numel() * (torch.finfo(dtype).bits // 8)
+    shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)
     if torch.device(device).type == "cpu":
-        check_fits(nbytes, f"a KV cache of {capacity} tokens")
+        check_fits(kv_bytes(config, capacity, dtype), f"a KV cache of {capacity} tokens")
     k = torch.empty(shape, dtype=dtype, device=device)
     v = torch.empty(shape, dtype=dtype, device=device)
     for t in (k, v):
@@ -89,210 +95,87 @@ def allocate_kv(
     return k, v
 
 
-class RowCache:
-    """Shared mechanics: where a layer's new keys/values go, and attention over what is visible.
+class FullCache:
+    """The exact cache: every token's keys (stored after RoPE) and values."""
 
-    Subclasses say where sequence b's new rows start (`write_row`), which buffers hold them
-    (`buffers`) and which rows a query sees (`visible`). The decoder calls `attend` with rotated
-    q/k (PyTorch path) or `attend_qkv` with the raw projection (fused native path: rotary
-    embedding, cache write and conversion in one call).
-    """
-
-    batch = 1
-    keep_queries = False  # whether saw_queries wants each pass's queries
-
-    def buffers(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def write_row(self, b: int) -> int:
-        raise NotImplementedError
-
-    def visible(self, layer: int, b: int) -> tuple[torch.Tensor | None, int, int]:
-        """(chunks [Hkv, C] or None, chunk_size, dense_start) for sequence b at `layer`."""
-        return None, 0, 0
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        jobs = []
-        T = q.shape[1]
-        for b in range(self.batch):
-            kb, vb = self.buffers(layer, b)
-            row = self.write_row(b)
-            kb[:, row : row + T] = k[b].transpose(0, 1)
-            vb[:, row : row + T] = v[b].transpose(0, 1)
-            jobs.append(self._job(layer, b, q[b], kb, vb, row))
-        if self.keep_queries:
-            self.saw_queries(layer, q)
-        return attend_many(jobs, q.dtype).view(q.shape)
-
-    def _job(self, layer: int, b: int, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, row: int) -> AttentionJob:
-        chunks, chunk_size, dense_start = self.visible(layer, b)
-        return AttentionJob(q, kb, vb, row + q.shape[0], row, chunks, chunk_size, dense_start)
-
-    def attend_qkv(
-        self, layer: int, qkv: torch.Tensor, rope: Any, positions: torch.Tensor, num_heads: int
-    ) -> torch.Tensor:
-        """qkv [B, T, Hq + 2 Hkv, D] straight from the projection; returns [B, T, Hq, D]."""
-        jobs = self.store_qkv(layer, qkv, rope, positions, num_heads)
-        return attend_many(jobs, qkv.dtype).view(len(jobs), -1, *jobs[0].q.shape[1:])
-
-    def store_qkv(
-        self, layer: int, qkv: torch.Tensor, rope: Any, positions: torch.Tensor, num_heads: int
-    ) -> list[AttentionJob]:
-        """Rotate and store each sequence's new keys and values (fused native call); return
-        the attention each sequence's queries then need, one job per sequence."""
-        jobs = []
-        for b in range(self.batch):
-            kb, vb = self.buffers(layer, b)
-            row = self.write_row(b)
-            q = native.rope_store(qkv[b], rope.cos, rope.sin, positions[b], kb, vb, row, num_heads)
-            jobs.append(self._job(layer, b, q, kb, vb, row))
-        if self.keep_queries:
-            self.saw_queries(layer, torch.stack([job.q for job in jobs]))
-        return jobs
-
-    def saw_queries(self, layer: int, q: torch.Tensor) -> None:
-        pass
-
-
-def attend_qkv_batch(
-    layer: int, qkv: torch.Tensor, rope: Any, spans: list[tuple[Any, int, int, torch.Tensor]],
-    positions: torch.Tensor, num_heads: int,
-) -> torch.Tensor:
-    """attend_qkv for a batch step: qkv [1, N, Hq + 2 Hkv, D] holds several sequences' tokens,
-    spans (cache, start, end, its positions) say whose; positions [N] are theirs concatenated.
-    Where every cache takes the plain path (one sequence, the kernel's dtype, no per-query key
-    choice), rotation, cache writes and attention for the whole batch are one native call;
-    otherwise each cache stores its rows and the attention runs as one kernel call of jobs."""
-    if all(_plain(c, qkv, b - a) for c, a, b, _ in spans):
-        fields, keep = [], []
-        for cache, a, b, _ in spans:
-            kb, vb = cache.buffers(layer, 0)
-            selection, chunk_size, dense_start = cache.visible(layer, 0)
-            chunks, n_chunks, dense_start = native.chunk_args(selection, dense_start)
-            keep.append(chunks)  # alive until the call returns
-            fields.append([kb.data_ptr(), vb.data_ptr(), kb.stride(0), cache.write_row(0), b - a,
-                           chunks.data_ptr() if chunks is not None else 0, n_chunks, chunk_size, dense_start])
-        out, q = native.rope_attention_many(qkv[0], rope.cos, rope.sin, positions, fields, num_heads)
-        for cache, a, b, _ in spans:
-            if cache.keep_queries:
-                cache.saw_queries(layer, q[a:b].unsqueeze(0))
-        return out.unsqueeze(0)
-    jobs = [j for c, a, b, pos in spans for j in c.store_qkv(layer, qkv[:, a:b], rope, pos, num_heads)]
-    return attend_many(jobs, qkv.dtype).unsqueeze(0)
-
-
-def _plain(cache: Any, qkv: torch.Tensor, num_tokens: int) -> bool:
-    if not isinstance(cache, RowCache) or cache.batch != 1 or type(cache)._job is not RowCache._job:
-        return False
-    k, _ = cache.buffers(0, 0)
-    return kernel_runs(k, num_tokens) and k.dtype == qkv.dtype
-
-
-class FullCache(RowCache):
-    """The exact cache: every token's keys and values (keys stored after RoPE)."""
+    record_queries = False  # set when a retrieval view needs the queries of the last pass
 
     def __init__(
-        self,
-        config: ModelConfig,
-        capacity: int,
-        batch: int = 1,
-        dtype: torch.dtype = torch.bfloat16,
+        self, config: ModelConfig, capacity: int, dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
     ) -> None:
         self.config = config
         self.capacity = capacity
-        self.batch = batch
-        self.k, self.v = allocate_kv(config, capacity, batch, dtype, device)
-        # per layer and sequence, made once: indexing anew costs two tensor ops per layer per step
-        self.views = [[(self.k[i, b], self.v[i, b]) for b in range(batch)] for i in range(config.num_layers)]
-        self.lengths = [0] * batch
+        self.k, self.v = allocate_kv(config, capacity, dtype, device)
+        self.length = 0
         self.device = torch.device(device)
-        # How the rows were computed, for prompt caching that stays exact (see `reusable`):
-        # rows [0, aligned_rows) ran in whole prefill chunks [k C, (k+1) C) with C = aligned_chunk;
-        # rows [kernel_from, length) ran through the attention kernel (few tokens per pass),
-        # whose rows do not depend on how many ran together.
+        # How the rows were computed, for prompt caching that stays exact (runner.Runner keeps
+        # these up to date and reads them): rows [0, aligned_rows) ran in whole prefill chunks
+        # [k C, (k+1) C) with C = aligned_chunk; rows [kernel_from, length) ran through the
+        # attention kernel, whose rows do not depend on how many ran together.
         self.aligned_rows, self.aligned_chunk, self.kernel_from = 0, 0, 0
-        # Queries of the last forward pass, kept only when a retrieval cache asks for them.
-        self.keep_queries = False
+        # The rotated queries of the last pass (per layer [T, Hq, D]) and the row of its first
+        # token, kept only when `record_queries`.
         self.last_queries: list[torch.Tensor] = []
+        self.queries_from = 0
+
+    @staticmethod
+    def bytes_for(config: ModelConfig, capacity: int, dtype: torch.dtype) -> int:
+        return kv_bytes(config, capacity, dtype)
 
     @property
-    def length(self) -> int:
-        return self.lengths[0]
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
 
     def positions(self, num_tokens: int) -> torch.Tensor:
-        for n in self.lengths:
-            if n + num_tokens > self.capacity:
-                raise TriforceError(
-                    f"the KV cache holds {self.capacity} tokens; {n + num_tokens} would not fit"
-                )
-        if self.keep_queries:
-            self.last_queries = []
-        return torch.stack(
-            [torch.arange(n, n + num_tokens, device=self.device) for n in self.lengths]
-        )
+        if self.length + num_tokens > self.capacity:
+            raise TriforceError(f"the KV cache holds {self.capacity} tokens; {self.length + num_tokens} would not fit")
+        if self.record_queries:
+            self.last_queries, self.queries_from = [], self.length
+        return torch.arange(self.length, self.length + num_tokens, device=self.device)
 
-    def buffers(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.views[layer][b]
-
-    def write_row(self, b: int) -> int:
-        return self.lengths[b]
+    def slot(self, layer: int) -> KVSlot:
+        return KVSlot(self.k[layer], self.v[layer], self.length)
 
     def saw_queries(self, layer: int, q: torch.Tensor) -> None:
-        if self.keep_queries:
-            self.last_queries.append(q)
+        self.last_queries.append(q)
+
+    def queries_at(self, row: int) -> list[torch.Tensor]:
+        """Per layer, the query [Hq, D] of the token at `row`, which the last pass ran."""
+        return [q[row - self.queries_from] for q in self.last_queries]
 
     def commit(self, num_tokens: int) -> None:
-        self.lengths = [n + num_tokens for n in self.lengths]
+        self.length += num_tokens
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after `length` tokens (rejected drafts)."""
+        if length > self.length:
+            raise ValueError(f"cannot truncate to {length}: the cache holds {self.length}")
+        self.length = length
+        if self.aligned_chunk:
+            self.aligned_rows = min(self.aligned_rows, length // self.aligned_chunk * self.aligned_chunk)
+        self.kernel_from = min(self.kernel_from, length)
 
     def grown(self, capacity: int, keep: int) -> FullCache:
         """A larger cache holding this one's first `keep` tokens (a cached prompt survives a
         longer run instead of being prefilled again)."""
-        bigger = FullCache(self.config, capacity, self.batch, self.k.dtype, self.device)
+        bigger = FullCache(self.config, capacity, self.k.dtype, self.device)
         for old, new in ((self.k, bigger.k), (self.v, bigger.v)):
-            new[:, :, :, :keep].copy_(old[:, :, :, :keep])
-        bigger.lengths = [keep] * self.batch
+            new[:, :, :keep].copy_(old[:, :, :keep])
+        bigger.length = keep
         bigger.aligned_chunk = self.aligned_chunk
         bigger.aligned_rows, bigger.kernel_from = self.aligned_rows, self.kernel_from
         bigger.truncate(keep)
         return bigger
 
-    def note_rows(self, start: int, end: int, chunk: int, kernel: bool) -> None:
-        """Rows [start, end) were just computed in one pass (of chunk size `chunk`)."""
-        if self.aligned_chunk != chunk:
-            self.aligned_chunk, self.aligned_rows = chunk, 0
-        if start == self.aligned_rows and start % chunk == 0 and end - start == chunk:
-            self.aligned_rows = end
-        if not kernel:
-            self.kernel_from = end
+    def snapshot(self) -> int:
+        return self.length
 
-    def reusable(self, common: int, prompt_len: int, chunk: int, kernel_max: int) -> int:
-        """How many of the `common` leading rows shared with a new prompt hold exactly what a
-        fresh prefill of that prompt would compute. A fresh prefill runs whole chunks
-        [k C, (k+1) C) and then a final piece [base, prompt_len): rows of the same whole chunks
-        match, and when the final piece is short enough for the attention kernel, rows the kernel
-        computed (decoded tokens, or an earlier short final piece) match too. When the kernel
-        takes passes of any length, a fresh prefill runs every row through it, and a kernel row
-        does not depend on how the tokens were split into passes: every row it wrote matches."""
-        if kernel_max >= prompt_len and self.kernel_from == 0:
-            return common
-        aligned = self.aligned_rows if self.aligned_chunk == chunk else 0
-        base = (prompt_len - 1) // chunk * chunk if prompt_len else 0
-        if prompt_len - base <= kernel_max and aligned >= base and self.kernel_from <= base:
-            return common
-        return min(common, aligned, base)
-
-    def truncate(self, length: int) -> None:
-        """Forget everything after `length` tokens (rejected drafts)."""
-        if length > min(self.lengths):
-            raise ValueError(f"cannot truncate to {length}: cache holds {self.lengths}")
-        self.lengths = [length] * len(self.lengths)
-        if self.aligned_chunk:
-            self.aligned_rows = min(self.aligned_rows, length // self.aligned_chunk * self.aligned_chunk)
-        self.kernel_from = min(self.kernel_from, length)
+    def restore(self, state: int) -> None:
+        self.truncate(state)
 
 
-class SparseView(RowCache):
+class SparseView:
     """The target attending to a subset of its own full cache (the middle level of TriForce).
 
     It reads the FullCache's buffers in place. Rows below `full.length` hold the target's exact
@@ -301,6 +184,8 @@ class SparseView(RowCache):
     head, `chunk_size` rows each) plus every row from `dense_start` on. Subclasses decide the
     selection.
     """
+
+    record_queries = False
 
     def __init__(self, full: FullCache) -> None:
         self.full = full
@@ -316,22 +201,17 @@ class SparseView(RowCache):
     def positions(self, num_tokens: int) -> torch.Tensor:
         if self.length + num_tokens > self.full.capacity:
             raise TriforceError(f"the KV cache holds {self.full.capacity} tokens")
-        self.before_forward(num_tokens)
-        return torch.arange(self.length, self.length + num_tokens, device=self.full.device).unsqueeze(0)
+        self.before_pass(num_tokens)
+        return torch.arange(self.length, self.length + num_tokens, device=self.full.device)
 
-    def before_forward(self, num_tokens: int) -> None:
+    def before_pass(self, num_tokens: int) -> None:
         pass
 
-    def buffers(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.full.views[layer][0]
-
-    def write_row(self, b: int) -> int:
-        return self.length
-
-    def visible(self, layer: int, b: int) -> tuple[torch.Tensor | None, int, int]:
+    def slot(self, layer: int) -> KVSlot:
         if self.chunks is None:
-            return None, 0, 0
-        return self.chunks[layer], self.chunk_size, self.dense_start
+            return KVSlot(self.full.k[layer], self.full.v[layer], self.length)
+        return KVSlot(self.full.k[layer], self.full.v[layer], self.length, self.chunks[layer], self.chunk_size,
+                      self.dense_start)
 
     def commit(self, num_tokens: int) -> None:
         self.length += num_tokens
@@ -339,11 +219,11 @@ class SparseView(RowCache):
     def truncate(self, length: int) -> None:
         self.length = length
 
-    def attended_tokens(self) -> int:
-        """How many keys a query at the current length reads (for reports)."""
-        if self.chunks is None:
-            return self.length
-        return int(self.chunks[0].shape[1]) * self.chunk_size + (self.length - self.dense_start)
+    def snapshot(self) -> Any:
+        return self.length, self.chunks, self.dense_start
+
+    def restore(self, state: Any) -> None:
+        self.length, self.chunks, self.dense_start = state
 
 
 class StreamingView(SparseView):
@@ -355,7 +235,11 @@ class StreamingView(SparseView):
         super().__init__(full)
         self.sink, self.window = sink, window
 
-    def before_forward(self, num_tokens: int) -> None:
+    @staticmethod
+    def bytes_for(*_: Any) -> int:
+        return 0
+
+    def before_pass(self, num_tokens: int) -> None:
         start = self.length - self.window
         if start <= self.sink:
             self.chunks = None
@@ -379,8 +263,6 @@ class RetrievalView(SparseView):
 
     def __init__(self, full: FullCache, budget: int, chunk_size: int = 8, recent: int = 64) -> None:
         super().__init__(full)
-        if budget < 1 or chunk_size < 1:
-            raise TriforceError("retrieval budget and chunk size must be positive")
         self.budget, self.chunk_size, self.recent = budget, chunk_size, recent
         cfg = full.config
         self.max_chunks = full.capacity // chunk_size
@@ -388,15 +270,20 @@ class RetrievalView(SparseView):
             cfg.num_layers, cfg.num_kv_heads, self.max_chunks, cfg.head_dim, dtype=torch.float32, device=full.device
         )
         self.means_ready = 0  # chunks whose mean key is computed (their rows never change again)
-        self.selected_at = -1
+        self.selected_at = -1  # the context length of the last selection (-1: none yet)
+
+    @staticmethod
+    def bytes_for(config: ModelConfig, capacity: int, chunk_size: int) -> int:
+        """The chunks' mean keys (float32)."""
+        return config.num_layers * config.num_kv_heads * (capacity // chunk_size) * config.head_dim * 4
 
     def rebuild(self, queries: list[torch.Tensor]) -> None:
         """Select chunks for the context held by the full cache, given per-layer queries [Hq, D]."""
         cfg, cs = self.full.config, self.chunk_size
         context = self.full.length
+        self.selected_at = context
         if context <= self.budget:
             self.chunks = None  # everything fits: exact full attention
-            self.selected_at = context
             return
         recent = min(self.recent, self.budget // 2)
         dense_start = (context - recent) // cs * cs
@@ -404,11 +291,10 @@ class RetrievalView(SparseView):
         keep = max(1, (self.budget - (context - dense_start)) // cs)
         if keep >= n_old:
             self.chunks = None
-            self.selected_at = context
             return
         if n_old > self.means_ready:
             a, b = self.means_ready * cs, n_old * cs
-            k = self.full.k[:, 0, :, a:b].float()  # [L, Hkv, rows, D]
+            k = self.full.k[:, :, a:b].float()  # [L, Hkv, rows, D]
             self.chunk_means[:, :, self.means_ready : n_old] = k.view(
                 cfg.num_layers, cfg.num_kv_heads, n_old - self.means_ready, cs, cfg.head_dim
             ).mean(3)
@@ -424,10 +310,16 @@ class RetrievalView(SparseView):
         chosen = chosen.to(torch.int32)
         self.chunks = [chosen[i].contiguous() for i in range(cfg.num_layers)]
         self.dense_start = dense_start
-        self.selected_at = context
+
+    def snapshot(self) -> Any:
+        return super().snapshot(), self.selected_at
+
+    def restore(self, state: Any) -> None:
+        view, self.selected_at = state
+        super().restore(view)
 
 
-class StreamingCache(RowCache):
+class StreamingCache:
     """StreamingLLM cache with its own buffers, for a small draft model: `sink` first tokens
     plus a window of recent ones. Keys are rotated for their slot in the cache, not their
     position in the text, so the draft never sees a position beyond sink + window + slack
@@ -435,36 +327,36 @@ class StreamingCache(RowCache):
     in one step and the survivors' keys re-rotated to their new slots (amortised; exact RoPE
     shift). `truncate` rolls back the most recent tokens (rejected drafts)."""
 
+    record_queries = False
+    SLACK = 64  # slots past sink + window, so eviction happens once per SLACK tokens
+
     def __init__(
         self,
         config: ModelConfig,
         sink: int,
         window: int,
-        slack: int = 64,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
     ) -> None:
-        if sink < 0 or window < 1:
-            raise TriforceError("StreamingLLM needs sink >= 0 and window >= 1")
         self.config = config
-        self.sink, self.window, self.slack = sink, window, slack
-        self.capacity = sink + window + slack
-        self.k, self.v = allocate_kv(config, self.capacity, 1, dtype, device)
+        self.sink, self.window, self.slack = sink, window, self.SLACK
+        self.capacity = sink + window + self.slack
+        self.k, self.v = allocate_kv(config, self.capacity, dtype, device)
         self.device = torch.device(device)
         self.slots = 0  # filled slots
-        self.seq_length = 0  # tokens of the text this cache has consumed
-        self.rope = None  # set by the owner: the draft's RotaryTable, for re-rotation
+        self.length = 0  # tokens of the text this cache has consumed
+        self.rope: Any = None  # set by the owner: the draft's RotaryTable, for re-rotation
 
-    @property
-    def length(self) -> int:
-        return self.seq_length
+    @classmethod
+    def bytes_for(cls, config: ModelConfig, sink: int, window: int, dtype: torch.dtype) -> int:
+        return kv_bytes(config, sink + window + cls.SLACK, dtype)
 
     def positions(self, num_tokens: int) -> torch.Tensor:
         if num_tokens > self.window + self.slack:
             raise ValueError("feed a StreamingCache at most window + slack tokens at a time")
         if self.slots + num_tokens > self.capacity:
             self._evict(self.slots + num_tokens - self.capacity)
-        return torch.arange(self.slots, self.slots + num_tokens, device=self.device).unsqueeze(0)
+        return torch.arange(self.slots, self.slots + num_tokens, device=self.device)
 
     def _evict(self, at_least: int) -> None:
         # Drop the oldest window tokens so `slack` slots are free again (or `at_least`).
@@ -473,34 +365,43 @@ class StreamingCache(RowCache):
         moved = self.slots - keep_from
         if moved > 0:
             delta = torch.full((moved,), -drop, device=self.device)
-            src_k = self.k[:, :, :, keep_from : self.slots]
-            shifted = self.rope.shift(src_k.transpose(2, 3), delta)  # [L, B, moved, Hkv, D]
-            self.k[:, :, :, self.sink : self.sink + moved] = shifted.transpose(2, 3)
-            self.v[:, :, :, self.sink : self.sink + moved] = self.v[:, :, :, keep_from : self.slots].clone()
+            src_k = self.k[:, :, keep_from : self.slots]
+            shifted = self.rope.shift(src_k.transpose(1, 2), delta)  # [L, moved, Hkv, D]
+            self.k[:, :, self.sink : self.sink + moved] = shifted.transpose(1, 2)
+            self.v[:, :, self.sink : self.sink + moved] = self.v[:, :, keep_from : self.slots].clone()
         self.slots = self.sink + max(moved, 0)
 
-    def buffers(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer, 0], self.v[layer, 0]
-
-    def write_row(self, b: int) -> int:
-        return self.slots
+    def slot(self, layer: int) -> KVSlot:
+        return KVSlot(self.k[layer], self.v[layer], self.slots)
 
     def commit(self, num_tokens: int) -> None:
         self.slots += num_tokens
-        self.seq_length += num_tokens
+        self.length += num_tokens
 
     def skip(self, num_tokens: int) -> None:
         """Let `num_tokens` tokens of the text pass unseen (a long prompt's middle: StreamingLLM
         would evict them anyway), keeping the sink."""
         self.slots = min(self.slots, self.sink)
-        self.seq_length += num_tokens
+        self.length += num_tokens
 
     def truncate(self, length: int) -> None:
-        back = self.seq_length - length
+        back = self.length - length
         # the last `back` tokens must still be held: all of them when nothing was evicted or
         # skipped yet (a short prompt lies inside the sink), else only window rows
-        held = self.slots if self.seq_length == self.slots else self.slots - self.sink
+        held = self.slots if self.length == self.slots else self.slots - self.sink
         if back < 0 or back > held:
             raise ValueError(f"cannot roll a StreamingCache back by {back} tokens")
         self.slots -= back
-        self.seq_length = length
+        self.length = length
+
+    def reset(self) -> None:
+        self.slots = self.length = 0
+
+    def snapshot(self) -> Any:
+        # evicted rows cannot be recovered by truncation: keep the buffers themselves
+        return self.k.clone(), self.v.clone(), self.slots, self.length
+
+    def restore(self, state: Any) -> None:
+        k, v, self.slots, self.length = state
+        self.k.copy_(k)
+        self.v.copy_(v)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import socket
@@ -13,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import TriforceError
+from .errors import SettingError, TriforceError
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -63,9 +62,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_speculation_arguments(p: argparse.ArgumentParser) -> None:
-    from .generation import METHODS
+    from .settings import METHODS
 
-    p.add_argument("--method", choices=METHODS, default=None,
+    p.add_argument("--method", choices=list(METHODS), default=None,
                    help="decoding method (default: triforce when a draft is available, else autoregressive)")
     p.add_argument("--draft", help="draft model (HF directory or GGUF) or 'ngram' (prompt lookup)")
     p.add_argument("--gamma", type=_positive_int, default=6, help="tokens gathered per full verification")
@@ -87,6 +86,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, top_p: float, seed: int |
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .settings import METHODS
+
     parser = ArgumentParser(prog="triforce", description="Lossless hierarchical speculative decoding (TriForce).")
     sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
     g = sub.add_parser("generate", help="generate text from a prompt")
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--context", type=_positive_int, default=16384, help="document tokens in the prompt")
     dm.add_argument("--document", default="vim")
     dm.add_argument("--question", default="Based on the manual above, explain how to search for a word in Vim.")
-    dm.add_argument("--method", default="triforce")
+    dm.add_argument("--method", choices=list(METHODS), default="triforce")
     dm.add_argument("--draft", help="draft model or 'ngram' (default: the shipped draft for the embedded model)")
     dm.add_argument("--max-new-tokens", type=_positive_int, default=128)
     add_sampling_arguments(dm, top_p=0.9, seed=0)
@@ -299,50 +300,37 @@ def read_prompt(args: argparse.Namespace) -> str:
 def check_sampling_args(args: argparse.Namespace) -> None:
     from .sampling import SamplingParams
 
-    if math.isnan(args.temperature):
-        raise TriforceError("temperature must be a finite number >= 0, got nan")
-    SamplingParams(args.temperature, args.top_p, args.top_k)  # raises a TriforceError when invalid
+    SamplingParams(args.temperature, args.top_p, args.top_k)  # raises a SettingError when invalid
 
 
-def load_models(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    """(target, draft, method): without --method, TriForce when a draft is named or shipped for
-    the target, else plain autoregressive decoding."""
+KNOBS = ("gamma", "draft_gamma", "budget", "chunk_size", "sink", "window", "rebuild_every")
+
+
+def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(target, settings): without --method, TriForce when a draft is named or shipped for the
+    target, else plain autoregressive decoding."""
     from .config import parse_rope_scaling
     from .loading import default_draft, load
+    from .settings import EngineSettings, method_needs_draft
 
     target = load(args.model, dtype=args.dtype, rope_scaling="auto")
-    scaling = parse_rope_scaling(args.rope_scaling, target.config.max_position_embeddings)
-    target.decoder.rope_override = scaling
+    target.decoder.rope_override = parse_rope_scaling(args.rope_scaling, target.config.max_position_embeddings)
     shipped = default_draft(target)
     method = args.method or ("triforce" if args.draft or shipped != "ngram" else "autoregressive")
-    name = args.draft
-    if name is None and method in ("speculative", "triforce"):
-        name = shipped
+    name = args.draft or (shipped if method_needs_draft(method) else None)
     draft: Any = None
     if name == "ngram":
         draft = "ngram"
     elif name and method != "autoregressive":
         draft = load(name, dtype=target.decoder.dtype)
-    return target, draft, method
+    settings = EngineSettings(method=method, draft=draft, **{k: getattr(args, k) for k in KNOBS},
+                              max_context=getattr(args, "max_context", None))
+    return target, settings
 
 
-def format_summary(result: Any) -> str:
-    s = result.stats
-    lines = [
-        f"prompt {result.prompt_tokens} tokens | prefill {s['prefill_s']:.2f} s | "
-        f"decode {s['ms_per_token']:.1f} ms/token "
-        f"({s['tokens_per_s'] or 0:.1f} tokens/s) | {s['new_tokens']} new tokens | method {s['method']}"
-    ]
-    for level in s["levels"]:
-        if "draft_acceptance_rate" in level and level["num_drafts"]:
-            lines.append(
-                f"  {level['name']:<18} acceptance {level['draft_acceptance_rate']:.3f} | mean acceptance length "
-                f"{level['mean_acceptance_length']:.2f} | {level['num_drafts']} verifications | {level['time_s']:.2f} s"
-                + (f" | {level['rebuilds']} rebuilds {level['rebuild_s']:.2f} s" if level.get("rebuilds") else "")
-            )
-        else:
-            lines.append(f"  {level['name']:<18} {level['forward_calls']} forward passes | {level['time_s']:.2f} s")
-    return "\n".join(lines)
+def flag_for(setting: str) -> str:
+    """A setting's command-line flag."""
+    return "--" + setting.replace("_", "-")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -351,26 +339,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return generate_batch_file(args)
     prompt = read_prompt(args)
     if not prompt.strip():
-        raise TriforceError("the prompt is empty")
-    from .generation import TriForce
+        raise SettingError("prompt", "is empty")
+    from .engine import Engine
+    from .metrics import summary
 
-    target, draft, method = load_models(args)
-    engine = TriForce(
-        target, draft, method=method, gamma=args.gamma, draft_gamma=args.draft_gamma, budget=args.budget,
-        chunk_size=args.chunk_size, sink=args.sink, window=args.window, rebuild_every=args.rebuild_every,
-        max_context=args.max_context, progress=not args.quiet,
-    )
-    streaming = not args.json
-
-    def on_text(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    result = engine.generate(
+    target, settings = load_models(args)
+    engine = Engine(target, settings, progress=not args.quiet)
+    generation = engine.stream(
         prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=args.stop, chat=args.chat, num_samples=args.num_samples,
-        on_text=on_text if streaming else None,
     )
+    for piece in generation:
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    result = generation.result
+    assert result is not None
     if args.json:
         out = {
             "text": result.text,
@@ -386,7 +370,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
     if not args.quiet:
-        print(format_summary(result), file=sys.stderr)
+        print(summary(result.prompt_tokens, result.stats), file=sys.stderr)
     return 0
 
 
@@ -425,8 +409,8 @@ def read_batch_file(args: argparse.Namespace) -> list[dict[str, Any]]:
         request = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                    "top_k": args.top_k, "seed": args.seed, "stop": args.stop, "chat": args.chat, **item}
         try:
-            SamplingParams(float(request["temperature"]), float(request["top_p"]), int(request["top_k"]))
-        except TriforceError as exc:
+            SamplingParams(request["temperature"], request["top_p"], request["top_k"])
+        except SettingError as exc:
             raise TriforceError(f"{where}: {exc}") from None
         if request["max_new_tokens"] < 1:
             raise TriforceError(f"{where}: max_new_tokens must be >= 1")
@@ -442,11 +426,8 @@ def generate_batch_file(args: argparse.Namespace) -> int:
     if args.num_samples != 1:
         raise TriforceError("--num-samples does not combine with --batch-file (give several lines)")
     requests = read_batch_file(args)
-    target, draft, method = load_models(args)
-    knobs = {"gamma": args.gamma, "draft_gamma": args.draft_gamma, "budget": args.budget, "chunk_size": args.chunk_size,
-             "sink": args.sink, "window": args.window, "rebuild_every": args.rebuild_every,
-             "max_context": args.max_context}
-    results = generate_batch(target, draft, requests, method=method, **knobs)
+    target, settings = load_models(args)
+    results = generate_batch(target, requests, settings)
     failed = 0
     for result in results:
         if isinstance(result, TriforceError):
@@ -465,7 +446,8 @@ def generate_batch_file(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .server import Server, create_app
+    from .server.app import create_app
+    from .server.worker import Server
 
     if not 0 < args.port < 65536:
         raise TriforceError(f"--port must be between 1 and 65535, got {args.port}")
@@ -475,17 +457,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             probe.bind((args.host, args.port))
         except OSError as exc:
             raise TriforceError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
-    target, draft, method = load_models(args)
+    target, settings = load_models(args)
     max_context = args.max_context or target.config.max_position_embeddings
-    knobs = {"gamma": args.gamma, "draft_gamma": args.draft_gamma, "budget": args.budget,
-             "chunk_size": args.chunk_size, "sink": args.sink, "window": args.window,
-             "rebuild_every": args.rebuild_every}
+    settings = settings.replace(max_context=None)  # the server's context is checked per request
     name = args.served_model_name or ("smollm2-135m-instruct" if target.is_embedded else
                                       Path(target.source).name.removesuffix(".gguf"))
-    server = Server(target, draft, method, knobs, args.max_queue, max_context, name, args.max_batch)
+    server = Server(target, settings, args.max_queue, max_context, name, args.max_batch)
     server.start()
-    print(f"triforce: serving {name} ({method}) on http://{args.host}:{args.port}/v1 | context {max_context} | "
-          f"batch {args.max_batch} | queue {args.max_queue}", file=sys.stderr, flush=True)
+    print(f"triforce: serving {name} ({settings.method}) on http://{args.host}:{args.port}/v1 | context "
+          f"{max_context} | batch {args.max_batch} | queue {args.max_queue}", file=sys.stderr, flush=True)
     # uvicorn drains open requests on SIGTERM/SIGINT, then re-raises the signal to the handler
     # that was installed before it: make that one a no-op so a clean shutdown exits with 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -500,34 +480,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .corpus import document_tokens
-    from .generation import METHODS, TriForce
+    from .engine import Engine
     from .loading import default_draft, load
+    from .metrics import summary
+    from .settings import EngineSettings, method_needs_draft
 
-    if args.method not in METHODS:
-        raise TriforceError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
     check_sampling_args(args)
     target = load(None)
     draft: Any = None
-    if args.method in ("speculative", "triforce"):
+    if method_needs_draft(args.method):
         name = args.draft or default_draft(target)
         draft = "ngram" if name == "ngram" else load(name, dtype=target.decoder.dtype)
+    settings = EngineSettings(method=args.method, draft=draft)
     tok = target.tokenizer
     document = tok.decode(document_tokens(tok, args.document, args.context))
     ids = tok.encode_chat([{"role": "user", "content": document + "\n\n" + args.question}])
-    label = draft if isinstance(draft, str) or draft is None else draft.source
-    print(f"model {target.source} | draft {label} | prompt {len(ids)} tokens "
+    print(f"model {target.source} | draft {settings.draft_name} | prompt {len(ids)} tokens "
           f"({args.context} of the {args.document} document + question) | method {args.method}", file=sys.stderr)
-    engine = TriForce(target, draft, method=args.method, progress=True)
-
-    def on_text(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
+    engine = Engine(target, settings, progress=True)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_p=args.top_p if args.temperature > 0 else 1.0, top_k=args.top_k, seed=args.seed)
-    result = engine.generate(ids, on_text=on_text, **kwargs)
+    generation = engine.stream(ids, **kwargs)
+    for piece in generation:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    result = generation.result
+    assert result is not None
     print("\n", file=sys.stdout)
-    print(format_summary(result), file=sys.stderr)
+    print(summary(result.prompt_tokens, result.stats), file=sys.stderr)
     if args.no_compare or args.method == "autoregressive":
         return 0
     engine.configure(method="autoregressive", draft=None)
@@ -644,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
         handler = {"generate": cmd_generate, "bench": cmd_bench, "distill": cmd_distill, "demo": cmd_demo,
                    "serve": cmd_serve}[args.command]
         return handler(args)
+    except SettingError as exc:
+        print(f"triforce: error: {flag_for(exc.setting)} {exc.problem}", file=sys.stderr)
+        return EXIT_ERROR
     except TriforceError as exc:
         print(f"triforce: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

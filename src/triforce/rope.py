@@ -139,6 +139,12 @@ class RotaryTable:
         self.cos = (angles.cos() * attention_factor).to(torch.float32).to(device)
         self.sin = (angles.sin() * attention_factor).to(torch.float32).to(device)
 
+    @staticmethod
+    def bytes_for(config: ModelConfig, capacity: int) -> int:
+        """Peak bytes of building a table: float64 angles and their cosine and scaled copy
+        beside the float32 cos and sin it keeps (per position and frequency)."""
+        return capacity * (config.head_dim // 2) * (3 * 8 + 2 * 4)
+
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x [..., T, H, D] (T tokens at `positions` [..., T]) in float32; returns x's dtype."""
         cos = self.cos[positions].unsqueeze(-2)  # [..., T, 1, D/2]

@@ -1,4 +1,4 @@
-"""Warping logits into the distribution a sampler draws from, and lossless draft acceptance.
+"""Warping logits into the distribution a sampler draws from, drawing, and lossless draft acceptance.
 
 Every level of a speculative chain warps its logits with the same parameters, so "the target's
 distribution" below always means the warped one. Greedy decoding (temperature 0) is the limit
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import TriforceError
+from .errors import SettingError
 
 
 @dataclass(frozen=True)
@@ -25,12 +25,12 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         t, p, k = self.temperature, self.top_p, self.top_k
-        if not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or math.isinf(t):
-            raise TriforceError(f"temperature must be a finite number >= 0, got {t}")
-        if not isinstance(p, (int, float)) or math.isnan(p) or not 0 < p <= 1:
-            raise TriforceError(f"top-p must be in (0, 1], got {p}")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or math.isinf(t):
+            raise SettingError("temperature", f"must be a finite number >= 0, got {t}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0 < p <= 1:
+            raise SettingError("top_p", f"must be in (0, 1], got {p}")
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise TriforceError(f"top-k must be an integer >= 0 (0 disables it), got {k}")
+            raise SettingError("top_k", f"must be an integer >= 0 (0 disables it), got {k}")
 
     @property
     def greedy(self) -> bool:
@@ -75,10 +75,16 @@ def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return flat.masked_fill(~keep, float("-inf")).reshape(scores.shape)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token id per row of probs [..., V]."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs.reshape(1, -1), 1, generator=generator))
+
+
+def draw(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from a warped distribution [V]: its argmax when greedy (no random draw, so a
+    greedy run consumes no randomness), else a sample."""
+    if params.greedy:
+        return int(probs.argmax())
+    return _sample(probs, generator)
 
 
 def verify(
@@ -120,5 +126,5 @@ def verify(
             total = residual.sum()
             if total <= 0:  # p == q exactly: any rejection is impossible in exact arithmetic
                 residual = target_probs[i]
-            return i, int(sample(residual / residual.sum(), generator))
-    return n, int(sample(target_probs[n], generator))
+            return i, _sample(residual / residual.sum(), generator)
+    return n, _sample(target_probs[n], generator)

@@ -70,7 +70,7 @@ class Tokenizer:
     # -- chat --------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
-            raise TriforceError("this model has no chat template; drop --chat and pass the prompt as is")
+            raise TriforceError("this model has no chat template; pass the prompt as plain text")
         if self._template is None:
             self._template = _compile(self.chat_template)
         return self._template.render(

@@ -24,13 +24,15 @@ from typing import Any
 
 import torch
 
-from ..attention import AttentionJob
+from ..attention import KVSlot
 from ..cache import FullCache, RetrievalView, SparseView, StreamingView
+from ..chain import Chain
 from ..corpus import document_tokens
 from ..errors import TriforceError
+from ..levels import ModelLevel, ViewLevel
 from ..loading import LoadedModel, load
+from ..runner import Runner
 from ..sampling import SamplingParams
-from ..speculative import Chain, ModelLevel, SharedViewLevel
 from .common import exactness_note, machine, markdown_table, write_report, yes_no
 from .plots import line_plot
 from .quick import TINY_TARGET
@@ -58,16 +60,23 @@ class OracleView(SparseView):
         super().__init__(full)
         self.budget = budget
 
-    def _job(self, layer: int, b: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int) -> AttentionJob:
-        T = q.shape[0]
+    def slot(self, layer: int) -> KVSlot:
+        slot = super().slot(layer)
+        row = slot.row
         if row <= self.budget:
-            return AttentionJob(q, k, v, row + T, row)
-        cfg = self.full.config
-        qg = q.float().view(T, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
-        logits = torch.einsum("thgd,hrd->hgtr", qg, k[:, :row].float()) * cfg.head_dim**-0.5
-        weight = logits.softmax(-1).sum((1, 2))  # [Hkv, row]
-        rows = weight.topk(self.budget, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
-        return AttentionJob(q, k, v, row + T, row, rows, 1, row)
+            return slot
+        cfg, k = self.full.config, slot.k
+
+        def choose(q: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+            T = q.shape[0]
+            qg = q.float().view(T, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
+            logits = torch.einsum("thgd,hrd->hgtr", qg, k[:, :row].float()) * cfg.head_dim**-0.5
+            weight = logits.softmax(-1).sum((1, 2))  # [Hkv, row]
+            rows = weight.topk(self.budget, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
+            return rows, 1, row
+
+        slot.choose = choose
+        return slot
 
 
 def make_view(kind: str, full: FullCache, budget: int, chunk_size: int, sink: int) -> SparseView:
@@ -102,9 +111,10 @@ class Harness:
         total = len(ids) + new_tokens
         capacity = total + gamma + 16
         dec.prepare(total, capacity)
-        self.params = SamplingParams(0.0, 1.0, 0)
+        self.params = SamplingParams()
         self.full = FullCache(target.config, capacity, dtype=dec.dtype, device=dec.device)
-        self.top = ModelLevel("target", dec, self.full, self.params)
+        self.runner = Runner(dec)
+        self.top = ModelLevel("target", self.runner, self.full, self.params)
         t0 = time.perf_counter()
         self.top.score(ids, [])
         self.prefill_s = time.perf_counter() - t0
@@ -113,13 +123,11 @@ class Harness:
         """New tokens, and the sparse level's statistics (empty for the full target alone)."""
         top, ids = self.top, self.ids
         top.rollback(len(ids))  # back to the prompt (its KV stays cached)
-        self.full.keep_queries = isinstance(view, RetrievalView)
-        levels = [] if view is None else [SharedViewLevel(f"target-{type(view).__name__}", self.target.decoder, view,
-                                                          top, self.params)]
+        self.full.record_queries = isinstance(view, RetrievalView)
+        levels = [] if view is None else [ViewLevel(f"target-{type(view).__name__}", self.runner, view, top,
+                                                    self.params)]
         chain = Chain([*levels, top], [self.gamma] * len(levels))
-        first = int(top.score(ids, [])[0].argmax())  # re-runs the last prompt token only
-        for level in levels:
-            level.follow_top(top.last_logit_offset)
+        first = int(chain.prefill(ids).argmax())  # re-runs the last prompt token only
         context = ids + [first]
         generator = torch.Generator().manual_seed(0)
         while len(context) - len(ids) < self.new_tokens:

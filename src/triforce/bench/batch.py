@@ -14,14 +14,17 @@ machine's copy bandwidth. Greedy runs check every sequence against its autoregre
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 from ..batch import run_batch
+from ..batcher import ForwardBatcher
 from ..corpus import load_document
+from ..engine import Engine
 from ..errors import TriforceError
-from ..generation import METHODS, TriForce
 from ..loading import default_draft, load
+from ..settings import METHODS, EngineSettings
 from .common import (
     copy_bandwidth_gbs,
     exactness_note,
@@ -30,7 +33,6 @@ from .common import (
     markdown_table,
     median,
     peak_rss_mb,
-    prefill,
     write_report,
     yes_no,
 )
@@ -117,8 +119,9 @@ def run(
     prefill_s: dict[int, float] = {}
     for context in contexts:
         seqs = prompts(target.tokenizer, document, context, max(batch_sizes))
-        engines = [TriForce(target, "ngram", method="autoregressive", **(knobs or {})) for _ in seqs]
-        t = [prefill(engine, ids) for engine, ids in zip(engines, seqs)]
+        batcher = ForwardBatcher()
+        engines = [Engine(target, EngineSettings(**(knobs or {})), batcher=batcher) for _ in seqs]
+        t = [prefill_alone(engine, ids) for engine, ids in zip(engines, seqs)]
         prefill_s[context] = round(median(t), 2)
         log(f"context {context}: {len(seqs)} prompts prefilled, median {prefill_s[context]:.1f} s each")
         runs: dict[tuple[int, Config], list[dict[str, Any]]] = {}
@@ -128,7 +131,7 @@ def run(
                 for config in plan:
                     method, draft = config
                     for engine in engines[:bs]:
-                        engine.configure(method=method, draft=drafters[draft] if draft else "ngram")
+                        engine.configure(method=method, draft=drafters[draft] if draft else None)
                     entry = measure_batch(engines[:bs], seqs[:bs], new_tokens, temperature, seed=1000 + 97 * r)
                     tokens = entry.pop("tokens")
                     if temperature == 0:
@@ -189,7 +192,15 @@ def run(
     return report
 
 
-def measure_batch(engines: list[TriForce], seqs: list[list[int]], new_tokens: int, temperature: float,
+def prefill_alone(engine: Engine, ids: list[int]) -> float:
+    """Fill one engine's prompt cache, as a batch of one (its passes go through its batcher);
+    seconds taken."""
+    t0 = time.perf_counter()
+    run_batch([engine], [dict(prompt=ids, max_new_tokens=1)], release=False)
+    return time.perf_counter() - t0
+
+
+def measure_batch(engines: list[Engine], seqs: list[list[int]], new_tokens: int, temperature: float,
                   seed: int) -> dict[str, Any]:
     """One batched run; throughput is every sequence's new tokens over the longest decoding time
     (the sequences start decoding together: their prompts are cached and of equal length)."""

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from ..cache import FullCache
-from ..generation import TriForce
+from ..engine import Engine
 from ..loading import LoadedModel, load
-from ..model import Decoder
+from ..model import Decoder, Segment
 
 
 def copy_bandwidth_gbs(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -81,7 +81,7 @@ def load_drafts(specs: list[str], target: LoadedModel) -> dict[str, LoadedModel 
     return {d: "ngram" if d == "ngram" else load(d, dtype=target.decoder.dtype) for d in specs}
 
 
-def prefill(engine: TriForce, ids: list[int]) -> float:
+def prefill(engine: Engine, ids: list[int]) -> float:
     """Fill the engine's prompt cache with `ids` (every later run reuses it); seconds taken."""
     t0 = time.perf_counter()
     engine.generate(ids, max_new_tokens=1)
@@ -99,7 +99,7 @@ def time_per_level(stats: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def measure(engine: TriForce, ids: list[int], new_tokens: int, temperature: float, seed: int,
+def measure(engine: Engine, ids: list[int], new_tokens: int, temperature: float, seed: int,
             reference: list[int] | None = None) -> dict[str, Any]:
     """One timed run of the engine's current method (top-p 0.9 when sampling, EOS ignored).
     With a greedy `reference` (autoregressive tokens), records whether the run reproduced it."""
@@ -137,9 +137,9 @@ def nll_of_last(decoder: Decoder, ids: list[int], last: int, chunk: int = 1024) 
     body_end = n - last - 1
     for start in range(0, body_end, chunk):
         piece = ids[start : min(start + chunk, body_end)]
-        decoder.forward(torch.tensor([piece]), cache, logits_for="none")
-    tail = torch.tensor([ids[body_end:-1]])  # positions predicting ids[-last:]
-    logits = decoder.forward(tail, cache, logits_for="all")[0]
+        decoder.forward([Segment(torch.tensor(piece), cache)])
+    tail = torch.tensor(ids[body_end:-1])  # positions predicting ids[-last:]
+    logits = decoder.forward([Segment(tail, cache, len(tail))])[0]
     targets = torch.tensor(ids[-last:])
     return float(torch.nn.functional.cross_entropy(logits, targets))
 

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from ..corpus import document_tokens
+from ..engine import Engine
 from ..errors import TriforceError
-from ..generation import METHODS, TriForce
 from ..loading import LoadedModel, load
 from ..rope import resolve_scaling
+from ..settings import METHODS, EngineSettings
 from . import peers as peer_engines
 from .common import (
     copy_bandwidth_gbs,
@@ -143,7 +144,7 @@ def run(
         ids = document_tokens(target.tokenizer, document, ctx)
         reading = context_perplexity(target, document, ctx, ppl_tokens)
         scaling = resolve_scaling(target.config, target.decoder.rope_override, ctx + new_tokens)
-        engine = TriForce(target, None, method="autoregressive", progress=False, **knobs)
+        engine = Engine(target, EngineSettings(**knobs))
         prefill_s = prefill(engine, ids)
         per_context.append({"context": ctx, "prefill_s": round(prefill_s, 2), **reading})
         log(f"context {ctx}: prefill {prefill_s:.1f} s" + (

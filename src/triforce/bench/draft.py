@@ -16,8 +16,10 @@ import torch
 
 from ..cache import FullCache
 from ..corpus import document_tokens
-from ..generation import TriForce
+from ..engine import Engine
 from ..loading import LoadedModel, load
+from ..model import Segment
+from ..settings import EngineSettings
 from .common import machine, median
 
 QUESTIONS = [
@@ -32,19 +34,19 @@ QUESTIONS = [
 def greedy_agreement(target: LoadedModel, draft: LoadedModel, ids: list[int], seq_len: int = 512) -> float:
     agree = total = 0
     for start in range(0, len(ids) - seq_len + 1, seq_len):
-        x = torch.tensor([ids[start : start + seq_len]])
+        x = torch.tensor(ids[start : start + seq_len])
         outs = []
         for model in (target, draft):
             model.decoder.prepare(seq_len)
             cache = FullCache(model.config, seq_len, dtype=model.decoder.dtype)
-            outs.append(model.decoder.forward(x, cache, logits_for="all")[0].argmax(-1))
+            outs.append(model.decoder.forward([Segment(x, cache, seq_len)])[0].argmax(-1))
         agree += int((outs[0] == outs[1]).sum())
         total += seq_len
     return agree / total
 
 
 def decode_ms(model: LoadedModel, ids: list[int], new_tokens: int = 32, repeats: int = 3) -> float:
-    engine = TriForce(model, method="autoregressive")
+    engine = Engine(model)
     engine.generate(ids, max_new_tokens=2, ignore_eos=True)  # prefill once (prompt cache)
     return median([engine.generate(ids, max_new_tokens=new_tokens, ignore_eos=True).stats["ms_per_token"]
                    for _ in range(repeats)])
@@ -58,7 +60,7 @@ def run(draft_path: str, heldout: str = "vim", heldout_tokens: int = 8192, updat
     ids = document_tokens(target.tokenizer, heldout, heldout_tokens)
     report["greedy_agreement"] = round(greedy_agreement(target, draft, ids), 4)
     log(f"greedy agreement on {heldout_tokens} held-out tokens ({heldout}): {report['greedy_agreement']}")
-    engine = TriForce(target, draft, method="speculative", gamma=4)
+    engine = Engine(target, EngineSettings(method="speculative", draft=draft, gamma=4))
     for name, temp, top_p in (("t0", 0.0, 1.0), ("t0.6_p0.9", 0.6, 0.9)):
         accepted = drafted = 0
         for i, question in enumerate(QUESTIONS):

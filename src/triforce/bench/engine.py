@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..corpus import document_tokens
-from ..generation import TriForce
+from ..engine import Engine
 from ..loading import embedded_model_path, load
 from .common import copy_bandwidth_gbs, machine, markdown_table, median, peak_rss_mb, write_report
 from .peers import hf_model
@@ -51,7 +51,7 @@ def measure_transformers(model: Any, ids: list[int], new_tokens: int) -> dict[st
     return {"prefill_s": clock.times[0] - start, "ms_per_token": 1000 * decode / (new_tokens - 1 + 1e-9)}
 
 
-def measure_ours(engine: TriForce, ids: list[int], new_tokens: int) -> dict[str, float]:
+def measure_ours(engine: Engine, ids: list[int], new_tokens: int) -> dict[str, float]:
     engine.release()  # every repeat prefills afresh, as transformers does: the prompt cache would keep it all
     result = engine.generate(ids, max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     return {"prefill_s": result.stats["prefill_s"], "ms_per_token": result.stats["ms_per_token"],
@@ -71,7 +71,7 @@ def run(
     bandwidth = copy_bandwidth_gbs()
     log(f"copy bandwidth (read+write): {bandwidth:.1f} GB/s")
     target = load(None, dtype=dtype)
-    engine = TriForce(target, method="autoregressive")
+    engine = Engine(target)
     hf = transformers_model(dtype) if with_transformers else None
     weight_bytes = target.decoder.weight_bytes
     kv_per_token = target.decoder.kv_bytes_per_token()

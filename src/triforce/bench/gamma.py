@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ..corpus import document_tokens
+from ..engine import Engine
 from ..errors import TriforceError
-from ..generation import TriForce
 from ..loading import default_draft, load
+from ..settings import EngineSettings
 from .common import (
     exactness_note,
     load_drafts,
@@ -82,7 +83,7 @@ def run(
     draft = draft or default_draft(target)
     drafter = load_drafts([draft], target)[draft]
     ids = document_tokens(target.tokenizer, document, context)
-    engine = TriForce(target, drafter, method="autoregressive", budget=budget, chunk_size=chunk_size)
+    engine = Engine(target, EngineSettings(draft=drafter, budget=budget, chunk_size=chunk_size))
     prefill_s = prefill(engine, ids)
     log(f"context {context}: prefill {prefill_s:.1f} s; draft {draft}")
     plan = configs(gammas, draft_gammas)

@@ -49,7 +49,7 @@ def _timed(fn: Any, repeats: int) -> float:
 
 def _attention_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> None:
     for i in range(k.shape[0]):  # layer by layer: each call reads its own cold cache
-        native.attention(q, k[i, 0], v[i, 0], context, context - q.shape[0], out_dtype=torch.bfloat16)
+        native.attention(q, k[i], v[i], context, context - q.shape[0], out_dtype=torch.bfloat16)
 
 
 def _projection_pass(projections: list[Any], inputs: list[torch.Tensor]) -> None:
@@ -63,7 +63,7 @@ def attention_rows(config: Any, contexts: list[int], queries: list[int], layers:
     rows = []
     for context in contexts:
         shape = dataclasses.replace(config, num_layers=layers)
-        k, v = allocate_kv(shape, context + max(queries), 1, torch.bfloat16, "cpu")
+        k, v = allocate_kv(shape, context + max(queries), torch.bfloat16, "cpu")
         k.normal_()
         v.normal_()
         kv_bytes = 2 * hkv * context * hd * 2

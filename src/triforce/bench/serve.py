@@ -27,8 +27,8 @@ from typing import Any
 
 from ..corpus import load_document
 from ..errors import TriforceError
-from ..generation import METHODS
 from ..loading import load
+from ..settings import METHODS
 from .common import machine, markdown_table, median, write_report
 from .quick import TINY_TARGET
 

@@ -643,38 +643,13 @@ int tf_attention(const float *q, const void *k, const void *v, int kv_is_bf16, l
     return attention_jobs(&job, 1, kv_is_bf16, out_is_bf16, Hq, Hkv, D, scale, n_threads);
 }
 
-/* Several sequences' attention in one call; jobs[12 * j ..] holds job j as int64:
- * q, k, v, out (addresses), head_stride, T, chunks (address or 0), n_chunks, chunk_size,
- * dense_start, num_rows, first_row. */
-int tf_attention_many(const int64_t *fields, int n_jobs, int kv_is_bf16, int out_is_bf16, int Hq, int Hkv, int D,
-                      float scale, int n_threads) {
-    if (n_jobs < 1) return -1;
-    Job *jobs = (Job *)calloc((size_t)n_jobs, sizeof(Job));
-    if (!jobs) return -2;
-    for (int j = 0; j < n_jobs; j++) {
-        const int64_t *f = fields + 12 * (long)j;
-        Job *jb = &jobs[j];
-        jb->q = (const float *)(intptr_t)f[0];
-        jb->k = (const void *)(intptr_t)f[1];
-        jb->v = (const void *)(intptr_t)f[2];
-        jb->out = (void *)(intptr_t)f[3];
-        jb->head_stride = (long)f[4];
-        jb->T = (int)f[5];
-        jb->ks = (KeySet){(const int32_t *)(intptr_t)f[6], (int)f[7], (int)f[8], (int)f[9], (int)f[10]};
-        jb->first_row = (int)f[11];
-    }
-    int code = attention_jobs(jobs, n_jobs, kv_is_bf16, out_is_bf16, Hq, Hkv, D, scale, n_threads);
-    free(jobs);
-    return code;
-}
-
 void tf_rope_store(const void *qkv, const float *cos_t, const float *sin_t, const int64_t *positions,
                    float *q_out, void *k_cache, void *v_cache, long head_stride, int row0, int T, int Hq,
                    int Hkv, int D, int bf16);
 
 /* A batch step's whole attention for one layer in one call: for each sequence, rotate its rows
  * of qkv [N][Hq + 2 Hkv][D] (tokens of the sequences one after another), write its keys and
- * values into its own cache at row0.., then attend as tf_attention_many. qkv, the caches and out
+ * values into its own cache at row0.., then attend as tf_attention does for each. qkv, the caches and out
  * share one dtype (bf16 flag); q_out [N][Hq][D] float32 receives the rotated queries.
  * fields[9 j ..]: k, v (addresses), head_stride, row0, T, chunks (address or 0), n_chunks,
  * chunk_size, dense_start; the sequence sees rows up to row0 + T. */

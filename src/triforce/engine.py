@@ -1,0 +1,346 @@
+"""The engine: a target model, its settings and caches; builds a method's chain of levels and
+generates with it (prefill, stopping, streaming, statistics).
+
+    engine = Engine(target, EngineSettings(method="triforce", draft="ngram"))
+    result = engine.generate("...", max_new_tokens=128, temperature=0.6, top_p=0.9)
+    for piece in engine.stream("..."): print(piece, end="")
+
+The caches outlive a generation: a new prompt sharing a prefix with the last one reuses its
+rows (prompt caching).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .batcher import ForwardBatcher
+from .cache import FullCache, RetrievalView, StreamingCache, StreamingView, check_fits
+from .chain import Chain
+from .errors import SettingError
+from .levels import Level, ModelLevel, PromptLookup, ViewLevel
+from .loading import LoadedModel
+from .metrics import LevelStats
+from .rope import RotaryTable
+from .runner import Runner
+from .sampling import SamplingParams, draw
+from .settings import EngineSettings, LevelSpec
+from .stopping import StopChecker
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "eos", "stop" or "length"
+    stats: dict[str, Any] = field(default_factory=dict)
+    samples: list[list[int]] | None = None
+
+
+def _positive(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SettingError(name, f"must be an integer >= 1, got {value!r}")
+    return value
+
+
+class Engine:
+    """Lossless (hierarchical) speculative generation over one target model.
+
+    batcher: when the engine's sequence shares decoder passes with other sequences (batched
+    generation, a server), the ForwardBatcher they all submit to.
+    """
+
+    def __init__(self, target: LoadedModel, settings: EngineSettings | None = None, *,
+                 batcher: ForwardBatcher | None = None, progress: bool = False) -> None:
+        self.target = target
+        self.batcher = batcher
+        self.progress = progress
+        self._full: FullCache | None = None
+        self._draft_cache: FullCache | StreamingCache | None = None
+        # Prompt caching: the tokens whose target KV in self._full are valid, and the signature
+        # of the rotary table they were rotated with (another scaling invalidates them).
+        self._cached_tokens: list[int] = []
+        self._cached_rope: object = None
+        self.settings = EngineSettings()
+        self.configure(settings or EngineSettings())
+
+    def configure(self, settings: EngineSettings | None = None, **changes: Any) -> None:
+        """Switch settings (a new value, or `changes` to the current one) keeping the caches and
+        the cached prompt."""
+        new = (settings or self.settings).replace(**changes) if changes else (settings or self.settings)
+        if isinstance(new.draft, LoadedModel):
+            check_draft_compatible(self.target, new.draft)
+        if new.draft is not self.settings.draft:
+            self._draft_cache = None
+        self.settings = new
+
+    # -- sizes -------------------------------------------------------------------------------
+    def capacity_for(self, total: int) -> int:
+        """Cache rows a run reaching `total` tokens needs."""
+        return total + self.settings.rows_past_context
+
+    def memory_needed(self, capacity: int) -> int:
+        """Bytes a run of `capacity` tokens allocates (KV caches, selections, rotary tables),
+        from each cache's own sizing, before allocating anything."""
+        s, cfg = self.settings, self.target.config
+        total = FullCache.bytes_for(cfg, capacity, self.target.decoder.dtype) + RotaryTable.bytes_for(cfg, capacity)
+        for spec in s.levels:
+            if spec.cache == "retrieval":
+                total += RetrievalView.bytes_for(cfg, capacity, s.chunk_size)
+            elif spec.model == "draft" and isinstance(s.draft, LoadedModel):
+                dcfg, dtype = s.draft.config, s.draft.decoder.dtype
+                if spec.cache == "full":
+                    total += FullCache.bytes_for(dcfg, capacity, dtype) + RotaryTable.bytes_for(dcfg, capacity)
+                else:
+                    rows = StreamingCache.bytes_for(dcfg, s.sink, s.window, dtype)
+                    total += rows + RotaryTable.bytes_for(dcfg, s.sink + s.window + StreamingCache.SLACK)
+        return total
+
+    def memory_held(self) -> int:
+        """Bytes of KV cache this engine holds now (kept between runs for prompt caching)."""
+        return sum(c.nbytes for c in (self._full, self._draft_cache) if c is not None)
+
+    def reserve(self, context: int) -> None:
+        """Allocate the caches for prompts + outputs of up to `context` tokens now, so serving
+        never reallocates (and memory stays flat across requests)."""
+        capacity = self.capacity_for(context)
+        check_fits(self.memory_needed(capacity), f"a context of {context} tokens")
+        self._full_cache(capacity)
+        self.target.decoder.prepare(context, capacity)
+
+    def prepare(self, total: int) -> None:
+        """Allocate caches and rotary tables for a run reaching `total` tokens (batching does
+        this for every sequence before any starts)."""
+        capacity = self.capacity_for(total)
+        check_fits(self.memory_needed(capacity), f"a context of {total} tokens")
+        self.target.decoder.prepare(total, capacity)
+        self._build_chain(capacity, SamplingParams())
+
+    def release(self) -> None:
+        """Free the caches (and forget the cached prompt)."""
+        self._full = self._draft_cache = None
+        self._cached_tokens, self._cached_rope = [], None
+
+    # -- chain construction ------------------------------------------------------------------
+    def _build_chain(self, capacity: int, params: SamplingParams) -> Chain:
+        s = self.settings
+        target = self.target.decoder
+        if self._cached_rope != target.rope.signature:
+            self._cached_tokens = []
+        full = self._full_cache(capacity)
+        full.truncate(len(self._cached_tokens))
+        full.record_queries = any(spec.cache == "retrieval" for spec in s.levels)
+        top = ModelLevel("target", Runner(target, s.prefill_chunk, self.batcher), full, params, self.progress)
+        top.tokens = list(self._cached_tokens)
+        below = [self._level(spec, full, top, params, capacity) for spec in s.levels]
+        return Chain([*below, top], s.gammas)
+
+    def _level(self, spec: LevelSpec, full: FullCache, top: ModelLevel, params: SamplingParams,
+               capacity: int) -> Level:
+        s = self.settings
+        if spec.model == "target":
+            runner = Runner(self.target.decoder, s.prefill_chunk, self.batcher)
+            if spec.cache == "retrieval":
+                view = RetrievalView(full, s.budget, s.chunk_size)
+                return ViewLevel("target-retrieval", runner, view, top, params, s.rebuild_every)
+            return ViewLevel("target-streaming", runner, StreamingView(full, s.sink, s.window), top, params)
+        if s.draft == "ngram":
+            return PromptLookup(self.target.config.vocab_size)
+        dec = s.draft.decoder
+        cache = self._draft_cache
+        if spec.cache == "streaming":
+            if not isinstance(cache, StreamingCache) or cache.k.dtype != dec.dtype or (
+                    cache.sink, cache.window) != (s.sink, s.window):
+                cache = StreamingCache(s.draft.config, s.sink, s.window, dtype=dec.dtype, device=dec.device)
+            cache.reset()
+            dec.prepare(cache.capacity)
+            cache.rope = dec.rope
+        else:
+            if not isinstance(cache, FullCache) or cache.capacity < capacity or cache.k.dtype != dec.dtype:
+                self._draft_cache = None
+                cache = FullCache(s.draft.config, capacity, dtype=dec.dtype, device=dec.device)
+            cache.truncate(0)
+            dec.prepare(capacity)
+        self._draft_cache = cache
+        return ModelLevel("draft", Runner(dec, s.prefill_chunk, self.batcher), cache, params)
+
+    def _full_cache(self, capacity: int) -> FullCache:
+        """The target's full cache, with room for `capacity` tokens; growing it keeps the cached
+        prompt."""
+        target = self.target.decoder
+        if self._full is not None and self._full.k.dtype != target.dtype:
+            self._full, self._cached_tokens = None, []
+        if self._full is None:
+            self._cached_tokens = []
+            self._full = FullCache(self.target.config, capacity, dtype=target.dtype, device=target.device)
+        elif self._full.capacity < capacity:
+            self._full = self._full.grown(capacity, len(self._cached_tokens))
+        return self._full
+
+    # -- prompts -----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        tok = self.target.tokenizer
+        if isinstance(prompt, list):
+            ids = prompt
+        elif chat:
+            ids = tok.encode_chat([{"role": "user", "content": prompt}])
+        else:
+            ids = tok.encode(prompt)
+        if not ids or (isinstance(prompt, str) and not prompt.strip()):
+            raise SettingError("prompt", "is empty")
+        bad = [t for t in ids if not 0 <= t < self.target.config.vocab_size]
+        if bad:
+            raise SettingError("prompt", f"has token id {bad[0]}, outside the vocabulary")
+        return ids
+
+    def _eos_ids(self) -> set[int]:
+        ids = set(self.target.config.eos_token_ids)
+        if self.target.tokenizer.eos_token_id is not None:
+            ids.add(self.target.tokenizer.eos_token_id)
+        return ids
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(self, prompt: str | list[int], **options: Any) -> GenerationResult:
+        """Generate after `prompt` (text, or token ids); options as for `stream`."""
+        generation = self.stream(prompt, **options)
+        for _ in generation:
+            pass
+        assert generation.result is not None
+        return generation.result
+
+    def stream(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        chat: bool = False,
+        num_samples: int = 1,
+        ignore_eos: bool = False,
+    ) -> Generation:
+        """A generation after `prompt`, run by iterating it (see Generation). The settings are
+        checked now; the prefill runs at the first step. num_samples draws several samples after
+        one prefill (only the first is streamed); ignore_eos runs to max_new_tokens (benchmarks)."""
+        _positive("max_new_tokens", max_new_tokens)
+        _positive("num_samples", num_samples)
+        params = SamplingParams(temperature, top_p, top_k)
+        ids = self.encode_prompt(prompt, chat)
+        total = len(ids) + max_new_tokens
+        limit = self.settings.max_context
+        if limit is not None and total > limit:
+            raise SettingError("max_context", f"is {limit}, less than the prompt ({len(ids)} tokens) + "
+                                              f"max_new_tokens ({max_new_tokens})")
+        check_fits(self.memory_needed(self.capacity_for(total)), f"a context of {total} tokens")
+        eos = set() if ignore_eos else self._eos_ids()
+        return Generation(self, ids, params, seed, max_new_tokens, eos, list(stop or []), num_samples)
+
+
+class Generation:
+    """One generation in progress. Iterating it runs one decoding step per item and yields the
+    text that step released ("" while text is held back, e.g. a possible stop string); when it
+    is exhausted, `result` holds the GenerationResult. `close()` abandons it (a server cancels
+    requests this way)."""
+
+    def __init__(self, engine: Engine, ids: list[int], params: SamplingParams, seed: int | None,
+                 max_new_tokens: int, eos_ids: set[int], stop: list[str], num_samples: int) -> None:
+        self.engine, self.ids, self.params = engine, ids, params
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.generator = torch.Generator().manual_seed(seed)
+        self.max_new_tokens, self.eos_ids, self.stop, self.num_samples = max_new_tokens, eos_ids, stop, num_samples
+        self.result: GenerationResult | None = None
+        self._steps = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._steps)
+
+    def close(self) -> None:
+        self._steps.close()
+
+    def _run(self) -> Iterator[str]:
+        engine, ids, params, generator = self.engine, self.ids, self.params, self.generator
+        decoder = engine.target.decoder
+        total = len(ids) + self.max_new_tokens
+        capacity = engine.capacity_for(total)
+        decoder.prepare(total, capacity)
+        chain = engine._build_chain(capacity, params)
+
+        # Prefill: the target reads the prompt once (or only what differs from the last prompt);
+        # its distribution gives the first token.
+        t0 = time.perf_counter()
+        reused = chain.top.reuse_prefix(ids)
+        engine._cached_tokens, engine._cached_rope = [], None  # invalid while the cache is written
+        first_probs = chain.prefill(ids)
+        prompt_state = chain.snapshot() if self.num_samples > 1 else None
+        prefill_s = time.perf_counter() - t0
+        for level in chain.levels:  # level figures cover decoding only
+            level.stats = LevelStats(level.stats.name, is_top=level.stats.is_top)
+        samples: list[list[int]] = []
+        first_run: StopChecker | None = None
+        decode_s = 0.0
+        try:
+            for sample_index in range(self.num_samples):
+                if sample_index:
+                    chain.restore(prompt_state)
+                stopper = StopChecker(engine.target.tokenizer, self.eos_ids, self.stop, self.max_new_tokens)
+                t1 = time.perf_counter()
+                first = draw(first_probs, params, generator)
+                piece = stopper.add([first])
+                if sample_index == 0:
+                    yield piece
+                context = ids + [first]
+                while stopper.finish_reason is None:
+                    new = chain.step(context, generator)
+                    context += new
+                    piece = stopper.add(new)
+                    if sample_index == 0:
+                        yield piece
+                decode_s += time.perf_counter() - t1
+                samples.append(list(stopper.tokens))
+                first_run = first_run or stopper
+        finally:  # also when abandoned between steps: the rows the top holds are exact
+            engine._cached_tokens, engine._cached_rope = list(chain.top.tokens), decoder.rope.signature
+        assert first_run is not None
+        new_tokens = sum(len(s) for s in samples)
+        stats: dict[str, Any] = {
+            "method": engine.settings.method,
+            "draft": engine.settings.draft_name,
+            "prefill_s": round(prefill_s, 4),
+            "cached_prompt_tokens": reused,
+            "decode_s": round(decode_s, 4),
+            "new_tokens": new_tokens,
+            "ms_per_token": round(1000 * decode_s / new_tokens, 3),
+            "tokens_per_s": round(new_tokens / decode_s, 3) if decode_s > 0 else None,
+            "levels": [level.stats.as_dict() for level in chain.levels],
+        }
+        self.result = GenerationResult(
+            text=first_run.text,
+            token_ids=first_run.tokens,
+            prompt_tokens=len(ids),
+            finish_reason=first_run.finish_reason or "length",
+            stats=stats,
+            samples=samples if self.num_samples > 1 else None,
+        )
+
+
+def check_draft_compatible(target: LoadedModel, draft: LoadedModel) -> None:
+    """A draft must speak the target's vocabulary token for token."""
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise SettingError(
+            "draft", f"has a vocabulary of {draft.config.vocab_size} tokens, the target {target.config.vocab_size}; "
+            "a draft must use the target's tokenizer"
+        )
+    if draft.tokenizer.vocabulary() != target.tokenizer.vocabulary():
+        raise SettingError("draft", "has another tokenizer than the target; a draft must use the target's tokenizer")
+

@@ -1,0 +1,234 @@
+"""The levels of a speculative chain: a model over a cache, the target over a view of its own
+cache, and prompt lookup.
+
+A level scores a context plus draft tokens (`score`: its warped distributions after each) or,
+at the bottom, proposes tokens cheaply (`propose`). It keeps the tokens its cache holds and
+rolls them back when drafts are rejected; it runs tokens through its `Runner` and gets logits.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .cache import FullCache, RetrievalView, SparseView, StreamingCache
+from .metrics import LevelStats
+from .runner import Runner
+from .sampling import SamplingParams, draw, warp
+
+TAIL_CHECK = 256  # tokens compared when aligning a level's cache with the context
+
+
+class Level:
+    """Interface of a level. Models implement score(); the bottom also implements propose()."""
+
+    name = "level"
+    stats: LevelStats
+    greedy = False  # whether its distributions are one-hot (temperature 0)
+
+    def score(self, context: list[int], drafts: list[int]) -> torch.Tensor:
+        """Warped distributions [len(drafts) + 1, V]: after context, and after each draft."""
+        raise NotImplementedError
+
+    def propose(
+        self, context: list[int], num_tokens: int, generator: torch.Generator | None
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """Up to num_tokens draft tokens and the distributions they were drawn from."""
+        raise NotImplementedError
+
+    def rollback(self, length: int) -> None:
+        """Keep state for the first `length` tokens of the last scored context + drafts."""
+
+    def snapshot(self) -> Any:
+        """State to come back to (after a prompt's prefill, for several samples)."""
+        return None
+
+    def restore(self, state: Any) -> None:
+        pass
+
+
+class ModelLevel(Level):
+    """A model over a cache: the target on its full cache, or a draft model on its own."""
+
+    def __init__(self, name: str, runner: Runner, cache: FullCache | SparseView | StreamingCache,
+                 params: SamplingParams, progress: bool = False) -> None:
+        self.name = name
+        self.runner = runner
+        self.cache = cache
+        self.params = params
+        self.greedy = params.greedy
+        self.progress = progress
+        self.tokens: list[int] = []  # the tokens whose rows the cache holds
+        self.stats = LevelStats(name)
+
+    # -- cache alignment ---------------------------------------------------------------------
+    def _common_prefix(self, context: list[int], exhaustive: bool = False) -> int:
+        """Length of the common prefix of the cached tokens and `context`. Within a generation
+        only the tail can change (rejected drafts), so only the last TAIL_CHECK tokens are
+        compared unless `exhaustive` (a new prompt against a cached one)."""
+        n = min(len(self.tokens), len(context))
+        start = 0 if exhaustive else max(0, n - TAIL_CHECK)
+        if start and self.tokens[start - 1] != context[start - 1]:
+            start = 0  # diverged earlier than the tail: compare everything
+        for i in range(start, n):
+            if self.tokens[i] != context[i]:
+                return i
+        return n
+
+    def _truncate(self, length: int) -> None:
+        self.cache.truncate(length)
+        del self.tokens[length:]
+
+    def reuse_prefix(self, prompt: list[int]) -> int:
+        """Keep the cached rows of the longest common prefix with a new prompt that a fresh
+        prefill would compute alike (prompt caching); returns how many tokens were kept."""
+        common = self._common_prefix(prompt, exhaustive=True)
+        if isinstance(self.cache, FullCache):
+            common = self.runner.reusable(self.cache, common, len(prompt))
+        self._truncate(common)
+        return common
+
+    def _sync(self, context: list[int]) -> list[int]:
+        """Align the cache with `context` and return the tokens still to run (at least one, so
+        the pass yields the distribution after the context)."""
+        common = self._common_prefix(context)
+        if common == len(context):
+            common -= 1
+        if common < len(self.tokens):
+            self._truncate(common)
+        return context[common:]
+
+    # -- scoring -----------------------------------------------------------------------------
+    def score(self, context: list[int], drafts: list[int]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        inputs = self._sync(context) + drafts
+        logits = self.runner.run(self.cache, inputs, len(drafts) + 1, self.name if self.progress else None)
+        self.tokens = list(context) + list(drafts)
+        self.stats.forward_calls += 1
+        self.stats.forward_tokens += len(inputs)
+        self.stats.time_s += time.perf_counter() - t0
+        return warp(logits, self.params)
+
+    def propose(
+        self, context: list[int], num_tokens: int, generator: torch.Generator | None
+    ) -> tuple[list[int], torch.Tensor | None]:
+        drafts: list[int] = []
+        dists = []
+        for _ in range(num_tokens):
+            probs = self.score(context + drafts, [])[0]
+            drafts.append(draw(probs, self.params, generator))
+            dists.append(probs)
+        return drafts, torch.stack(dists) if dists else None
+
+    def rollback(self, length: int) -> None:
+        if length < len(self.tokens):
+            self._truncate(length)
+
+    def snapshot(self) -> Any:
+        return list(self.tokens), self.cache.snapshot()
+
+    def restore(self, state: Any) -> None:
+        tokens, cache_state = state
+        self.tokens = list(tokens)
+        self.cache.restore(cache_state)
+
+
+class ViewLevel(ModelLevel):
+    """The target on a sparse view of the top's full cache (retrieval or StreamingLLM).
+
+    Rows the top has verified are shared, so this level's tokens start as the top's; rows beyond
+    hold its own drafts until the top overwrites them. A retrieval view re-selects its chunks
+    after every `rebuild_every`-th verification of the top, from the top's query at the last
+    token it kept.
+    """
+
+    def __init__(self, name: str, runner: Runner, view: SparseView, top: ModelLevel, params: SamplingParams,
+                 rebuild_every: int = 1) -> None:
+        super().__init__(name, runner, view, params)
+        self.view = view
+        self.top = top
+        self.rebuild_every = rebuild_every
+        self.top_steps = 0
+
+    def follow_top(self) -> None:
+        """After the top ran (prefill or a verification): adopt its tokens, and re-select
+        retrieval chunks when they are due."""
+        self.tokens = list(self.top.tokens)
+        self.view.truncate(len(self.tokens))
+        if isinstance(self.view, RetrievalView):
+            self.top_steps += 1
+            if self.top_steps % self.rebuild_every == 0 or self.view.selected_at < 0:
+                t0 = time.perf_counter()
+                full = self.top.cache
+                assert isinstance(full, FullCache)
+                self.view.rebuild(full.queries_at(full.length - 1))
+                self.stats.rebuilds += 1
+                self.stats.rebuild_s += time.perf_counter() - t0
+
+    def snapshot(self) -> Any:
+        return super().snapshot(), self.top_steps
+
+    def restore(self, state: Any) -> None:
+        level, self.top_steps = state
+        super().restore(level)
+
+
+class PromptLookup(Level):
+    """Prompt lookup ("ngram"): propose the continuation of the most recent earlier occurrence
+    of the last n tokens (n from max_ngram down to min_ngram). Deterministic proposals (q
+    one-hot) are verified losslessly like any other draft."""
+
+    name = "ngram"
+
+    def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        self.vocab_size = vocab_size
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.stats = LevelStats("ngram")
+        self.indexed: list[int] = []
+        self.index: dict[tuple[int, ...], list[int]] = {}
+
+    def _update_index(self, context: list[int]) -> None:
+        # positions p of n-grams context[p:p+n], kept in increasing order per n-gram
+        n = min(len(self.indexed), len(context))
+        common = n
+        for i in range(max(0, n - TAIL_CHECK), n):
+            if self.indexed[i] != context[i]:
+                common = i
+                break
+        if common < len(self.indexed):
+            for size in range(self.min_ngram, self.max_ngram + 1):
+                for p in range(max(0, common - size + 1), len(self.indexed) - size + 1):
+                    positions = self.index.get(tuple(self.indexed[p : p + size]))
+                    if positions and positions[-1] == p:
+                        positions.pop()
+            del self.indexed[common:]
+        for p in range(len(self.indexed), len(context)):
+            self.indexed.append(context[p])
+            for size in range(self.min_ngram, self.max_ngram + 1):
+                start = p - size + 1
+                if start >= 0:
+                    self.index.setdefault(tuple(self.indexed[start : p + 1]), []).append(start)
+
+    def propose(
+        self, context: list[int], num_tokens: int, generator: torch.Generator | None
+    ) -> tuple[list[int], torch.Tensor | None]:
+        t0 = time.perf_counter()
+        self._update_index(context)
+        drafts: list[int] = []
+        for size in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
+            positions = self.index.get(tuple(context[-size:]), [])
+            # the most recent occurrence that is not the suffix itself
+            for p in reversed(positions):
+                if p + size < len(context):
+                    drafts = context[p + size : p + size + num_tokens]
+                    break
+            if drafts:
+                break
+        self.stats.time_s += time.perf_counter() - t0
+        if not drafts:
+            return [], None
+        probs = torch.zeros(len(drafts), self.vocab_size)
+        probs[torch.arange(len(drafts)), torch.tensor(drafts)] = 1.0
+        return drafts, probs

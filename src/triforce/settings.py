@@ -1,0 +1,124 @@
+"""An engine's settings as one validated value: the method (a chain of levels), its draft, its knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .errors import SettingError
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    """A level below the top of a chain: which model runs it, on which kind of cache.
+
+    model: "draft" (the draft model, or prompt lookup when the draft is "ngram") or "target".
+    cache: "full" (its own full cache), "streaming" (StreamingLLM: the draft's own small cache,
+    or a view of the target's full cache), or "retrieval" (a view of the target's full cache).
+    """
+
+    model: str
+    cache: str
+
+
+# Each method's levels, bottom to top; the top (the target on its full cache) is implied. The
+# level just below the top gathers `gamma` tokens per verification, the one below it
+# `draft_gamma`.
+METHODS: dict[str, tuple[LevelSpec, ...]] = {
+    "autoregressive": (),
+    "speculative": (LevelSpec("draft", "full"),),
+    "retrieval": (LevelSpec("target", "retrieval"),),
+    "streaming": (LevelSpec("target", "streaming"),),
+    "triforce": (LevelSpec("draft", "streaming"), LevelSpec("target", "retrieval")),
+}
+
+def method_needs_draft(method: str) -> bool:
+    """Whether a method has a level that the draft (a model, or prompt lookup) runs."""
+    return any(spec.model == "draft" for spec in METHODS[method])
+
+
+# (lowest value, what it is) of each integer knob
+_INTEGERS = {
+    "gamma": (1, "tokens gathered per full verification"),
+    "draft_gamma": (1, "tokens the bottom level drafts per middle-level step"),
+    "budget": (1, "rows a retrieval cache reads"),
+    "chunk_size": (1, "rows per retrieval chunk"),
+    "sink": (0, "StreamingLLM sink rows"),
+    "window": (1, "StreamingLLM window rows"),
+    "rebuild_every": (1, "full verifications between retrieval re-selections"),
+    "prefill_chunk": (1, "prompt tokens per prefill pass"),
+}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How an engine decodes. Every field is checked here, once; `replace` checks again.
+
+    draft: a loaded draft model (`triforce.load(...)`), "ngram" (prompt lookup, no model), or
+    None; the methods with a "draft" level need one.
+    """
+
+    method: str = "autoregressive"
+    draft: Any = None
+    gamma: int = 6
+    draft_gamma: int = 2
+    budget: int = 4096
+    chunk_size: int = 8
+    sink: int = 16
+    window: int = 256
+    rebuild_every: int = 1
+    prefill_chunk: int = 1024
+    max_context: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SettingError("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name, (low, _) in _INTEGERS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise SettingError(name, f"must be an integer >= {low}, got {value!r}")
+        if self.max_context is not None and (
+            not isinstance(self.max_context, int) or isinstance(self.max_context, bool) or self.max_context < 2
+        ):
+            raise SettingError("max_context", f"must be an integer >= 2, got {self.max_context!r}")
+        if isinstance(self.draft, str) and self.draft != "ngram":
+            raise SettingError("draft", f"must be a loaded model or 'ngram', got {self.draft!r}")
+        if self.draft is not None and not isinstance(self.draft, str) and not hasattr(self.draft, "decoder"):
+            raise SettingError("draft", f"must be a loaded model or 'ngram', got {type(self.draft).__name__}")
+        if self.needs_draft and self.draft is None:
+            raise SettingError("draft", f"is needed by method {self.method}: a draft model or 'ngram'")
+
+    @property
+    def levels(self) -> tuple[LevelSpec, ...]:
+        return METHODS[self.method]
+
+    @property
+    def needs_draft(self) -> bool:
+        return method_needs_draft(self.method)
+
+    @property
+    def gammas(self) -> list[int]:
+        """Tokens each level below the top gathers per call, bottom to top."""
+        return [self.draft_gamma, self.gamma][-len(self.levels):] if self.levels else []
+
+    @property
+    def rows_past_context(self) -> int:
+        """Cache rows a step may write past its context: the top verifies `gamma` drafts, or,
+        below a middle level, up to `gamma + draft_gamma` (the middle level's last verification
+        may overshoot `gamma` by `draft_gamma`)."""
+        return sum(self.gammas)
+
+    def replace(self, **changes: Any) -> EngineSettings:
+        """A copy with `changes`, checked like the original; unknown names are refused."""
+        known = {f.name for f in fields(self)}
+        for name in changes:
+            if name not in known:
+                raise SettingError(name, f"is not a setting; settings are {', '.join(sorted(known))}")
+        return replace(self, **changes)
+
+    @property
+    def draft_name(self) -> str | None:
+        """What the draft is, for reports: "ngram", the model's source, or None."""
+        if self.draft is None or isinstance(self.draft, str):
+            return self.draft
+        return self.draft.source
