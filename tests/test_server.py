@@ -339,3 +339,32 @@ def test_engine_errors_name_the_request_field(server):
     status, body, _ = server.request("/v1/completions", {"prompt": "hi", "triforce": {"window": "big"}})
     assert status == 400 and "'triforce.window'" in body["error"]["message"]
 
+
+def test_api_key_guards_the_v1_routes():
+    """With --api-key, /v1 wants `Authorization: Bearer KEY` (401 and an OpenAI error otherwise,
+    which the openai client raises as AuthenticationError); /health and /metrics stay open."""
+    from openai import AuthenticationError, OpenAI
+
+    s = ServerProcess("--method", "autoregressive", "--max-context", "512", "--api-key", "sesame")
+    try:
+        good = OpenAI(base_url=s.base + "/v1", api_key="sesame", max_retries=0, timeout=120)
+        out = good.completions.create(model="smollm2-135m-instruct", prompt=PROMPT, max_tokens=4, temperature=0)
+        assert out.usage.completion_tokens == 4
+        bad = OpenAI(base_url=s.base + "/v1", api_key="open-sesame", max_retries=0, timeout=120)
+        with pytest.raises(AuthenticationError) as info:
+            bad.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "hi"}])
+        assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
+        status, body, _ = s.request("/v1/models")  # no header at all
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        assert s.request("/health")[0] == 200 and s.request("/metrics")[0] == 200
+    finally:
+        assert s.stop() == 0
+
+
+def test_api_key_defaults_to_the_environment(monkeypatch):
+    from triforce.cli import build_parser
+
+    monkeypatch.setenv("TRIFORCE_API_KEY", "from-env")
+    assert build_parser().parse_args(["serve"]).api_key == "from-env"
+    monkeypatch.delenv("TRIFORCE_API_KEY")
+    assert build_parser().parse_args(["serve"]).api_key is None

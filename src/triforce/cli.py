@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-context", type=_positive_int,
                     help="longest prompt + completion (default: the model's trained length)")
     sv.add_argument("--served-model-name", help="model id clients use (default: derived from the model)")
+    sv.add_argument("--api-key", default=os.environ.get("TRIFORCE_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TRIFORCE_API_KEY; none)")
 
     b = sub.add_parser("bench", help="benchmarks (see README)")
     bsub = b.add_subparsers(dest="bench", parser_class=ArgumentParser, required=True)
@@ -465,13 +467,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = Server(target, settings, args.max_queue, max_context, name, args.max_batch)
     server.start()
     print(f"triforce: serving {name} ({settings.method}) on http://{args.host}:{args.port}/v1 | context "
-          f"{max_context} | batch {args.max_batch} | queue {args.max_queue}", file=sys.stderr, flush=True)
+          f"{max_context} | batch {args.max_batch} | queue {args.max_queue}"
+          + (" | API key required" if args.api_key else ""), file=sys.stderr, flush=True)
     # uvicorn drains open requests on SIGTERM/SIGINT, then re-raises the signal to the handler
     # that was installed before it: make that one a no-op so a clean shutdown exits with 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     try:
-        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning",
+        uvicorn.run(create_app(server, args.api_key), host=args.host, port=args.port, log_level="warning",
                     timeout_graceful_shutdown=30)
     except OSError as exc:
         raise TriforceError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None

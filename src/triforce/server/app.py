@@ -1,8 +1,9 @@
-"""The HTTP face of the server: OpenAI routes, Server-Sent Events, health, metrics."""
+"""The HTTP face of the server: OpenAI routes, API-key checks, Server-Sent Events, health, metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -45,8 +46,9 @@ async def sse_events(job: Job, model: str) -> AsyncIterator[str]:
         job.cancelled.set()  # a no-op when finished; stops the engine when the client left
 
 
-def create_app(server: Server) -> FastAPI:
-    """The application."""
+def create_app(server: Server, api_key: str | None = None) -> FastAPI:
+    """The application. With `api_key`, every /v1 route wants `Authorization: Bearer <api_key>`
+    (401 otherwise); /health and /metrics stay open, as in vLLM's server."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
@@ -54,10 +56,21 @@ def create_app(server: Server) -> FastAPI:
         server.shutdown()
 
     app = FastAPI(title="triforce", lifespan=lifespan)
+    expected = f"Bearer {api_key}".encode() if api_key else None
 
     def error_response(endpoint: str, exc: RequestError) -> JSONResponse:
         server.counters.request(endpoint, exc.status)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Any) -> Any:
+        if expected is not None and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                error = RequestError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                     code="invalid_api_key")
+                return error_response(request.url.path.removeprefix("/v1/"), error)
+        return await call_next(request)
 
     async def completion(request: Request, kind: str) -> Any:
         endpoint = "chat" if kind == "chat" else "completions"
