@@ -136,7 +136,7 @@ class QuantizedTensor:
             raise ValueError(f"{self.format.name} needs K divisible by {self.format.block_size}, got {K}")
         row_bytes = K // self.format.block_size * self.format.block_bytes
         if isinstance(blocks, np.ndarray):
-            blocks = torch.from_numpy(np.ascontiguousarray(blocks))
+            blocks = torch.from_numpy(np.array(blocks, dtype=np.uint8, copy=True))  # owned, writable
         if blocks.dtype != torch.uint8 or blocks.numel() != N * row_bytes:
             raise ValueError(f"expected {N * row_bytes} uint8 bytes for {self.format.name} [{N}, {K}], "
                              f"got {blocks.numel()} {blocks.dtype}")
@@ -334,8 +334,7 @@ class _Segment:
 class QuantLinear:
     """y = x W^T (+ b) with W the row-wise concatenation of `parts` (e.g. q|k|v), each in its own
     block format, read by the native kernel straight from the blocks (repacked once, same bytes).
-    Consecutive parts of one format are merged into one kernel call when the first has a multiple
-    of 16 rows. Needs `kernel_supports` for every part's format."""
+    Consecutive parts of one format are merged into one kernel call. Needs `kernel_supports` for every part's format."""
 
     def __init__(self, parts: QuantizedTensor | Sequence[QuantizedTensor], bias: torch.Tensor | None = None) -> None:
         parts = [parts] if isinstance(parts, QuantizedTensor) else list(parts)
@@ -353,27 +352,26 @@ class QuantLinear:
         self.segments: list[_Segment] = []
         groups: list[list[QuantizedTensor]] = []
         for p in parts:
-            last = groups[-1] if groups else None
-            if last and last[-1].format == p.format and all(q.shape[0] % 16 == 0 for q in last):
-                last.append(p)
+            if groups and groups[-1][-1].format == p.format:
+                groups[-1].append(p)
             else:
                 groups.append([p])
         n0 = 0
         for group in groups:
-            packed = torch.cat([self._repack(p) for p in group]) if len(group) > 1 else self._repack(group[0])
             n = sum(p.shape[0] for p in group)
-            self.segments.append(_Segment(group[0].format, packed, n0, n))
+            blocks = torch.cat([p.blocks for p in group]) if len(group) > 1 else group[0].blocks
+            self.segments.append(_Segment(group[0].format, self._repack(blocks, group[0].format, n), n0, n))
             n0 += n
         if bias is not None and bias.numel() != self.out_features:
             raise ValueError(f"bias of {bias.numel()} for {self.out_features} outputs")
         self.bias = bias.to(torch.bfloat16).contiguous() if bias is not None else None
 
-    def _repack(self, part: QuantizedTensor) -> torch.Tensor:
-        f, (N, K) = part.format, part.shape
+    def _repack(self, blocks: torch.Tensor, f: QuantFormat, N: int) -> torch.Tensor:
+        K = self.in_features
         if not self.lib.tf_quant_format_ok(f.code, K):
             raise ValueError(f"the kernel cannot take {f.name} with K = {K}")
         packed = torch.empty(((N + 15) // 16) * 16 * (K // f.block_size) * f.block_bytes, dtype=torch.uint8)
-        self.lib.tf_quant_repack(part.blocks.data_ptr(), packed.data_ptr(), f.code, N, K)
+        self.lib.tf_quant_repack(blocks.data_ptr(), packed.data_ptr(), f.code, N, K)
         return packed
 
     @property

@@ -49,6 +49,17 @@ static inline int elem_of(int r, int k) { return 16 * (r >> 3) + 2 * (r & 7) + (
 
 static long kblock_bytes(int fmt) { return 16L * QF_BYTES[fmt]; }
 
+/* Groups are stored in quads: the K blocks of 4 consecutive groups interleave (K block 0 of groups
+ * 0-3, then K block 1 of groups 0-3, ...), so a pass over four groups reads one sequential stream.
+ * A last, partial quad interleaves its 1-3 groups the same way. Returns the address of group g's
+ * first K block and sets *kstride to the distance between its K blocks. */
+#define QUAD 4
+static inline const uint8_t *group_at(const uint8_t *packed, int g, int groups, int nkb, long kbb, long *kstride) {
+    const int q = g / QUAD, s = g % QUAD, nq = groups - q * QUAD < QUAD ? groups - q * QUAD : QUAD;
+    *kstride = nq * kbb;
+    return packed + (long)q * QUAD * nkb * kbb + s * kbb;
+}
+
 static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
 /* One GGUF block -> integer quants q[bs] (K-quants: 0..15 / 0..31 / 0..63 before any offset). */
@@ -84,7 +95,7 @@ static void unpack_block(int fmt, const uint8_t *b, int *q) {
     }
 }
 
-/* GGUF blocks src [N][K / bs][bytes] -> the repacked groups dst [ceil(N/16)][K / bs][16 * bytes].
+/* GGUF blocks src [N][K / bs][bytes] -> the repacked groups of 16 rows, in quads (group_at).
  * Rows past N are all-zero blocks (they decode to zeros and are never stored). */
 void tf_quant_repack(const uint8_t *src, uint8_t *dst, int fmt, int N, int K) {
     const int bs = QF_BLOCK[fmt], bytes = QF_BYTES[fmt], nkb = K / bs, groups = (N + 15) / 16;
@@ -92,7 +103,8 @@ void tf_quant_repack(const uint8_t *src, uint8_t *dst, int fmt, int N, int K) {
 #pragma omp parallel for schedule(static)
     for (long gk = 0; gk < (long)groups * nkb; gk++) {
         const int g = (int)(gk / nkb), kb = (int)(gk % nkb);
-        uint8_t *o = dst + gk * kbb;
+        long kstride;
+        uint8_t *o = (uint8_t *)group_at(dst, g, groups, nkb, kbb, &kstride) + kb * kstride;
         uint8_t zero[256];
         int q[256];
         memset(zero, 0, sizeof zero);
@@ -299,10 +311,13 @@ static inline __attribute__((always_inline)) __m512bh q_decode(const int FMT, co
 
 static inline int chunks_of(int fmt) { return QF_BLOCK[fmt] / 32; }
 
-/* In registers: mt rows of x against NB adjacent 16-row groups (group s at g + s * gstride);
- * group s's row i sums into acc[s * mt + i]. */
+/* In registers: mt rows of x against NB groups of one quad (group s's K block kb at
+ * base + kb * kstride + s * kbb); group s's row i sums into acc[s * mt + i]. */
 #define QTILE_M 8
-static inline __attribute__((always_inline)) void qtile_body(const int FMT, const uint8_t *g, long gstride, int nkb,
+#ifndef QPREFETCH
+#define QPREFETCH 0 /* bytes ahead to prefetch in software (0: the hardware prefetcher alone) */
+#endif
+static inline __attribute__((always_inline)) void qtile_body(const int FMT, const uint8_t *base, long kstride, int nkb,
                                                              const uint32_t *xp, int pairs, const int mt, const int NB,
                                                              __m512 *acc) {
     const int CH = FMT >= QF_Q4_K ? 8 : 1;
@@ -311,14 +326,21 @@ static inline __attribute__((always_inline)) void qtile_body(const int FMT, cons
     __m512 a[4 * QTILE_M];
     for (int i = 0; i < NB * mt; i++) a[i] = _mm512_setzero_ps();
     for (int kb = 0; kb < nkb; kb++) {
+        const uint8_t *blk = base + kb * kstride;
         for (int c = 0; c < CH; c++) {
             QState st[4];
-            for (int s = 0; s < NB; s++) q_setup(FMT, g + s * gstride + kb * kbb, c, &st[s]);
+            for (int s = 0; s < NB; s++) {
+                if (QPREFETCH) {
+                    const uint8_t *ahead = blk + s * kbb + c * (kbb / CH) + QPREFETCH;
+                    for (int l = 0; l < kbb / CH; l += 64) _mm_prefetch((const char *)(ahead + l), _MM_HINT_T0);
+                }
+                q_setup(FMT, blk + s * kbb, c, &st[s]);
+            }
             const uint32_t *xc = xp + (kb * CH + c) * 16;
 #pragma GCC unroll 16
             for (int p = 0; p < 16; p++) {
                 __m512bh w[4];
-                for (int s = 0; s < NB; s++) w[s] = q_decode(FMT, &st[s], g + s * gstride + kb * kbb, c, p);
+                for (int s = 0; s < NB; s++) w[s] = q_decode(FMT, &st[s], blk + s * kbb, c, p);
                 for (int i = 0; i < mt; i++) {
                     __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xc[(long)i * pairs + p]);
                     for (int s = 0; s < NB; s++) a[s * mt + i] = _mm512_dpbf16_ps(a[s * mt + i], w[s], xb);
@@ -329,42 +351,27 @@ static inline __attribute__((always_inline)) void qtile_body(const int FMT, cons
     for (int i = 0; i < NB * mt; i++) acc[i] = a[i];
 }
 
-#define QTILE_FN(F)                                                                                              \
-    static void qtile_##F(const uint8_t *g, long gstride, int nkb, const uint32_t *xp, int pairs, int mt, int NB, \
-                          __m512 *acc) {                                                                         \
-        switch (mt * 4 + NB - 1) {                                                                               \
-        case 4 * 1 + 0: qtile_body(F, g, gstride, nkb, xp, pairs, 1, 1, acc); break;                              \
-        case 4 * 1 + 1: qtile_body(F, g, gstride, nkb, xp, pairs, 1, 2, acc); break;                              \
-        case 4 * 1 + 3: qtile_body(F, g, gstride, nkb, xp, pairs, 1, 4, acc); break;                              \
-        case 4 * 2 + 0: qtile_body(F, g, gstride, nkb, xp, pairs, 2, 1, acc); break;                              \
-        case 4 * 2 + 1: qtile_body(F, g, gstride, nkb, xp, pairs, 2, 2, acc); break;                              \
-        case 4 * 2 + 3: qtile_body(F, g, gstride, nkb, xp, pairs, 2, 4, acc); break;                              \
-        case 4 * 3 + 0: qtile_body(F, g, gstride, nkb, xp, pairs, 3, 1, acc); break;                              \
-        case 4 * 3 + 1: qtile_body(F, g, gstride, nkb, xp, pairs, 3, 2, acc); break;                              \
-        case 4 * 4 + 0: qtile_body(F, g, gstride, nkb, xp, pairs, 4, 1, acc); break;                              \
-        case 4 * 4 + 1: qtile_body(F, g, gstride, nkb, xp, pairs, 4, 2, acc); break;                              \
-        case 4 * 5 + 0: qtile_body(F, g, gstride, nkb, xp, pairs, 5, 1, acc); break;                              \
-        case 4 * 5 + 1: qtile_body(F, g, gstride, nkb, xp, pairs, 5, 2, acc); break;                              \
-        case 4 * 6 + 0: qtile_body(F, g, gstride, nkb, xp, pairs, 6, 1, acc); break;                              \
-        case 4 * 6 + 1: qtile_body(F, g, gstride, nkb, xp, pairs, 6, 2, acc); break;                              \
-        case 4 * 7 + 0: qtile_body(F, g, gstride, nkb, xp, pairs, 7, 1, acc); break;                              \
-        case 4 * 7 + 1: qtile_body(F, g, gstride, nkb, xp, pairs, 7, 2, acc); break;                              \
-        case 4 * 8 + 0: qtile_body(F, g, gstride, nkb, xp, pairs, 8, 1, acc); break;                              \
-        case 4 * 8 + 1: qtile_body(F, g, gstride, nkb, xp, pairs, 8, 2, acc); break;                              \
-        }                                                                                                        \
-    }                                                                                                            \
-    static void qdecode_##F(const uint8_t *g, int nkb, __m512i *out) {                                           \
-        const int CH = F >= QF_Q4_K ? 8 : 1;                                                                     \
-        const long kbb = kblock_bytes(F);                                                                        \
-        for (int kb = 0; kb < nkb; kb++) {                                                                       \
-            for (int c = 0; c < CH; c++) {                                                                       \
-                QState st;                                                                                       \
-                q_setup(F, g + kb * kbb, c, &st);                                                                \
-                __m512i *o = out + (kb * CH + c) * 16;                                                           \
-                _Pragma("GCC unroll 16") for (int p = 0; p < 16; p++) o[p] =                                     \
-                    (__m512i)q_decode(F, &st, g + kb * kbb, c, p);                                               \
-            }                                                                                                    \
-        }                                                                                                        \
+#define QCASE(F, m, nb) case 4 * m + nb - 1: qtile_body(F, base, kstride, nkb, xp, pairs, m, nb, acc); break;
+#define QTILE_FN(F)                                                                                               \
+    static void qtile_##F(const uint8_t *base, long kstride, int nkb, const uint32_t *xp, int pairs, int mt,      \
+                          int NB, __m512 *acc) {                                                                  \
+        switch (mt * 4 + NB - 1) {                                                                                \
+            QCASE(F, 1, 1) QCASE(F, 1, 2) QCASE(F, 1, 3) QCASE(F, 1, 4) QCASE(F, 2, 1) QCASE(F, 2, 2) QCASE(F, 2, 3) QCASE(F, 2, 4)       \
+            QCASE(F, 3, 1) QCASE(F, 3, 2) QCASE(F, 4, 1) QCASE(F, 4, 2) QCASE(F, 5, 1) QCASE(F, 5, 2) QCASE(F, 6, 1) QCASE(F, 6, 2)       \
+            QCASE(F, 7, 1) QCASE(F, 7, 2) QCASE(F, 8, 1) QCASE(F, 8, 2)                                                       \
+        }                                                                                                         \
+    }                                                                                                             \
+    static void qdecode_##F(const uint8_t *base, long kstride, int nkb, __m512i *out) {                           \
+        const int CH = F >= QF_Q4_K ? 8 : 1;                                                                      \
+        for (int kb = 0; kb < nkb; kb++) {                                                                        \
+            for (int c = 0; c < CH; c++) {                                                                        \
+                QState st;                                                                                        \
+                q_setup(F, base + kb * kstride, c, &st);                                                          \
+                __m512i *o = out + (kb * CH + c) * 16;                                                            \
+                _Pragma("GCC unroll 16") for (int p = 0; p < 16; p++) o[p] =                                      \
+                    (__m512i)q_decode(F, &st, base + kb * kstride, c, p);                                         \
+            }                                                                                                     \
+        }                                                                                                         \
     }
 QTILE_FN(QF_Q8_0)
 QTILE_FN(QF_Q4_0)
@@ -372,9 +379,10 @@ QTILE_FN(QF_Q4_1)
 QTILE_FN(QF_Q4_K)
 QTILE_FN(QF_Q5_K)
 QTILE_FN(QF_Q6_K)
+#undef QCASE
 
 typedef void (*QTileFn)(const uint8_t *, long, int, const uint32_t *, int, int, int, __m512 *);
-typedef void (*QDecodeFn)(const uint8_t *, int, __m512i *);
+typedef void (*QDecodeFn)(const uint8_t *, long, int, __m512i *);
 static const QTileFn QTILES[QF_COUNT] = {qtile_QF_Q8_0, qtile_QF_Q4_0, qtile_QF_Q4_1,
                                          qtile_QF_Q4_K, qtile_QF_Q5_K, qtile_QF_Q6_K};
 static const QDecodeFn QDECODES[QF_COUNT] = {qdecode_QF_Q8_0, qdecode_QF_Q4_0, qdecode_QF_Q4_1,
@@ -453,6 +461,8 @@ static __m512i *scratch(long vectors) {
 
 /* Rows at or below this count decode in registers; more rows decode each group once into scratch. */
 #define REGISTER_MAX_ROWS 8
+/* Rows up to this count take whole quads (four chains) per pass; more take pairs of groups. */
+#define QUAD_MAX_ROWS 2
 
 /* x [M][K] bf16; packed: tf_quant_repack's groups; bias [N] bf16 or NULL; y row i at y + i * ldy
  * (elements), bf16 (y_is_f32 = 0) or float32. Returns 0; -1 without AVX512-BF16; -2 for a bad
@@ -461,32 +471,40 @@ int tf_quant_linear(const uint16_t *x, const uint8_t *packed, int fmt, const uin
                     long ldy, int M, int N, int K, int n_threads) {
 #if defined(__AVX512BF16__)
     if (!tf_quant_format_ok(fmt, K)) return -2;
-    const int pairs = K / 2, blocks = (N + 15) / 16, nkb = K / QF_BLOCK[fmt];
-    const long gstride = (long)nkb * kblock_bytes(fmt);
+    const int pairs = K / 2, groups = (N + 15) / 16, nkb = K / QF_BLOCK[fmt];
+    const long kbb = kblock_bytes(fmt);
     const uint32_t *xp0 = (const uint32_t *)x;
+    const int npairs = (groups + 1) / 2; /* work is divided in pairs of groups (never straddling a quad) */
     int failed = 0;
     if (n_threads < 1) n_threads = 1;
+    if (n_threads > npairs) n_threads = npairs;
     if (M <= REGISTER_MAX_ROWS) {
-        /* one tile; at 1-2 rows four groups per pass (four independent chains), else two */
-        const int NB = M <= 2 ? 4 : 2, items = (blocks + NB - 1) / NB;
         const QTileFn fn = QTILES[fmt];
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-        for (int it = 0; it < items; it++) {
-            const int b = it * NB, nb = blocks - b < NB ? blocks - b : NB;
-            __m512 acc[4 * QTILE_M];
-            if (nb == NB || nb == 2 || nb == 1) {
-                fn(packed + b * gstride, gstride, nkb, xp0, pairs, M, nb, acc);
-            } else { /* 3 of 4 */
-                fn(packed + b * gstride, gstride, nkb, xp0, pairs, M, 2, acc);
-                fn(packed + (b + 2) * gstride, gstride, nkb, xp0, pairs, M, 1, acc + 2 * M);
+#pragma omp parallel num_threads(n_threads)
+        {
+            int t = 0, T = 1;
+#ifdef _OPENMP
+            t = omp_get_thread_num();
+            T = omp_get_num_threads();
+#endif
+            /* a contiguous run of groups per thread: one stream, balanced to a pair of groups */
+            const int g1 = 2 * (int)((long)npairs * (t + 1) / T) < groups ? 2 * (int)((long)npairs * (t + 1) / T) : groups;
+            for (int g = 2 * (int)((long)npairs * t / T); g < g1;) {
+                int nb = g1 - g < 2 ? g1 - g : 2;
+                if (M <= QUAD_MAX_ROWS && g % QUAD == 0 && g1 - g >= QUAD) nb = QUAD;
+                long kstride;
+                const uint8_t *base = group_at(packed, g, groups, nkb, kbb, &kstride);
+                __m512 acc[4 * QTILE_M];
+                fn(base, kstride, nkb, xp0, pairs, M, nb, acc);
+                for (int s = 0; s < nb; s++) qstore_block(acc + s * M, M, 0, (g + s) * 16, N, ldy, bias, y, y_is_f32);
+                g += nb;
             }
-            for (int s = 0; s < nb; s++) qstore_block(acc + s * M, M, 0, (b + s) * 16, N, ldy, bias, y, y_is_f32);
         }
         return 0;
     }
-    /* decode two groups per item into scratch; run every row tile of its row range over it */
-    const int tiles = (M + TILE_M - 1) / TILE_M, groups = (blocks + 1) / 2;
-    int chunks = (2 * n_threads + groups - 1) / groups; /* split the rows when there are few groups */
+    /* decode a pair of groups per item into scratch; run every row tile of its row range over it */
+    const int tiles = (M + TILE_M - 1) / TILE_M;
+    int chunks = (2 * n_threads + npairs - 1) / npairs; /* split the rows when there are few groups */
     if (chunks > tiles) chunks = tiles;
     if (chunks < 1) chunks = 1;
     const QDecodeFn dec = QDECODES[fmt];
@@ -498,19 +516,21 @@ int tf_quant_linear(const uint16_t *x, const uint8_t *packed, int fmt, const uin
             failed = 1;
         }
 #pragma omp for schedule(static) collapse(2)
-        for (int g = 0; g < groups; g++) {
+        for (int i = 0; i < npairs; i++) {
             for (int ch = 0; ch < chunks; ch++) {
                 if (!w) continue;
-                const int b = 2 * g, nb = b + 1 < blocks ? 2 : 1;
+                const int g = 2 * i, nb = g + 1 < groups ? 2 : 1;
                 const int t0 = (int)((long)ch * tiles / chunks), t1 = (int)((long)(ch + 1) * tiles / chunks);
-                for (int s = 0; s < nb; s++) dec(packed + (b + s) * gstride, nkb, w + (long)s * pairs);
+                long kstride;
+                const uint8_t *base = group_at(packed, g, groups, nkb, kbb, &kstride);
+                for (int s = 0; s < nb; s++) dec(base + s * kbb, kstride, nkb, w + (long)s * pairs);
                 for (int t = t0; t < t1; t++) {
                     const int m0 = (int)((long)t * M / tiles), mt = (int)((long)(t + 1) * M / tiles) - m0;
                     const uint32_t *xp = xp0 + (long)m0 * pairs;
                     __m512 acc[2 * TILE_M];
                     btile(xp, pairs, mt, w, acc, nb);
                     for (int s = 0; s < nb; s++)
-                        qstore_block(acc + s * mt, mt, m0, (b + s) * 16, N, ldy, bias, y, y_is_f32);
+                        qstore_block(acc + s * mt, mt, m0, (g + s) * 16, N, ldy, bias, y, y_is_f32);
                 }
             }
         }
@@ -529,14 +549,16 @@ int tf_quant_rows(const uint8_t *packed, int fmt, int N, int K, const int64_t *i
 #if defined(__AVX512BF16__)
     if (!tf_quant_format_ok(fmt, K)) return -2;
     const int nkb = K / QF_BLOCK[fmt], CH = chunks_of(fmt);
-    const long gstride = (long)nkb * kblock_bytes(fmt), kbb = kblock_bytes(fmt);
+    const long kbb = kblock_bytes(fmt);
+    const int groups = (N + 15) / 16;
     for (int i = 0; i < n; i++) {
         if (ids[i] < 0 || ids[i] >= N) return -4;
     }
 #pragma omp parallel for schedule(static) if (n > 8)
     for (int i = 0; i < n; i++) {
         const int row = (int)ids[i], r = row & 15;
-        const uint8_t *g = packed + (long)(row >> 4) * gstride;
+        long kstride;
+        const uint8_t *g = group_at(packed, row >> 4, groups, nkb, kbb, &kstride);
         const int e0 = 16 * (r >> 3) + 2 * (r & 7); /* its elements e0, e0 + 1 in every pair */
         for (int kb = 0; kb < nkb; kb++) {
             for (int c = 0; c < CH; c++) {
@@ -544,7 +566,7 @@ int tf_quant_rows(const uint8_t *packed, int fmt, int N, int K, const int64_t *i
                     QState st;
                     __m512 b = _mm512_setzero_ps(), a = b;
                     float v[32];
-                    const uint8_t *blk = g + kb * kbb;
+                    const uint8_t *blk = g + kb * kstride;
                     switch (fmt) {
 #define ROWCASE(F) case F: q_setup(F, blk, c, &st); q_decode_f32(F, &st, blk, c, p, &b, &a); break;
                     ROWCASE(QF_Q8_0) ROWCASE(QF_Q4_0) ROWCASE(QF_Q4_1) ROWCASE(QF_Q4_K) ROWCASE(QF_Q5_K)
