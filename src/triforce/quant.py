@@ -330,6 +330,9 @@ class _Segment:
     n0: int  # first output column
     n: int  # output columns
 
+    def __post_init__(self) -> None:
+        self.packed_ptr = self.packed.data_ptr()
+
 
 class QuantLinear:
     """y = x W^T (+ b) with W the row-wise concatenation of `parts` (e.g. q|k|v), each in its own
@@ -365,6 +368,8 @@ class QuantLinear:
         if bias is not None and bias.numel() != self.out_features:
             raise ValueError(f"bias of {bias.numel()} for {self.out_features} outputs")
         self.bias = bias.to(torch.bfloat16).contiguous() if bias is not None else None
+        self._bias_ptr = self.bias.data_ptr() if self.bias is not None else 0
+        self._kernel = lib.tf_quant_linear
 
     def _repack(self, blocks: torch.Tensor, f: QuantFormat, N: int) -> torch.Tensor:
         K = self.in_features
@@ -380,28 +385,27 @@ class QuantLinear:
         return self._nbytes
 
     def __call__(self, x: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        if out_dtype not in (torch.bfloat16, torch.float32):
+        if x.dtype != torch.bfloat16 or not x.is_contiguous():
+            x = x.to(torch.bfloat16).contiguous()
+        if out_dtype is torch.float32:
+            is_f32, size = 1, 4
+        elif out_dtype is torch.bfloat16:
+            is_f32, size = 0, 2
+        else:
             raise ValueError(f"out_dtype must be bf16 or float32, not {out_dtype}")
-        shape = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.bfloat16 or not x2.is_contiguous():
-            x2 = x2.to(torch.bfloat16).contiguous()
-        M = x2.shape[0]
-        y = torch.empty(M, self.out_features, dtype=out_dtype)
+        K, N = self.in_features, self.out_features
+        y = torch.empty(*x.shape[:-1], N, dtype=out_dtype)
+        M = x.numel() // K
         if M == 0:
-            return y.view(*shape, self.out_features)
-        size = y.element_size()
-        threads = torch.get_num_threads()
-        for s in self.segments:
-            code = self.lib.tf_quant_linear(
-                x2.data_ptr(), s.packed.data_ptr(), s.format.code,
-                self.bias.data_ptr() + 2 * s.n0 if self.bias is not None else None,
-                y.data_ptr() + size * s.n0, int(out_dtype == torch.float32), self.out_features,
-                M, s.n, self.in_features, threads,
-            )
+            return y
+        xp, yp, threads = x.data_ptr(), y.data_ptr(), torch.get_num_threads()
+        bias = self._bias_ptr
+        for s in self.segments:  # usually one
+            code = self._kernel(xp, s.packed_ptr, s.format.code, bias + 2 * s.n0 if bias else None,
+                                yp + size * s.n0, is_f32, N, M, s.n, K, threads)
             if code != 0:
                 raise RuntimeError(f"quantized linear kernel failed with code {code}")
-        return y.view(*shape, self.out_features)
+        return y
 
     def rows(self, ids: torch.Tensor | Sequence[int], dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """Rows `ids` of W dequantized by the kernel (an embedding lookup from a tied output head):

@@ -241,6 +241,34 @@ static inline __attribute__((always_inline)) void q_setup(const int FMT, const u
     }
 }
 
+/* Nibbles to float32 by table lookup: vpermps reads only an index's low 4 bits, so a lane holding
+ * a whole byte picks its low nibble's value with no mask, and one instruction replaces a mask and
+ * a conversion. The tables hold small integers: exact, as a conversion would give. */
+#ifndef QDEC_PERM
+#define QDEC_PERM 1
+#endif
+#ifndef QDEC_FMA
+#define QDEC_FMA 1
+#endif
+static inline __attribute__((always_inline)) __m512 nib_lo(__m512i L, __m512 table) {
+    return QDEC_PERM ? _mm512_permutexvar_ps(L, table) : CVT(_mm512_and_si512(L, _mm512_set1_epi32(15)));
+}
+static inline __attribute__((always_inline)) __m512 nib_hi(__m512i L, __m512 table) {
+    return QDEC_PERM ? _mm512_permutexvar_ps(_mm512_srli_epi32(L, 4), table) : CVT(_mm512_srli_epi32(L, 4));
+}
+#define TABLE_0_15 _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)
+
+/* s * q + o and s * q - o. Fused where gguf-py rounds the product first: for Q4_1, Q4_K and Q5_K
+ * the product is exact in float32 (an f16 scale's 11 significant bits, times a 6-bit sub-block
+ * scale, times a quant of at most 5 bits: at most 22 bits), so rounding it first changes nothing
+ * and the fused form gives the same single rounding of the sum. */
+static inline __attribute__((always_inline)) __m512 affine_add(__m512 s, __m512 q, __m512 o) {
+    return QDEC_FMA ? _mm512_fmadd_round_ps(s, q, o, RN) : ADD(MUL(s, q), o);
+}
+static inline __attribute__((always_inline)) __m512 affine_sub(__m512 s, __m512 q, __m512 o) {
+    return QDEC_FMA ? _mm512_fmsub_round_ps(s, q, o, RN) : SUB(MUL(s, q), o);
+}
+
 /* Pair p of chunk c: the float32 weights of elements 0-15 (*b) and 16-31 (*a). */
 static inline __attribute__((always_inline)) void q_decode_f32(const int FMT, const QState *st, const uint8_t *blk,
                                                                 int c, int p, __m512 *b, __m512 *a) {
@@ -252,26 +280,28 @@ static inline __attribute__((always_inline)) void q_decode_f32(const int FMT, co
         *a = MUL(CVT(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))), st->shi);
         break;
     }
-    case QF_Q4_0: {
-        const __m512i c8 = _mm512_set1_epi32(8);
+    case QF_Q4_0: { /* d * (q - 8) */
+        const __m512 t = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
         __m512i L = u8x16(blk + 32 + 16 * p);
-        *b = MUL(st->slo, CVT(_mm512_sub_epi32(_mm512_and_si512(L, c15), c8)));
-        *a = MUL(st->shi, CVT(_mm512_sub_epi32(_mm512_srli_epi32(L, 4), c8)));
+        *b = MUL(st->slo, QDEC_PERM ? _mm512_permutexvar_ps(L, t)
+                                    : CVT(_mm512_sub_epi32(_mm512_and_si512(L, c15), _mm512_set1_epi32(8))));
+        *a = MUL(st->shi, QDEC_PERM ? _mm512_permutexvar_ps(_mm512_srli_epi32(L, 4), t)
+                                    : CVT(_mm512_sub_epi32(_mm512_srli_epi32(L, 4), _mm512_set1_epi32(8))));
         break;
     }
-    case QF_Q4_1: {
+    case QF_Q4_1: { /* d * q + m */
         __m512i L = u8x16(blk + 64 + 16 * p);
-        *b = ADD(MUL(st->slo, CVT(_mm512_and_si512(L, c15))), st->olo);
-        *a = ADD(MUL(st->shi, CVT(_mm512_srli_epi32(L, 4))), st->ohi);
+        *b = affine_add(st->slo, nib_lo(L, TABLE_0_15), st->olo);
+        *a = affine_add(st->shi, nib_hi(L, TABLE_0_15), st->ohi);
         break;
     }
-    case QF_Q4_K: {
+    case QF_Q4_K: { /* (d * sc) * q - dmin * m */
         __m512i L = u8x16(blk + 256 + 256 * c + 16 * p);
-        *b = SUB(MUL(st->slo, CVT(_mm512_and_si512(L, c15))), st->olo);
-        *a = SUB(MUL(st->shi, CVT(_mm512_srli_epi32(L, 4))), st->ohi);
+        *b = affine_sub(st->slo, nib_lo(L, TABLE_0_15), st->olo);
+        *a = affine_sub(st->shi, nib_hi(L, TABLE_0_15), st->ohi);
         break;
     }
-    case QF_Q5_K: {
+    case QF_Q5_K: { /* (d * sc) * (q | fifth bit << 4) - dmin * m */
         const uint8_t *ch = blk + 256 + 320 * c;
         const __m512i c16 = _mm512_set1_epi32(16);
         __m512i L = u8x16(ch + 16 * p);
@@ -280,11 +310,11 @@ static inline __attribute__((always_inline)) void q_decode_f32(const int FMT, co
         __m512i qb = _mm512_and_si512(L, c15), qa = _mm512_srli_epi32(L, 4);
         qb = _mm512_mask_or_epi32(qb, hb, qb, c16);
         qa = _mm512_mask_or_epi32(qa, ha, qa, c16);
-        *b = SUB(MUL(st->slo, CVT(qb)), st->olo);
-        *a = SUB(MUL(st->shi, CVT(qa)), st->ohi);
+        *b = affine_sub(st->slo, CVT(qb), st->olo);
+        *a = affine_sub(st->shi, CVT(qa), st->ohi);
         break;
     }
-    case QF_Q6_K: {
+    case QF_Q6_K: { /* (d * sc) * ((q | two bits << 4) - 32) */
         const uint8_t *ch = blk + 288 + 384 * c;
         const __m512i c16 = _mm512_set1_epi32(16), c32 = _mm512_set1_epi32(32), m32 = _mm512_set1_epi32(-32);
         __m512i L = u8x16(ch + 16 * p);
