@@ -91,6 +91,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tf_rms_norm": ([p, p, p, i, i, f, i], None),
         "tf_rope_store": ([p, p, p, p, p, p, p, n, i, i, i, i, i, i], None),
         "tf_silu_mul": ([p, p, i, i, i], None),
+        "tf_quant_repack": ([p, p, i, i, i], None),  # quant.py: GGUF-block projections
+        "tf_quant_linear": ([p, p, i, p, p, i, n, i, i, i, i], i),
+        "tf_quant_rows": ([p, i, i, i, p, i, p, i], i),
+        "tf_quant_format_ok": ([i, i], i),
+        "tf_has_quant_linear": ([], i),
     }
     for name, (args, res) in signatures.items():
         fn = getattr(lib, name)
