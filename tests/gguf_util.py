@@ -84,9 +84,11 @@ def write_llama_gguf(hf_dir: Path, out: Path, types: dict[str, str], architectur
             data = _random_k_quant(*w.shape, kind, rng)
         elif kind == "F32":
             data = w.astype(np.float32)
+        elif kind == "I32":  # a type no model weight uses, and gguf-py cannot dequantize
+            data = w.astype(np.int32)
         else:
             data = quantize(w.astype(np.float32), qtype)
-        writer.add_tensor(gname, data, raw_shape=data.shape if kind == "F32" else None, raw_dtype=qtype)
+        writer.add_tensor(gname, data, raw_shape=data.shape if kind in ("F32", "I32") else None, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

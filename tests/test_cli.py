@@ -41,6 +41,25 @@ def test_generate_json_output():
         assert stats[key] > 0
 
 
+def test_generate_reports_weights_bytes_and_time_per_pass():
+    """The embedded model runs on its GGUF blocks; --retrieval-weights puts the middle level on
+    a 4-bit copy; the stats say what each level read and how long a pass took."""
+    result = run_cli("generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json",
+                     "--quiet", "--method", "triforce", "--draft", "ngram", "--budget", "4",
+                     "--retrieval-weights", "q4_0")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)["stats"]
+    assert set(stats["weights_mb"]) == {"q4_1", "q8_0"} and 90 < sum(stats["weights_mb"].values()) < 100
+    assert stats["peak_rss_mb"] > 0
+    middle, top = stats["levels"][1], stats["levels"][2]
+    assert middle["mb_per_pass"] < top["mb_per_pass"]  # 4-bit weights, fewer KV rows
+    assert middle["ms_per_pass"] > 0 and top["ms_per_pass"] > 0
+    dense = run_cli("generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json", "--quiet",
+                    "--method", "autoregressive", "--weights", "bf16")
+    assert json.loads(dense.stdout)["stats"]["weights_mb"].keys() == {"dense"}
+    assert json.loads(dense.stdout)["token_ids"][:8] == json.loads(result.stdout)["token_ids"][:8]
+
+
 def test_generate_streams_text_and_prints_summary_from_stdin():
     result = run_cli("generate", "--max-new-tokens", "6", stdin="Once upon a time")
     assert result.returncode == 0, result.stderr
@@ -79,6 +98,8 @@ def test_demo_refuses_bad_sampling_settings():
         (["--prompt", "hi", "--model", "/nonexistent/model.gguf"], "does not exist"),
         (["--prompt", "hi", "--model", "someorg/somemodel"], "never downloads"),
         (["--prompt", "hi", "--dtype", "int3"], "dtype"),
+        (["--prompt", "hi", "--weights", "q3_x"], "--weights"),
+        (["--prompt", "hi", "--retrieval-weights", "int8"], "--retrieval-weights"),
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(args, fragment):

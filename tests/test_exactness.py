@@ -72,6 +72,8 @@ PRESETS = {
     "streaming": ("streaming", None),
     "triforce": ("triforce", "model"),
     "triforce-ngram": ("triforce", "ngram"),
+    # the middle level on 4-bit, the draft on 8-bit copies of their weights
+    "triforce-quantized": ("triforce", "model", {"retrieval_weights": "q4_0", "draft_weights": "q8_0"}),
 }
 KNOBS = dict(gamma=3, draft_gamma=2, budget=12, chunk_size=4, sink=2, window=6)
 SAMPLES = 10_000
@@ -79,9 +81,10 @@ ALPHA = 1e-3
 
 
 def make_engine(target, draft, preset: str, batcher=None) -> Engine:
-    method, draft_kind = PRESETS[preset]
+    method, draft_kind, *extra = PRESETS[preset]
     d = draft if draft_kind == "model" else ("ngram" if draft_kind == "ngram" else None)
-    return Engine(target, EngineSettings(method=method, draft=d, **KNOBS), batcher=batcher)
+    return Engine(target, EngineSettings(method=method, draft=d, **KNOBS, **(extra[0] if extra else {})),
+                  batcher=batcher)
 
 
 # A prompt long enough that the sparse levels really drop context (budget 12, window 6).
@@ -288,18 +291,22 @@ def test_streaming_draft_on_a_long_prompt_stays_in_its_position_range(small_voca
     assert cache.capacity == 2 + 6 + cache.slack and cache.length > 400
 
 
-@pytest.mark.parametrize("method", ["speculative", "retrieval", "streaming", "triforce"])
-def test_bf16_greedy_equals_autoregressive_on_a_real_document(embedded_bf16, method):
-    """Exact in bf16 too, not only fp32: a verification of several tokens rounds each row exactly
-    as a one-token decoding step does (attention splits keys at fixed boundaries; every glue
-    kernel works row by row), so even near-ties resolve the same way."""
+@pytest.mark.parametrize("method, retrieval_weights", [("speculative", "model"), ("retrieval", "model"),
+                                                       ("streaming", "model"), ("triforce", "model"),
+                                                       ("retrieval", "q4_0"), ("triforce", "q4_0")])
+def test_bf16_greedy_equals_autoregressive_on_a_real_document(embedded_bf16, method, retrieval_weights):
+    """Exact in bf16 too, not only fp32, on the embedded model's own 4-bit blocks: a
+    verification of several tokens rounds each row exactly as a one-token decoding step does
+    (attention splits keys at fixed boundaries; projections and glue work row by row), so even
+    near-ties resolve the same way. Also with the middle level on a 4-bit copy of the weights."""
     from triforce.corpus import document_tokens
 
     if embedded_bf16.decoder.dtype != torch.bfloat16:
         pytest.skip("no bf16 on this CPU")
     prompt = document_tokens(embedded_bf16.tokenizer, "vim", 1500, offset=20000)
     ar = Engine(embedded_bf16).generate(prompt, max_new_tokens=64, ignore_eos=True)
-    engine = Engine(embedded_bf16, EngineSettings(method=method, draft="ngram", budget=256, window=128))
+    engine = Engine(embedded_bf16, EngineSettings(method=method, draft="ngram", budget=256, window=128,
+                                                  retrieval_weights=retrieval_weights))
     out = engine.generate(prompt, max_new_tokens=64, ignore_eos=True)
     assert out.token_ids == ar.token_ids
 

@@ -41,6 +41,71 @@ def test_gguf_with_every_quant_type_matches_transformers(gguf_model):
     assert loaded.config.architecture == "llama" and not loaded.config.tie_word_embeddings
 
 
+def logits(loaded, ids):
+    dec = loaded.decoder
+    dec.prepare(len(ids))
+    cache = FullCache(loaded.config, len(ids), dtype=dec.dtype)
+    return dec.forward([Segment(torch.tensor(ids), cache, len(ids))])[0]
+
+
+def test_gguf_blocks_are_read_as_they_are_and_give_the_dense_logits(gguf_model):
+    """By default a GGUF's quantized matrices stay in their blocks (bf16 compute), and every
+    weight decodes to the value the dense path rounds it to, summed in the same order: the
+    logits are the dense path's bit for bit. A fused projection mixing a block format with a
+    dense type (gate Q4_1, up F16 here) is read dense."""
+    from triforce import native
+    from triforce.quant import kernel_supports
+
+    if not kernel_supports("q4_0"):
+        pytest.skip("no quantized-projection kernel on this CPU")
+    ids = list(range(3, 70))
+    blocks = triforce.load(gguf_model, dtype="bf16")
+    dense = triforce.load(gguf_model, dtype="bf16", weights="bf16")
+    assert {"q4_k", "q6_k", "q8_0", "q4_0", "dense"} <= set(blocks.decoder.weight_formats)
+    assert set(dense.decoder.weight_formats) == {"dense"}
+    assert blocks.decoder.weight_bytes < dense.decoder.weight_bytes
+    if native._cpu_has_amx():  # AMX tiles sum the dense path's products in another order
+        pytest.skip("this CPU's dense path runs on AMX tiles")
+    assert torch.equal(logits(blocks, ids), logits(dense, ids))
+
+
+def test_a_gguf_tensor_of_an_unsupported_type_is_named(tmp_path, tokenizer_dir):
+    hf_dir = make_hf_model(tmp_path / "hf", tokenizer_dir, hidden_size=256, intermediate_size=512, head_dim=64)
+    path = write_llama_gguf(hf_dir, tmp_path / "odd.gguf", {"attn_v.weight": "I32"})
+    with pytest.raises(TriforceError, match="blk.0.attn_v.weight uses unsupported type I32"):
+        triforce.load(path)
+
+
+def test_a_truncated_gguf_is_refused(tmp_path):
+    from triforce.loading import embedded_model_path
+
+    data = embedded_model_path().read_bytes()
+    path = tmp_path / "half.gguf"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TriforceError, match="not a readable GGUF file"):
+        triforce.load(path)
+
+
+def test_quantizing_at_load_is_cached(tmp_path, tokenizer_dir, monkeypatch):
+    """--weights q4_0 on a directory quantizes its projections once; the next load reads them
+    from the cache directory (same blocks), and a weights value that is not a format is named."""
+    from triforce import loading, quant
+
+    monkeypatch.setenv("TRIFORCE_CACHE", str(tmp_path / "cache"))
+    hf_dir = make_hf_model(tmp_path / "hf", tokenizer_dir, hidden_size=256, intermediate_size=512, head_dim=64)
+    first = triforce.load(hf_dir, dtype="bf16", weights="q4_0")
+    files = list((tmp_path / "cache" / "weights").iterdir())
+    assert len(files) == 1
+    calls = []
+    monkeypatch.setattr(quant, "quantize", lambda *a: calls.append(a))
+    again = triforce.load(hf_dir, dtype="bf16", weights="q4_0")
+    assert not calls and set(again.decoder.weight_formats) == set(first.decoder.weight_formats)
+    ids = list(range(3, 40))
+    assert torch.equal(logits(first, ids), logits(again, ids))
+    with pytest.raises(triforce.SettingError, match="weights must be one of"):
+        loading.load(hf_dir, weights="int3")
+
+
 def test_gguf_tokenizer_round_trips(gguf_model):
     tok = triforce.load(gguf_model, dtype="fp32").tokenizer
     text = "The quick brown fox jumps over the lazy dog."

@@ -59,3 +59,11 @@ def test_gammas_and_rows_past_the_context_follow_the_levels():
     tri = EngineSettings(method="triforce", draft="ngram", gamma=5, draft_gamma=3)
     assert (ar.gammas, spec.gammas, tri.gammas) == ([], [5], [3, 5])
     assert (ar.rows_past_context, spec.rows_past_context, tri.rows_past_context) == (0, 5, 8)
+
+
+def test_the_drafting_levels_weights_are_the_models_own_or_a_block_format():
+    settings = EngineSettings(method="triforce", draft="ngram", retrieval_weights="q4_0", draft_weights="q8_0")
+    assert (settings.retrieval_weights, settings.draft_weights) == ("q4_0", "q8_0")
+    for name in ("retrieval_weights", "draft_weights"):
+        with pytest.raises(SettingError, match=f"{name} must be 'model' or one of q8_0"):
+            EngineSettings(**{name: "int3"})

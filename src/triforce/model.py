@@ -9,16 +9,18 @@ case. Attention is per segment, on the keys its cache lets it see.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import native, quant
 from .attention import KVSlot, attend_layer
 from .config import ModelConfig
 from .errors import TriforceError
+from .quant import QuantizedTensor, QuantLinear
 from .rope import RotaryTable, resolve_scaling
 
 
@@ -35,6 +37,8 @@ class KVCache(Protocol):
 
     def commit(self, num_tokens: int) -> None: ...
 
+    def visible_rows(self) -> int: ...  # rows a query at the current length reads
+
 
 @dataclass
 class Segment:
@@ -47,13 +51,17 @@ class Segment:
 
 
 class Linear:
-    """A projection y = x W^T (+ b): the native packed-bf16 kernel on CPUs that have it (it runs
-    at memory bandwidth where PyTorch's bf16 matrix-vector path does not), else F.linear."""
+    """A projection y = x W^T (+ b) over dense weights: the native packed-bf16 kernel on CPUs that
+    have it (it runs at memory bandwidth where PyTorch's bf16 matrix-vector path does not), else
+    F.linear."""
+
+    format = "dense"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.native = None
         self.weight: torch.Tensor | None = weight
         self.bias = bias
+        self.out_features, self.in_features = weight.shape
         if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and native.packed_linear_supported():
             self.native = native.PackedLinear(weight, bias)
             self.weight = None  # the packed copy replaces it
@@ -65,6 +73,13 @@ class Linear:
         assert self.weight is not None
         return self.weight.numel() * self.weight.element_size()
 
+    def dense(self) -> torch.Tensor:
+        """The weight [N, K] in float32 (to derive a quantized copy)."""
+        if self.native is None:
+            assert self.weight is not None
+            return self.weight.float()
+        return self.native.unpacked().float()
+
     def __call__(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.native is not None:
             return self.native(x, out_dtype or torch.bfloat16)
@@ -72,14 +87,40 @@ class Linear:
         return y if out_dtype is None else y.to(out_dtype)
 
 
+Projection = Linear | QuantLinear
+Weight = torch.Tensor | QuantizedTensor
+
+
+def projection(parts: list[Weight], bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> Projection:
+    """y = x [parts stacked along N]^T + bias: read from the parts' quantized blocks where the
+    kernel takes them all (bf16 on a CPU with the kernel), else from dense weights in `dtype`
+    (quantized parts dequantized here: slower, and exact within itself)."""
+    if all(isinstance(p, QuantizedTensor) for p in parts) and quantized_projections_run(parts, dtype, device):
+        return QuantLinear(parts, bias)
+    dense = [p.dequantize(torch.float32) if isinstance(p, QuantizedTensor) else p for p in parts]
+    weight = (dense[0] if len(dense) == 1 else torch.cat(dense)).to(device=device, dtype=dtype).contiguous()
+    return Linear(weight, bias)
+
+
+def quantized_projections_run(parts: list[QuantizedTensor], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the quantized-projection kernel takes these parts for this compute dtype and device."""
+    if dtype != torch.bfloat16 or device.type != "cpu":
+        return False
+    lib = native.library()
+    return all(quant.kernel_supports(p.format) and lib.tf_quant_format_ok(p.format.code, p.shape[1]) for p in parts)
+
+
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor
-    qkv: Linear
-    o: Linear
+    qkv: Projection
+    o: Projection
     mlp_norm: torch.Tensor
-    gate_up: Linear
-    down: Linear
+    gate_up: Projection
+    down: Projection
+
+    def projections(self) -> dict[str, Projection]:
+        return {"qkv": self.qkv, "o": self.o, "gate_up": self.gate_up, "down": self.down}
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,12 +131,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Decoder:
-    """A Llama / Mistral / Qwen2 decoder over preallocated caches."""
+    """A Llama / Mistral / Qwen2 decoder over preallocated caches.
+
+    `weights` maps Hugging Face names to dense tensors or, for projections and the embedding, to
+    quantized blocks (QuantizedTensor), which the decoder reads directly where the kernel runs.
+    """
 
     def __init__(
         self,
         config: ModelConfig,
-        weights: dict[str, torch.Tensor],
+        weights: dict[str, Weight],
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         rope_scaling: dict[str, Any] | None | str = "auto",
@@ -104,61 +149,122 @@ class Decoder:
         self.dtype = dtype
         self.device = torch.device(device)
         self.rope_override = rope_scaling
-        self.rope: RotaryTable | None = None
+        self._rope: RotaryTable | None = None
+        self._rope_owner: Decoder = self  # a quantized copy shares its original's rotary table
+        self._copies: dict[str, Decoder] = {}
         # Native glue kernels on CPU (see native.py); the PyTorch path stays for other devices.
         self.fused = self.device.type == "cpu" and native.library() is not None
 
-        def take(name: str) -> torch.Tensor:
-            return weights.pop(name).to(device=self.device, dtype=dtype).contiguous()
+        def dense(name: str) -> torch.Tensor:
+            w = weights.pop(name)
+            if isinstance(w, QuantizedTensor):
+                w = w.dequantize(torch.float32)
+            return w.to(device=self.device, dtype=dtype).contiguous()
 
         def maybe(name: str) -> torch.Tensor | None:
-            return take(name) if name in weights else None
+            return dense(name) if name in weights else None
 
-        self.embed = take("model.embed_tokens.weight")
+        def proj(*names: str, bias: torch.Tensor | None = None) -> Projection:
+            return projection([weights.pop(n) for n in names], bias, dtype, self.device)
+
+        embed = weights.pop("model.embed_tokens.weight")
         self.layers: list[LayerWeights] = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
-            q, k, v = take(p + "self_attn.q_proj.weight"), take(p + "self_attn.k_proj.weight"), take(
-                p + "self_attn.v_proj.weight"
-            )
             biases = [maybe(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
             bqkv = None
             if any(b is not None for b in biases):
-                sizes = (q.shape[0], k.shape[0], v.shape[0])
+                sizes = (config.num_heads * config.head_dim, *(2 * [config.num_kv_heads * config.head_dim]))
                 zeros = [torch.zeros(n, dtype=dtype, device=self.device) for n in sizes]
                 bqkv = torch.cat([b if b is not None else z for b, z in zip(biases, zeros)])
-            gate, up = take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")
             self.layers.append(
                 LayerWeights(
-                    attn_norm=take(p + "input_layernorm.weight"),
-                    qkv=Linear(torch.cat([q, k, v]).contiguous(), bqkv),
-                    o=Linear(take(p + "self_attn.o_proj.weight")),
-                    mlp_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=Linear(torch.cat([gate, up]).contiguous()),
-                    down=Linear(take(p + "mlp.down_proj.weight")),
+                    attn_norm=dense(p + "input_layernorm.weight"),
+                    qkv=proj(*(p + f"self_attn.{n}_proj.weight" for n in "qkv"), bias=bqkv),
+                    o=proj(p + "self_attn.o_proj.weight"),
+                    mlp_norm=dense(p + "post_attention_layernorm.weight"),
+                    gate_up=proj(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                    down=proj(p + "mlp.down_proj.weight"),
                 )
             )
-        self.norm = take("model.norm.weight")
-        lm_head = maybe("lm_head.weight")
-        tied = lm_head is None or config.tie_word_embeddings
-        self.lm_head = Linear(self.embed if tied else lm_head)
+        self.norm = dense("model.norm.weight")
+        tied = "lm_head.weight" not in weights or config.tie_word_embeddings
+        self.lm_head = projection([embed if tied else weights.pop("lm_head.weight")], None, dtype, self.device)
+        # The embedding: rows looked up from the tied output head's blocks where it reads them,
+        # else a dense table.
+        self.embed_rows: QuantLinear | None = None
+        self.embed: torch.Tensor | None = None
+        if tied and isinstance(self.lm_head, QuantLinear):
+            self.embed_rows = self.lm_head
+        elif isinstance(embed, QuantizedTensor) and quantized_projections_run([embed], dtype, self.device):
+            self.embed_rows = QuantLinear([embed])
+        else:
+            self.embed = embed.dequantize(torch.float32) if isinstance(embed, QuantizedTensor) else embed
+            self.embed = self.embed.to(device=self.device, dtype=dtype).contiguous()
+        self.weight_bytes = self._weight_bytes()
 
     # -- sizes -------------------------------------------------------------------------------
-    @property
-    def weight_bytes(self) -> int:
+    def _weight_bytes(self) -> int:
         """Bytes of weights a decoding step reads (embedding rows aside)."""
         total = self.norm.numel() * self.norm.element_size() + self.lm_head.nbytes
         for layer in self.layers:
-            total += sum(x.nbytes for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
+            total += sum(x.nbytes for x in layer.projections().values())
             total += 2 * layer.attn_norm.numel() * layer.attn_norm.element_size()
         return total
+
+    @property
+    def weight_formats(self) -> dict[str, int]:
+        """Bytes of projection weights per storage format ("dense", "q4_1", ...)."""
+        out: dict[str, int] = {}
+        for lin in [self.lm_head] + [p for layer in self.layers for p in layer.projections().values()]:
+            for fmt, nbytes in _formats(lin).items():
+                out[fmt] = out.get(fmt, 0) + nbytes
+        return out
 
     def kv_bytes_per_token(self) -> int:
         return self.config.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8)
 
+    # -- quantized copies --------------------------------------------------------------------
+    def dense_projections(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every projection's weight [N, K] in float32, by name ("layers.3.qkv", "lm_head"), one
+        at a time (all of them at once would be four bytes per parameter)."""
+        for i, layer in enumerate(self.layers):
+            for name, lin in layer.projections().items():
+                yield f"layers.{i}.{name}", lin.dense()
+        yield "lm_head", self.lm_head.dense()
+
+    def with_projections(self, parts: dict[str, QuantizedTensor]) -> Decoder:
+        """A copy of this decoder whose projections read `parts` (named as `dense_projections`
+        names them); norms, embedding, biases and the rotary table are this decoder's."""
+        copy = object.__new__(Decoder)
+        copy.__dict__.update(self.__dict__)
+        copy._copies = {}
+        copy._rope_owner = self._rope_owner
+
+        def rebuilt(name: str, old: Projection) -> Projection:
+            bias = old.bias if getattr(old, "bias", None) is not None else None
+            return projection([parts[name]], bias, self.dtype, self.device)
+
+        copy.layers = [
+            LayerWeights(layer.attn_norm, rebuilt(f"layers.{i}.qkv", layer.qkv), rebuilt(f"layers.{i}.o", layer.o),
+                         layer.mlp_norm, rebuilt(f"layers.{i}.gate_up", layer.gate_up),
+                         rebuilt(f"layers.{i}.down", layer.down))
+            for i, layer in enumerate(self.layers)
+        ]
+        copy.lm_head = rebuilt("lm_head", self.lm_head)
+        copy.weight_bytes = copy._weight_bytes()
+        return copy
+
     # -- rotary table ------------------------------------------------------------------------
+    @property
+    def rope(self) -> RotaryTable | None:
+        return self._rope_owner._rope
+
     def prepare(self, context_len: int, capacity: int | None = None) -> None:
         """Fix the rotary frequencies for a run whose sequence reaches `context_len` tokens."""
+        if self._rope_owner is not self:
+            self._rope_owner.prepare(context_len, capacity)
+            return
         window = self.config.extra.get("sliding_window")
         if window and context_len > window:
             raise TriforceError(
@@ -171,7 +277,7 @@ class Decoder:
         if rope is not None and rope.scaling == scaling and rope.capacity >= capacity:
             if scaling is None or scaling.get("rope_type") != "dynamic" or rope.context_len == context_len:
                 return
-        self.rope = RotaryTable(self.config, scaling, context_len, capacity, self.device)
+        self._rope = RotaryTable(self.config, scaling, context_len, capacity, self.device)
 
     # -- forward -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -192,7 +298,8 @@ class Decoder:
         nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
         tokens = segments[0].tokens if len(segments) == 1 else torch.cat([seg.tokens for seg in segments])
-        h = F.embedding(tokens.to(self.device), self.embed)
+        tokens = tokens.to(self.device)
+        h = self.embed_rows.rows(tokens, self.dtype) if self.embed_rows is not None else F.embedding(tokens, self.embed)
         N = h.shape[0]
         fused = self.fused
         norm = native.rms_norm if fused else rms_norm
@@ -228,3 +335,13 @@ class Decoder:
             out.append(logits[at : at + seg.scored])
             at += seg.scored
         return out
+
+
+def _formats(lin: Projection) -> dict[str, int]:
+    if not isinstance(lin, QuantLinear):
+        return {"dense": lin.nbytes}
+    out: dict[str, int] = {}
+    for s in lin.segments:
+        nbytes = s.n * lin.in_features // s.format.block_size * s.format.block_bytes
+        out[s.format.name] = out.get(s.format.name, 0) + nbytes
+    return out

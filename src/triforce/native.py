@@ -254,6 +254,12 @@ class PackedLinear:
     def nbytes(self) -> int:
         return self.out_features * self.in_features * 2
 
+    def unpacked(self) -> torch.Tensor:
+        """The weight [N, K] as given (bf16), undoing the packing."""
+        K = self.in_features
+        blocks = self.packed.view(-1, K // 2, 16, 2)
+        return blocks.permute(0, 2, 1, 3).reshape(-1, K)[: self.out_features]
+
     def __call__(self, x: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)

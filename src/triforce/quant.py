@@ -24,28 +24,8 @@ import numpy as np
 import torch
 
 from . import native
+from .formats import FORMATS, QuantFormat
 
-
-@dataclass(frozen=True)
-class QuantFormat:
-    name: str
-    block_size: int  # weights per block (along K)
-    block_bytes: int
-    gguf_type: int  # gguf.GGMLQuantizationType value
-    code: int  # the kernel's format number (kernels/quant.c)
-
-
-FORMATS: dict[str, QuantFormat] = {
-    f.name: f
-    for f in (
-        QuantFormat("q8_0", 32, 34, 8, 0),
-        QuantFormat("q4_0", 32, 18, 2, 1),
-        QuantFormat("q4_1", 32, 20, 3, 2),
-        QuantFormat("q4_k", 256, 144, 12, 3),
-        QuantFormat("q5_k", 256, 176, 13, 4),
-        QuantFormat("q6_k", 256, 210, 14, 5),
-    )
-}
 _BY_GGUF_TYPE = {f.gguf_type: f for f in FORMATS.values()}
 
 
@@ -431,3 +411,7 @@ class QuantLinear:
         if flat.numel() and ((flat < 0) | (flat >= self.out_features)).any():
             raise IndexError("row id out of range")
         return out.view(*ids.shape, self.in_features)
+
+    def dense(self) -> torch.Tensor:
+        """The weight [N, K] in float32 (to derive another copy of it)."""
+        return self.rows(torch.arange(self.out_features), torch.float32)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .errors import SettingError
+from .formats import FORMATS
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class EngineSettings:
 
     draft: a loaded draft model (`triforce.load(...)`), "ngram" (prompt lookup, no model), or
     None; the methods with a "draft" level need one.
+    retrieval_weights, draft_weights: the weights the target-on-retrieval-cache level and the
+    draft model read: "model" (the model's own) or a block format ("q4_0", ...) to run on a
+    quantized copy. Lossless either way: these levels only draft, and the top level verifies
+    with the target's own weights.
     """
 
     method: str = "autoregressive"
@@ -69,6 +74,8 @@ class EngineSettings:
     rebuild_every: int = 1
     prefill_chunk: int = 1024
     max_context: int | None = None
+    retrieval_weights: str = "model"
+    draft_weights: str = "model"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -85,6 +92,10 @@ class EngineSettings:
             raise SettingError("draft", f"must be a loaded model or 'ngram', got {self.draft!r}")
         if self.draft is not None and not isinstance(self.draft, str) and not hasattr(self.draft, "decoder"):
             raise SettingError("draft", f"must be a loaded model or 'ngram', got {type(self.draft).__name__}")
+        for name in ("retrieval_weights", "draft_weights"):
+            value = getattr(self, name)
+            if value != "model" and value not in FORMATS:
+                raise SettingError(name, f"must be 'model' or one of {', '.join(FORMATS)}, got {value!r}")
         if self.needs_draft and self.draft is None:
             raise SettingError("draft", f"is needed by method {self.method}: a draft model or 'ngram'")
 
