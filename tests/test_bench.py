@@ -53,6 +53,24 @@ def test_decode_quick(tmp_path):
         assert (tmp_path / "decode_speedup_T0.6.png").exists()
 
 
+def test_decode_compares_weights_and_retrieval_weights(tmp_path):
+    """--weights runs each format as its own target (speedups over the first one's plain
+    decoding), --retrieval-weights each retrieval level's weights; all stay lossless, and the
+    quantized runs read fewer bytes per token."""
+    from triforce.quant import kernel_supports
+
+    code = main(["bench", "decode", "--quick", "--contexts", "256", "--methods", "autoregressive,retrieval",
+                 "--temperatures", "0", "--weights", "bf16,q8_0", "--retrieval-weights", "model,q4_0",
+                 "--peers", "none", "--dtype", "bf16", "--out", str(tmp_path)])
+    assert code == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "decode.json").read_text())["summary"]}
+    assert set(rows) == {f"{m} @{w}" for w in ("bf16", "q8_0")
+                         for m in ("autoregressive", "retrieval", "retrieval middle q4_0")}
+    assert rows["autoregressive @bf16"]["speedup"] == 1.0 and all(r["exact"] for r in rows.values())
+    if kernel_supports("q8_0"):  # else quantized weights run dequantized
+        assert rows["autoregressive @q8_0"]["mb_per_token"] < rows["autoregressive @bf16"]["mb_per_token"]
+
+
 def test_engine_bench_prefills_afresh_every_repeat(tmp_path):
     """Repeats measure prefill, so none may be served by the prompt cache of the one before."""
     from triforce.bench import engine

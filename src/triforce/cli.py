@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="other engines on the same prompts: hf, hf-assisted, hf-lookup, llamacpp, llamacpp-lookup "
                         "(llamacpp needs `pip install llama-cpp-python`, a source build of minutes); auto (default): "
                         "all, those not installed skipped with a note; none")
+    d.add_argument("--weights", type=_name_list,
+                   help="the target's weights, each a separate run compared in one table: auto (a GGUF's own "
+                        "blocks), bf16, or a block format (default auto; speedups are over the first)")
+    d.add_argument("--retrieval-weights", type=_name_list,
+                   help="weights of the retrieval level, each a separate run of retrieval/triforce: model, q4_0, "
+                        "... (default model)")
     d.add_argument("--ppl-tokens", type=_nonneg_int,
                    help="score the target's perplexity on this many true next tokens per context (default 128; 0: off)")
     ac = bsub.add_parser("acceptance", help="acceptance of the target on sparse caches (retrieval, StreamingLLM, "
@@ -606,7 +612,8 @@ def _paper_bench(args: argparse.Namespace) -> int:
                  ("chunk_size", args.chunk_size))
         settings["knobs"] = {**settings["knobs"], **{k: v for k, v in given if v is not None}}
     if args.bench == "decode":
-        bench.validate(settings["contexts"], settings["methods"], settings["temperatures"], settings["peers"])
+        bench.validate(settings["contexts"], settings["methods"], settings["temperatures"], settings["peers"],
+                       settings["weights"], settings["retrieval_weights"])
     elif args.bench == "batch":
         bench.validate(settings["contexts"], settings["batch_sizes"], settings["methods"], settings["temperature"])
     elif args.bench == "serve":

@@ -106,8 +106,10 @@ def measure(engine: Engine, ids: list[int], new_tokens: int, temperature: float,
     result = engine.generate(ids, max_new_tokens=new_tokens, temperature=temperature,
                              top_p=0.9 if temperature > 0 else 1.0, seed=seed, ignore_eos=True)
     s = result.stats
+    read = sum(level.get("mb_per_pass", 0) * level["forward_calls"] for level in s["levels"])
     return {
         "ms_per_token": s["ms_per_token"], "tokens_per_s": s["tokens_per_s"], "levels": s["levels"],
+        "mb_per_token": round(read / max(1, s["new_tokens"]), 2),
         "acceptance": [lv.get("draft_acceptance_rate") for lv in s["levels"][:-1]],
         "time_per_level": time_per_level(s), "tokens": result.token_ids,
         "same_as_autoregressive": (result.token_ids == reference) if temperature == 0 and reference else None,
@@ -126,7 +128,14 @@ def summarize(entries: list[dict[str, Any]], baseline_ms: float | None) -> dict[
                        for i in range(len(entries[0]["acceptance"]))],
         "time_per_level": entries[len(entries) // 2]["time_per_level"],
         "exact": None if any(c is None for c in checks) else all(checks),
+        **(_bytes(entries, ms) if "mb_per_token" in entries[0] else {}),
     }
+
+
+def _bytes(entries: list[dict[str, Any]], ms: float) -> dict[str, float]:
+    """Median MB read per generated token, and that over the median time: GB/s."""
+    mb = median([e["mb_per_token"] for e in entries])
+    return {"mb_per_token": round(mb, 1), "gbs": round(mb / ms, 1)}
 
 
 def nll_of_last(decoder: Decoder, ids: list[int], last: int, chunk: int = 1024) -> float:

@@ -26,9 +26,10 @@ from typing import Any
 from ..corpus import document_tokens
 from ..engine import Engine
 from ..errors import TriforceError
+from ..formats import FORMATS, WEIGHTS
 from ..loading import LoadedModel, load
 from ..rope import resolve_scaling
-from ..settings import METHODS, EngineSettings
+from ..settings import METHODS, EngineSettings, method_needs_draft
 from . import peers as peer_engines
 from .common import (
     copy_bandwidth_gbs,
@@ -55,30 +56,43 @@ DEFAULTS: dict[str, Any] = dict(
     contexts=[16384, 32768], new_tokens=128, temperatures=[0.0, 0.6],
     methods=["autoregressive", "retrieval", "streaming", "speculative", "triforce"], drafts=["ngram"], repeats=1,
     document="vim", peers=["auto"], ppl_tokens=128, model=None, dtype="bf16", knobs={}, bandwidth_bytes=1 << 30,
+    weights=["auto"], retrieval_weights=["model"],
 )
 QUICK: dict[str, Any] = dict(contexts=[256, 512], new_tokens=16, drafts=["ngram", TINY_DRAFT], ppl_tokens=32,
                              model=TINY_TARGET, dtype="fp32", knobs={"budget": 128}, bandwidth_bytes=1 << 24)
 
 
-def variants(methods: list[str], drafts: list[str]) -> list[tuple[str, str | None]]:
-    """(method, draft) pairs: methods with a bottom level run once per draft."""
-    out: list[tuple[str, str | None]] = []
+Combo = tuple[str, str | None, str]  # method, draft, weights of the retrieval level
+
+
+def variants(methods: list[str], drafts: list[str], retrieval_weights: list[str] | None = None) -> list[Combo]:
+    """(method, draft, retrieval weights): methods with a bottom level run once per draft, those
+    with a retrieval level once per retrieval weights."""
+    out: list[Combo] = []
     for method in methods:
-        if method in ("speculative", "triforce"):
-            out += [(method, d) for d in drafts]
-        else:
-            out.append((method, None))
+        for draft in drafts if method_needs_draft(method) else [None]:
+            has_retrieval = any(spec.cache == "retrieval" for spec in METHODS[method])
+            for rw in (retrieval_weights or ["model"]) if has_retrieval else ["model"]:
+                out.append((method, draft, rw))
     return out
 
 
-def label(method: str, draft: str | None) -> str:
-    if draft is None:
-        return method
-    return f"{method}[{'ngram' if draft == 'ngram' else 'draft'}]"
+def label(method: str, draft: str | None, retrieval_weights: str = "model", weights: str | None = None) -> str:
+    name = method if draft is None else f"{method}[{'ngram' if draft == 'ngram' else 'draft'}]"
+    if retrieval_weights != "model":
+        name += f" middle {retrieval_weights}"
+    return name if weights is None else f"{name} @{weights}"
 
 
-def validate(contexts: list[int], methods: list[str], temperatures: list[float], peers: list[str]) -> list[str]:
+def validate(contexts: list[int], methods: list[str], temperatures: list[float], peers: list[str],
+             weights: list[str] | None = None, retrieval_weights: list[str] | None = None) -> list[str]:
     """Refuse bad settings before anything is loaded; returns the peers to run."""
+    for w in weights or []:
+        if w not in WEIGHTS:
+            raise TriforceError(f"unknown --weights {w!r}; choose from {', '.join(WEIGHTS)}")
+    for w in retrieval_weights or []:
+        if w != "model" and w not in FORMATS:
+            raise TriforceError(f"unknown --retrieval-weights {w!r}; choose from model, {', '.join(FORMATS)}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise TriforceError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
@@ -123,20 +137,32 @@ def run(
     model: str | None = None,
     dtype: str = "bf16",
     bandwidth_bytes: int = 1 << 30,
+    weights: list[str] | None = None,
+    retrieval_weights: list[str] | None = None,
 ) -> dict[str, Any]:
+    """Every method (and draft, and retrieval weights) on each context; with several `weights`,
+    each is its own target, prefilled apart, and speedups are over the first one's
+    autoregressive decoding."""
     temperatures = temperatures if temperatures is not None else [0.0, 0.6]
     methods = methods or list(LOSSLESS)
     drafts = drafts or ["ngram"]
     knobs = knobs or {}
-    peer_names = validate(contexts, methods, temperatures, peers or [])
+    weights = weights or ["auto"]
+    peer_names = validate(contexts, methods, temperatures, peers or [], weights, retrieval_weights)
     bandwidth = copy_bandwidth_gbs(bandwidth_bytes)
-    target = target or load(model, dtype=dtype)
+    targets = {w: load(model, dtype=dtype, weights=w) for w in weights} if target is None else {weights[0]: target}
+    target = targets[weights[0]]
     draft_models = load_drafts(drafts, target)
     draft_dir = next((d for d in drafts if d != "ngram"), None)
     runners, notes = peer_engines.start(peer_names, model, target.decoder.dtype, draft_dir, knobs.get("gamma", 6),
                                         log, auto=peers == ["auto"])
-    combos = sorted(variants(methods, drafts), key=lambda c: c[0] != "autoregressive")  # the reference first
-    names = [label(m, d) for m, d in combos] + list(runners)
+    combos = sorted(variants(methods, drafts, retrieval_weights), key=lambda c: c[0] != "autoregressive")
+    suffix = len(targets) > 1
+
+    def name_of(combo: Combo, w: str) -> str:
+        return label(*combo, weights=w if suffix else None)
+
+    names = [name_of(c, w) for w in targets for c in combos] + list(runners)
     raw: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
     per_context: list[dict[str, Any]] = []
@@ -144,8 +170,8 @@ def run(
         ids = document_tokens(target.tokenizer, document, ctx)
         reading = context_perplexity(target, document, ctx, ppl_tokens)
         scaling = resolve_scaling(target.config, target.decoder.rope_override, ctx + new_tokens)
-        engine = Engine(target, EngineSettings(**knobs))
-        prefill_s = prefill(engine, ids)
+        engines = {w: Engine(t, EngineSettings(**knobs)) for w, t in targets.items()}
+        prefill_s = median([prefill(engine, ids) for engine in engines.values()])
         per_context.append({"context": ctx, "prefill_s": round(prefill_s, 2), **reading})
         log(f"context {ctx}: prefill {prefill_s:.1f} s" + (
             f", perplexity of the next {ppl_tokens} tokens {reading['perplexity']} (given only the last "
@@ -153,22 +179,23 @@ def run(
         results: dict[tuple[str, float], list[dict[str, Any]]] = {}
         for r in range(repeats):
             for temp in temperatures:
-                reference = None
-                for method, draft in combos:
-                    engine.configure(method=method, draft=draft_models[draft] if draft else None)
-                    entry = measure(engine, ids, new_tokens, temp, seed=1000 + r, reference=reference)
+                references: dict[str, list[int]] = {}  # each weights' own autoregressive tokens
+                for (method, draft, rw), w in ((c, w) for w in targets for c in combos):
+                    engine = engines[w]
+                    engine.configure(method=method, draft=draft_models[draft] if draft else None, retrieval_weights=rw)
+                    entry = measure(engine, ids, new_tokens, temp, seed=1000 + r, reference=references.get(w))
                     if method == "autoregressive":
-                        reference = entry["tokens"]
+                        references[w] = entry["tokens"]
                         entry["same_as_autoregressive"] = True if temp == 0 else None
-                    entry.update(context=ctx, repeat=r, temperature=temp, method=label(method, draft),
-                                 engine="triforce")
+                    entry.update(context=ctx, repeat=r, temperature=temp, method=name_of((method, draft, rw), w),
+                                 engine="triforce", weights=w)
                     raw.append(entry)
                     results.setdefault((entry["method"], temp), []).append(entry)
                     log(f"  ctx {ctx} T={temp} r{r} {entry['method']:<22} {entry['ms_per_token']:7.1f} ms/token  "
                         f"acceptance {entry['acceptance']}  ms/token by level {entry['time_per_level']}"
                         + ("" if entry["same_as_autoregressive"] in (None, True) else "  MISMATCH"))
                 for name, peer in runners.items():
-                    entry = measure_peer(name, peer, ids, new_tokens, temp, 1000 + r, scaling, reference)
+                    entry = measure_peer(name, peer, ids, new_tokens, temp, 1000 + r, scaling, references[weights[0]])
                     entry.update(context=ctx, repeat=r)
                     raw.append(entry)
                     results.setdefault((name, temp), []).append(entry)
@@ -213,7 +240,7 @@ def summary_rows(results: dict[tuple[str, float], list[dict[str, Any]]], names: 
         entries = results.get((name, temperature))
         return median([e["ms_per_token"] for e in entries]) if entries else None
 
-    base, hf = ms("autoregressive"), ms("hf")
+    base, hf = ms(names[0]), ms("hf")  # names[0]: autoregressive on the first weights
     rows = []
     for name in names:
         entries = results[(name, temperature)]
@@ -233,10 +260,11 @@ def markdown(summary: list[dict[str, Any]], per_context: list[dict[str, Any]], p
                                      "matching_prefix" in r else "")
 
     table = markdown_table(
-        ["context", "T", "method", "engine", "ms/token", "tokens/s", "speedup", "vs hf", "acceptance (bottom..)",
-         "ms/token by level", "same tokens as autoregressive"],
+        ["context", "T", "method", "engine", "ms/token", "tokens/s", "speedup", "vs hf", "MB/token", "GB/s",
+         "acceptance (bottom..)", "ms/token by level", "same tokens as autoregressive"],
         [[r["context"], r["temperature"], r["method"], r["engine"], r["ms_per_token"], r["tokens_per_s"],
-          r["speedup"], r["speedup_vs_hf"] or "-", ", ".join(f"{a:.3f}" for a in r["acceptance"]) or "-",
+          r["speedup"], r["speedup_vs_hf"] or "-", r.get("mb_per_token", "-"), r.get("gbs", "-"),
+          ", ".join(f"{a:.3f}" for a in r["acceptance"]) or "-",
           ", ".join(f"{k} {v}" for k, v in r["time_per_level"].items()) or "-", same(r)] for r in summary])
     if ppl_tokens:
         table += "\n\n" + markdown_table(
@@ -254,7 +282,7 @@ def plot_speedups(summary: list[dict[str, Any]], temperatures: list[float], out:
     for temp in temperatures:
         series: dict[str, list[tuple[float, float | None]]] = {}
         for r in summary:
-            if r["temperature"] == temp and r["method"] != "autoregressive":
+            if r["temperature"] == temp and r["method"] != summary[0]["method"]:
                 series.setdefault(r["method"], []).append((r["context"], r["speedup"]))
         note = line_plot(out / f"decode_speedup_T{temp:g}.png", series, f"speedup over autoregressive, T={temp:g}",
                          "context (tokens)", "speedup (x)", log2_x=True, hline=1.0)
