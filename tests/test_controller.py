@@ -461,8 +461,12 @@ def test_report_has_the_documented_keys_and_sane_values():
     assert r["cycles"] == 200 == sum(r["structures"].values())
     assert r["plain_fraction"] == pytest.approx(sum(p.plain for p, *_ in cycles) / 200, abs=1e-4)
     assert 0 < r["probes"] < 200
-    for level, histogram in r["gamma_histogram"].items():
-        assert sum(histogram.values()) == sum(level in p.levels for p, *_ in cycles)
+    for name, knobs in r["gamma_histogram"].items():
+        assert sum(knobs["gamma"].values()) == r["structures"][name]
+        assert ("draft_gamma" in knobs) == (name.count(">") == 2)
+        if "draft_gamma" in knobs:
+            assert sum(knobs["draft_gamma"].values()) == r["structures"][name]
+    assert "target" not in r["gamma_histogram"]  # plain decoding has no gamma
     assert set(r["cost_ms"]) == {TOP, "ngram", MIDDLE}
     for costs in r["cost_ms"].values():
         assert 0 < costs["at_1_row"] <= costs["at_8_rows"] and costs["passes"] > 0

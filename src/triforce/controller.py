@@ -77,8 +77,8 @@ BIN_EDGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 PROBE_DRAFT_GAMMA = 2  # draft_gamma cap of warm-up and scheduled probes
 CREDIT_STEPS = 10.0  # cap of the probe credit, in plain decoding steps
 STREAK_PROBES = 8  # a probe that yielded more tokens than expected is repeated at most this many times in a row,
-AGE_FLOOR = 0.25  # stale evidence keeps at least this weight when new evidence arrives
 STREAK_DEBT_STEPS = 2.0  # while the probe credit is above minus this many plain decoding steps
+AGE_FLOOR = 0.25  # stale evidence keeps at least this weight when new evidence arrives
 
 
 def default_prior_acceptance(level: str) -> float:
@@ -330,7 +330,7 @@ class Controller:
         self.context_len = 0
         self.sequences = 1
         self._runs: dict[tuple[str, ...], int] = {}
-        self._histogram: dict[str, dict[int, int]] = {}
+        self._histogram: dict[tuple[str, ...], dict[str, dict[int, int]]] = {}
         self._probes = 0
         self._stops: dict[str, int] = {}
 
@@ -502,7 +502,7 @@ class Controller:
         fixed = top_a + self._overhead[self.top]
         best = cheap = (-1.0, (0, 0, 0.0, 0.0))
         for g, d, tokens, below, rows in self._shape(structure):
-            seconds = below + fixed + top_b * rows
+            seconds = max(below + fixed + top_b * rows, 1e-12)
             tps = tokens / seconds
             if tps > best[0]:
                 best = (tps, (g, d, tokens, seconds))
@@ -553,9 +553,11 @@ class Controller:
         self._ran.add(chosen)
         self._runs[chosen] = self._runs.get(chosen, 0) + 1
         self._verifier = {n: (chosen + (self.top,))[i + 1] for i, n in enumerate(chosen)}
-        for level, per_call in zip(chosen, plan.gammas):
-            counts = self._histogram.setdefault(level, {})
-            counts[per_call] = counts.get(per_call, 0) + 1
+        if chosen:
+            knobs = {"gamma": g, "draft_gamma": d} if len(chosen) == 2 else {"gamma": g}
+            for knob, value in knobs.items():
+                counts = self._histogram.setdefault(chosen, {}).setdefault(knob, {})
+                counts[value] = counts.get(value, 0) + 1
         self._set_thresholds(plan, seconds / tokens)
         return plan
 
@@ -631,20 +633,21 @@ class Controller:
     # -- statistics --------------------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
         """Figures of the generation so far (JSON-ready): cycles, the fraction that ran plain decoding, probes,
-        cycles per structure, per level a histogram of tokens per call ("gamma_histogram": the level's gamma,
-        or draft_gamma for a bottom under a middle), early stops by should_continue, cost estimates (ms per pass
-        at 1 and at 8 rows, passes seen) and acceptance estimates per drafter and verifier, and the expected
-        speed-up of the last plan over plain decoding."""
+        cycles per structure ("ngram>target-retrieval>target"), per structure histograms of the gammas chosen
+        ("gamma_histogram": {structure: {"gamma": {"4": cycles}, "draft_gamma": {"2": cycles}}}), early stops by
+        should_continue per level, cost estimates per level (ms per pass at 1 and at 8 rows, passes seen: 0 means
+        a prior), acceptance estimates per drafter>verifier and position, the expected speed-up of the best
+        option over plain decoding at the last plan, and the context length then."""
         cycles = sum(self._runs.values())
         plain_s = self.cost(self.top, 1)
-        last = self.current
         return {
             "cycles": cycles,
             "plain_fraction": round(self._runs.get((), 0) / cycles, 4) if cycles else 0.0,
             "probes": self._probes,
             "structures": {_name(s, self.top): n for s, n in sorted(self._runs.items(), key=lambda x: -x[1])},
-            "gamma_histogram": {level: {str(k): n for k, n in sorted(h.items())}
-                                for level, h in self._histogram.items()},
+            "gamma_histogram": {_name(s, self.top): {knob: {str(k): n for k, n in sorted(h.items())}
+                                                     for knob, h in knobs.items()}
+                                for s, knobs in self._histogram.items()},
             "early_stops": dict(self._stops),
             "cost_ms": {level: {"at_1_row": round(1000 * self.cost(level, 1), 3),
                                 "at_8_rows": round(1000 * self.cost(level, 8), 3),
@@ -652,7 +655,7 @@ class Controller:
                         for level, c in self._costs.items()},
             "acceptance": {f"{d}>{v}": [round(a, 3) for a in acc.rates()[: self.gammas[-1]]]
                            for (d, v), acc in self._acceptance.items() if acc.verifications},
-            "expected_speedup": round(last.expected_tokens_per_s * plain_s, 3) if last else None,
+            "expected_speedup": round(self._exploit_tps * plain_s, 3) if cycles else None,
             "context_len": self.context_len,
         }
 
@@ -663,14 +666,11 @@ class Controller:
             return "Adaptive speculation planned no cycle."
         top = max(self._runs.items(), key=lambda x: x[1])[0]
         most = "plain decoding" if not top else _name(top, self.top)
-        if top:
-            hist = self._histogram[top[-1]]
-            most += f" at gamma {max(hist, key=lambda k: hist[k])}"
-            if len(top) == 2:
-                hist = self._histogram[top[0]]
-                most += f" / draft gamma {max(hist, key=lambda k: hist[k])}"
+        for knob, counts in self._histogram.get(top, {}).items():
+            usual = max(counts, key=counts.__getitem__)
+            most += f"{' at' if knob == 'gamma' else ','} {knob.replace('_', ' ')} {usual}"
         return (f"Adaptive speculation over {r['cycles']} cycles ran plain decoding in {100 * r['plain_fraction']:.0f}%"
-                f" of them ({r['probes']} probes), most often {most}, last expecting "
+                f" of them ({r['probes']} probes), most often {most}; at the end its best option promised "
                 f"{r['expected_speedup']:.2f}x plain decoding.")
 
 
