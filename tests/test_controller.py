@@ -359,11 +359,11 @@ def test_the_cost_fit_recovers_a_line_and_forgets_old_passes():
 # -- stopping to draft --------------------------------------------------------------------------------------------
 def calibrated_controller(draft_ms: float = 2.0, top_row_ms: float = 2.7, top_ms: float = 20.0) -> Controller:
     """A draft model -> top controller whose drafts are accepted with probability equal to the drafter's own
-    probability (a calibrated drafter), planned for one cycle."""
+    probability (a calibrated drafter: confident 70% of the time, anything otherwise), planned for one cycle."""
     c = Controller(("draft",), probe_every=10**9)
     rng = random.Random(6)
     for i in range(400):
-        q = rng.random()
+        q = rng.uniform(0.85, 1.0) if rng.random() < 0.7 else rng.random()
         c.observe_pass("draft", 1, draft_ms * MS)
         c.observe_pass(TOP, 1 + i % 8, (top_ms - top_row_ms) * MS + top_row_ms * MS * (1 + i % 8))
         c.observe_verification("draft", 1, int(rng.random() < q), [q], verifier=TOP)
@@ -375,15 +375,22 @@ def calibrated_controller(draft_ms: float = 2.0, top_row_ms: float = 2.7, top_ms
 
 def test_drafting_stops_below_the_derived_threshold_and_goes_on_above():
     c = calibrated_controller()
+    assert c.current.gamma >= 3
     threshold = c.threshold("draft", 1)
-    assert 0.05 < threshold < 0.95
+    assert 0.1 < threshold < 0.9
+    chance = c._acceptance[("draft", TOP)].calibrated
+    assert chance(0.97) == pytest.approx(0.97, abs=0.05) and chance(0.05) < 0.3  # learnt from the outcomes
     assert c.should_continue("draft", 1, 0.97)
-    assert not c.should_continue("draft", 1, 0.03)
+    assert not c.should_continue("draft", 1, 0.05)
     assert c.report()["early_stops"] == {"draft": 1}
-    # the chance that every draft so far survives is what is compared: two shaky drafts stop where one does not
-    q = min(1.0, threshold + 0.2)
-    assert c.should_continue("draft", 1, q)
-    assert not c.should_continue("draft", 2, q) or c.threshold("draft", 2) <= q * q
+    # what is compared is the chance that every draft so far survives: a second shaky draft stops where the
+    # first did not
+    q = next(q / 100 for q in range(100, 0, -1) if chance(q / 100) ** 2 < c.threshold("draft", 2))
+    assert chance(q) >= threshold
+    assert c.should_continue("draft", 1, q) and not c.should_continue("draft", 2, q)
+    # at the plan's gamma it stops, without counting an early stop
+    assert not c.should_continue("draft", c.current.gamma, 1.0)
+    assert c.report()["early_stops"] == {"draft": 2}
     # a level that does not run under the plan is never stopped
     assert c.should_continue(TOP, 1, 0.0)
 

@@ -24,8 +24,10 @@ Measurements.
   on their own.
 - Acceptance of drafter D under verifier V at draft position i (conditional on positions < i accepted): decayed
   Beta counts per position (each verification multiplies old counts by `acceptance_decay`), shrunk toward the
-  pair's pooled rate, which is itself shrunk toward a prior: a_i = (k_i + w * pooled) / (n_i + w). Also decayed
-  counts per bin of the drafter's own probability of the drafted token (calibration c(q)), used to stop drafting.
+  pair's pooled rate, which is itself shrunk toward a prior: a_i = (k_i + w * pooled) / (n_i + w). Also counts
+  per bin of the drafter's own probability of the drafted token (calibration c(q), shrunk toward the pooled
+  rate), used to stop drafting; they decay slower (0.995 per verification), a drafter's calibration being a
+  steadier property than its acceptance on the current text.
 
 Expected-value model (A_D(g) = sum_{i<=g} prod_{j<=i} a_j: expected accepted tokens of g drafts; T = top cost):
 - plain: 1 token per T(1).
@@ -172,8 +174,9 @@ class Acceptance:
     """One drafter under one verifier: acceptance per draft position (decayed Beta counts shrunk toward the
     pooled rate) and per bin of the drafter's own probability (calibration)."""
 
-    def __init__(self, prior: float, positions: int, decay: float, weight: float = 2.0) -> None:
-        self.prior, self.decay, self.weight = prior, decay, weight
+    def __init__(self, prior: float, positions: int, decay: float, calibration_decay: float = 0.995,
+                 weight: float = 2.0) -> None:
+        self.prior, self.decay, self.calibration_decay, self.weight = prior, decay, calibration_decay, weight
         self.hits = [0.0] * positions
         self.seen = [0.0] * positions
         self.bin_hits = [0.0] * (len(BIN_EDGES) + 1)
@@ -185,8 +188,9 @@ class Acceptance:
 
     def observe(self, drafted: int, accepted: int, drafter_probs: Sequence[float] | None, age: float = 1.0) -> None:
         """age: an extra factor on the old counts (< 1 when they are stale)."""
-        d = self.decay * age
-        for counts in (self.hits, self.seen, self.bin_hits, self.bin_seen):
+        for counts, d in ((self.hits, self.decay), (self.seen, self.decay), (self.bin_hits, self.calibration_decay),
+                          (self.bin_seen, self.calibration_decay)):
+            d *= age
             for i in range(len(counts)):
                 counts[i] *= d
         judged = min(drafted, accepted + 1)  # positions after the first rejection were not judged
@@ -320,6 +324,7 @@ class Controller:
         self._verifier: dict[str, str] = {}
         self._thresholds: dict[str, list[float]] = {}
         self._survive: dict[str, float] = {}
+        self._per_call: dict[str, int] = {}
         # probing
         self.credit = 0.0
         self._last_probe = -(10**9)
@@ -502,8 +507,8 @@ class Controller:
         fixed = top_a + self._overhead[self.top]
         best = cheap = (-1.0, (0, 0, 0.0, 0.0))
         for g, d, tokens, below, rows in self._shape(structure):
-            seconds = max(below + fixed + top_b * rows, 1e-12)
-            tps = tokens / seconds
+            seconds = below + fixed + top_b * rows
+            tps = tokens / seconds if seconds > 0 else math.inf
             if tps > best[0]:
                 best = (tps, (g, d, tokens, seconds))
             if tps > cheap[0] and g <= self.probe_gamma and d <= PROBE_DRAFT_GAMMA:
@@ -587,6 +592,7 @@ class Controller:
         """Per running level, the survival probability below which drafting one more token does not pay, for
         each number of tokens already drafted (see the module)."""
         self._thresholds, self._survive = {}, {}
+        self._per_call = dict(zip(plan.levels, plan.gammas))
         if plan.plain:
             return
         value = {self.top: seconds_per_token}
@@ -616,12 +622,15 @@ class Controller:
 
     def should_continue(self, level: str, position: int, drafter_prob: float) -> bool:
         """Whether `level`, having just drafted (or gathered) its `position`-th token (1, 2, ...) of this run,
-        whose own probability was `drafter_prob`, should draft one more. Keep that token either way; never
-        draft past the plan's gamma. drafter_prob must be the drafting level's own probability, never the
-        verifier's."""
+        whose own probability was `drafter_prob`, should draft one more. Keep that token either way. False
+        once the plan's count for the level (gamma, or draft_gamma for a bottom under a middle) is reached; a
+        level the plan does not run is never stopped. drafter_prob must be the drafting level's own
+        probability of its token, never the verifier's."""
         thresholds = self._thresholds.get(level)
         if not thresholds:
             return True
+        if position >= self._per_call[level]:
+            return False
         chance = self._acceptance[(level, self._verifier[level])].calibrated(drafter_prob)
         survive = chance if position <= 1 else self._survive.get(level, 1.0) * chance
         self._survive[level] = survive
