@@ -5,6 +5,13 @@ One controller serves one sequence's generation. The chain tells it what happene
 `observe_verification`, `observe_overhead`), asks it what to do next (`plan`), and, while a level drafts,
 whether to draft one more token (`should_continue`). It measures nothing itself: every time comes from the caller.
 
+Per cycle (one top verification, or one plain decoding step) the chain calls:
+    plan = controller.plan(len(context), lookup_has_match)    # runs plan.levels with plan.gammas
+    controller.observe_pass(level, rows, seconds)              # every pass, the top's too; lookup: per proposal
+    controller.should_continue(level, k, q)                    # optional, after each drafted token; stop on False
+    controller.observe_verification(drafter, drafted, accepted, drafter_probs)   # every verification
+    controller.observe_overhead(level, seconds)                # time outside passes caused by a level (optional)
+
 Names. The top is the target on its full cache (`top`, "target"). Below it run at most two levels: a bottom
 (prompt lookup "ngram", or a draft model; a hybrid bottom lists both kinds and uses one per cycle) and a middle
 (the target on a sparse view, e.g. "target-retrieval"). A cycle's structure is the tuple of levels it runs below
