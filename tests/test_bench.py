@@ -142,7 +142,9 @@ def test_kernels_quick(tmp_path):
     report = quick("kernels", tmp_path)
     assert {(r["context"], r["queries"]) for r in report["attention"]} == {(256, 1), (256, 3)}
     assert all(r["us_per_layer"] > 0 and r["gbs"] > 0 for r in report["attention"])
-    assert [r["rows"] for r in report["projections"]] == [1, 5]
+    assert [(r["weights"], r["rows"]) for r in report["projections"]] == [("bf16", 1), ("auto", 1), ("bf16", 5),
+                                                                          ("auto", 5)]
+    assert report["projections"][1]["mb"] < report["projections"][0]["mb"] / 2  # the GGUF's 4-bit blocks
     assert all(r["ms"] > 0 and r["gmacs"] > 0 for r in report["projections"])
     assert [(r["context"], r["new_tokens"]) for r in report["prefill"]] == [(256, 96)]
     assert all(r["kernel_ms"] > 0 and r["flash_ms"] > 0 and r["kernel_speedup"] > 0 for r in report["prefill"])

@@ -4,10 +4,11 @@ Attention: one call per layer over `layers` separate caches of the target's shap
 the engine allocates them), so each call streams its keys and values from memory as in a real
 decoding step, not from a cache the previous call warmed. Reported per context, query tokens T
 (1 = decoding, more = verifying a draft) and thread count: microseconds per layer and GB/s of
-keys and values read. Projections: the target's own packed layers with M rows of input (one
-decoding step of a batch of M, or a verification of M tokens): milliseconds per pass over every
-layer, GB/s of weights read and multiply-adds per second, which shows where the rows stop being
-free (the pass turns compute-bound). Both also in multiply-adds per second, against the
+keys and values read. Projections: the target's own layers with M rows of input (one decoding
+step of a batch of M, or a verification of M tokens), for each weights format asked (dense bf16,
+a GGUF's own blocks, a quantized copy), the formats alternating: milliseconds per pass over every
+layer and the output head, GB/s of weights read and multiply-adds per second, which shows where
+the rows stop being free (the pass turns compute-bound). Both also in multiply-adds per second, against the
 machine's measured bf16 ceiling (threads running nothing but pair-dot-product instructions).
 Prefill: one chunk of `prefill_queries` new tokens after each context, on one layer, through
 the kernel and through PyTorch's flash attention (what prefill uses where the kernel does not
@@ -28,11 +29,14 @@ from .. import native
 from ..attention import attend_torch
 from ..cache import allocate_kv
 from ..errors import TriforceError
+from ..formats import WEIGHTS
 from ..loading import load
+from ..model import Linear
 from .common import copy_bandwidth_gbs, machine, markdown_table, median, write_report
 
 DEFAULTS: dict[str, Any] = dict(contexts=[2048, 8192], queries=[1, 2, 5, 7], rows=[1, 4, 8, 12, 16, 24, 32],
-                                layers=None, repeats=7, model=None, bandwidth_bytes=1 << 30, prefill_queries=1024)
+                                layers=None, repeats=7, model=None, bandwidth_bytes=1 << 30, prefill_queries=1024,
+                                weights=["bf16", "auto"])
 QUICK: dict[str, Any] = dict(contexts=[256], queries=[1, 3], rows=[1, 5], layers=2, repeats=1, bandwidth_bytes=1 << 24,
                              prefill_queries=96)
 
@@ -82,22 +86,36 @@ def attention_rows(config: Any, contexts: list[int], queries: list[int], layers:
     return rows
 
 
-def projection_rows(target: Any, rows_list: list[int], repeats: int, threads: int, log: Any) -> list[dict[str, Any]]:
-    dec = target.decoder
+def projection_rows(targets: dict[str, Any], rows_list: list[int], repeats: int, threads: int,
+                    log: Any) -> list[dict[str, Any]]:
+    """Every layer's projections and the output head of each target (a weights format), the
+    formats alternating within each repeat; the median per format and row count."""
     torch.set_num_threads(threads)
-    projections = [p for layer in dec.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-    if any(p.native is None for p in projections):
-        raise TriforceError("the packed projection kernel needs a CPU with AVX512-BF16 and bf16 weights")
-    weight_bytes = sum(p.nbytes for p in projections)
-    macs_per_row = weight_bytes // 2
+    passes = {}
+    for w, target in targets.items():
+        dec = target.decoder
+        projections = [p for layer in dec.layers for p in layer.projections().values()] + [dec.lm_head]
+        if any(isinstance(p, Linear) and p.native is None for p in projections):
+            raise TriforceError("the projection kernels need a CPU with AVX512-BF16 and bf16 weights")
+        passes[w] = (projections, sum(p.nbytes for p in projections), sum(p.in_features * p.out_features
+                                                                           for p in projections))
     rows = []
     for m in rows_list:
-        inputs = [torch.randn(1, m, p.native.in_features).bfloat16() for p in projections]
-        seconds = _timed(partial(_projection_pass, projections, inputs), repeats)
-        rows.append({"rows": m, "ms": round(seconds * 1e3, 2), "gbs": round(weight_bytes / seconds / 1e9, 1),
-                     "gmacs": round(m * macs_per_row / seconds / 1e9, 1)})
-        log(f"projections M={m}: {seconds * 1e3:.1f} ms, {weight_bytes / seconds / 1e9:.1f} GB/s of weights, "
-            f"{m * macs_per_row / seconds / 1e9:.0f} GMAC/s")
+        inputs = {w: [torch.randn(m, p.in_features).bfloat16() for p in ps] for w, (ps, _, _) in passes.items()}
+        times: dict[str, list[float]] = {w: [] for w in passes}
+        for w, (ps, _, _) in passes.items():
+            _projection_pass(ps, inputs[w])  # first touch outside the clock
+        for _ in range(repeats):
+            for w, (ps, _, _) in passes.items():
+                t0 = time.perf_counter()
+                _projection_pass(ps, inputs[w])
+                times[w].append(time.perf_counter() - t0)
+        for w, (_, nbytes, macs) in passes.items():
+            seconds = median(times[w])
+            rows.append({"weights": w, "mb": round(nbytes / 1e6, 1), "rows": m, "ms": round(seconds * 1e3, 2),
+                         "gbs": round(nbytes / seconds / 1e9, 1), "gmacs": round(m * macs / seconds / 1e9, 1)})
+            log(f"projections {w} M={m}: {seconds * 1e3:.2f} ms, {nbytes / seconds / 1e9:.1f} GB/s of weights, "
+                f"{m * macs / seconds / 1e9:.0f} GMAC/s")
     return rows
 
 
@@ -130,7 +148,8 @@ def prefill_rows(config: Any, contexts: list[int], new_tokens: int, repeats: int
 
 def run(contexts: list[int] | None = None, queries: list[int] | None = None, rows: list[int] | None = None,
         layers: int | None = None, repeats: int = 7, model: str | None = None, bandwidth_bytes: int = 1 << 30,
-        prefill_queries: int = 1024, out: Path | None = None, log: Any = print) -> dict[str, Any]:
+        prefill_queries: int = 1024, weights: list[str] | None = None, out: Path | None = None,
+        log: Any = print) -> dict[str, Any]:
     if native.library() is None:
         raise TriforceError("the native kernels are unavailable here (no C compiler, or TRIFORCE_NATIVE=0)")
     contexts = contexts or DEFAULTS["contexts"]
@@ -141,7 +160,12 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
         raise TriforceError("contexts, query counts, row counts, layers and prefill queries must be positive")
     bandwidth = copy_bandwidth_gbs(bandwidth_bytes)
     log(f"copy bandwidth (read+write): {bandwidth:.1f} GB/s")
-    target = load(model, dtype="bf16")
+    weights = weights or DEFAULTS["weights"]
+    bad = [w for w in weights if w not in WEIGHTS]
+    if bad:
+        raise TriforceError(f"unknown --weights {bad[0]!r}; choose from {', '.join(WEIGHTS)}")
+    targets = {w: load(model, dtype="bf16", weights=w) for w in weights}
+    target = targets[weights[0]]
     config = target.config
     layers = layers or config.num_layers
     all_threads = torch.get_num_threads()
@@ -159,15 +183,15 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
         log(ceiling)
     try:
         attn = attention_rows(config, contexts, queries, layers, repeats, thread_counts, log)
-        proj = projection_rows(target, rows, repeats, all_threads, log)
+        proj = projection_rows(targets, rows, repeats, all_threads, log)
         prefill = prefill_rows(config, contexts, prefill_queries, repeats, log)
     finally:
         torch.set_num_threads(all_threads)
     table = markdown_table(["context", "query tokens", "threads", "us per layer", "KV GB/s", "GMAC/s"],
                            [[r["context"], r["queries"], r["threads"], r["us_per_layer"], r["gbs"], r["gmacs"]]
                             for r in attn])
-    table += "\n\n" + markdown_table(["input rows", "ms per pass", "weight GB/s", "GMAC/s"],
-                                     [[r["rows"], r["ms"], r["gbs"], r["gmacs"]] for r in proj])
+    table += "\n\n" + markdown_table(["weights", "weight MB", "input rows", "ms per pass", "weight GB/s", "GMAC/s"],
+                                     [[r["weights"], r["mb"], r["rows"], r["ms"], r["gbs"], r["gmacs"]] for r in proj])
     table += "\n\n" + markdown_table(
         ["prefill: new tokens after context", "kernel ms per layer", "flash ms per layer", "kernel GMAC/s",
          "flash GMAC/s", "kernel speedup"],
