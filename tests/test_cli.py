@@ -36,7 +36,9 @@ def test_generate_json_output():
     stats = out["stats"]
     # the default for the embedded model: TriForce with the shipped draft
     assert stats["method"] == "triforce" and stats["new_tokens"] == 8
-    assert [level["name"] for level in stats["levels"]] == ["draft", "target-retrieval", "target"]
+    # adaptive speculation: prompt lookup joins the draft as an alternative bottom
+    assert [level["name"] for level in stats["levels"]] == ["ngram", "draft", "target-retrieval", "target"]
+    assert stats["controller"]["cycles"] >= 1
     for key in ("prefill_s", "decode_s", "ms_per_token", "tokens_per_s"):
         assert stats[key] > 0
 
@@ -45,13 +47,14 @@ def test_generate_reports_weights_bytes_and_time_per_pass():
     """The embedded model runs on its GGUF blocks; --retrieval-weights puts the middle level on
     a 4-bit copy; the stats say what each level read and how long a pass took."""
     result = run_cli("generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json",
-                     "--quiet", "--method", "triforce", "--draft", "ngram", "--budget", "4",
+                     "--quiet", "--method", "triforce", "--draft", "ngram", "--budget", "4", "--gamma", "3",
                      "--retrieval-weights", "q4_0")
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)["stats"]
     assert set(stats["weights_mb"]) == {"q4_1", "q8_0"} and 90 < sum(stats["weights_mb"].values()) < 100
     assert stats["peak_rss_mb"] > 0
     middle, top = stats["levels"][1], stats["levels"][2]
+    assert middle["name"] == "target-retrieval" and top["name"] == "target"
     assert middle["mb_per_pass"] < top["mb_per_pass"]  # 4-bit weights, fewer KV rows
     assert middle["ms_per_pass"] > 0 and top["ms_per_pass"] > 0
     dense = run_cli("generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json", "--quiet",

@@ -15,7 +15,7 @@ ROOT = Path(triforce.__file__).parent
 # Each module's layer: a module may import only modules of lower layers. Faces (the CLI, the
 # server, the benchmarks, distillation, the public API) share the top layer.
 LAYERS = {
-    "errors": 0, "formats": 0,
+    "errors": 0, "formats": 0, "controller": 0,
     "config": 1, "corpus": 1, "sampling": 1, "settings": 1, "metrics": 1, "stopping": 1,
     "native": 2, "tokenizer": 2,
     "rope": 3, "attention": 3, "quant": 3,

@@ -17,10 +17,11 @@ PROMPT = [1] + [3 + (i * 7) % (VOCAB - 3) for i in range(29)] + [4, 5, 6, 4, 5]
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match():
     lookup = PromptLookup(VOCAB)
-    drafts, probs = lookup.propose([1, 4, 5, 6, 7, 8, 4, 5, 9, 4, 5], 3, None)
-    assert drafts == [9, 4, 5]  # "4 5" last occurred before 9
+    drafts, probs, confidence = lookup.propose([1, 4, 5, 6, 7, 8, 4, 5, 9, 4, 5], 3, None)
+    assert drafts == [9, 4, 5] and confidence is None  # "4 5" last occurred before 9
     assert torch.equal(probs, torch.eye(VOCAB)[[9, 4, 5]])  # deterministic: q is one-hot
-    assert lookup.propose([1, 2, 3], 3, None) == ([], None)  # nothing to match
+    assert lookup.propose([1, 2, 3], 3, None) == ([], None, None)  # nothing to match
+    assert not lookup.has_proposal([1, 2, 3]) and lookup.has_proposal([1, 2, 3, 2])
     # the index follows a context that changed in its tail (rejected drafts)
     assert lookup.propose([1, 4, 5, 6, 7, 8, 4, 5, 9, 4, 5, 6, 4, 5], 2, None)[0] == [6, 4]
     assert lookup.propose([1, 4, 5, 6, 7, 8, 4, 5, 9, 4, 5, 7], 2, None)[0] == [8, 4]
@@ -53,7 +54,8 @@ def test_a_draft_level_restores_its_streaming_cache(small_vocab_models):
     level.score(PROMPT, [])
     state = level.snapshot()
     before = level.score(PROMPT, [])
-    level.propose(PROMPT, 80, None)  # far past the window: evicts and re-rotates
+    drafts, _, confidence = level.propose(PROMPT, 80, None)  # far past the window: evicts and re-rotates
+    assert len(drafts) == 80 and all(0 < c <= 1 for c in confidence)
     level.restore(state)
     assert level.tokens == PROMPT and torch.equal(level.score(PROMPT, []), before)
 
@@ -68,8 +70,11 @@ def test_a_retrieval_view_rebuilds_every_n_verifications(small_vocab_models):
     top = ModelLevel("target", Runner(dec), full, params)
     view = ViewLevel("target-retrieval", Runner(dec), RetrievalView(full, 12, 4), top, params, rebuild_every=3)
     top.score(PROMPT, [])
+    view.follow_top()
+    assert view.rebuild_query is not None and view.stats.rebuilds == 0  # it waits for the level's next pass
     for _ in range(7):
+        view.score(PROMPT, [])
         view.follow_top()
-    assert view.stats.rebuilds == 3  # the first follow (no selection yet), then every third
+    assert view.stats.rebuilds == 3  # the first pass (no selection yet), then after every third follow
     assert view.tokens == top.tokens and view.view.length == len(PROMPT)
     assert len(full.queries_at(full.length - 1)) == target.config.num_layers

@@ -335,7 +335,7 @@ def test_request_cancelled_mid_batch_leaves_the_others_exact(server, client):
 def test_engine_errors_name_the_request_field(server):
     status, body, _ = server.request("/v1/completions", {"prompt": "hi", "triforce": {"gamma": 0}})
     assert status == 400 and body["error"]["param"] == "triforce"
-    assert body["error"]["message"].startswith("'triforce.gamma' must be an integer >= 1")
+    assert body["error"]["message"].startswith("'triforce.gamma' must be 'auto' or an integer >= 1")
     status, body, _ = server.request("/v1/completions", {"prompt": "hi", "triforce": {"window": "big"}})
     assert status == 400 and "'triforce.window'" in body["error"]["message"]
 

@@ -19,6 +19,19 @@ def test_each_knob_below_its_minimum_is_refused_by_name(name, low):
         assert str(info.value).startswith(name)
 
 
+def test_gammas_are_chosen_by_the_controller_unless_fixed():
+    default = EngineSettings(method="triforce", draft="ngram")
+    assert default.gamma == default.draft_gamma == "auto" and default.adaptive
+    assert list(default.gamma_choices) == list(range(1, 9)) and list(default.draft_gamma_choices) == [1, 2, 3, 4]
+    fixed = default.replace(gamma=4, draft_gamma=2)
+    assert not fixed.adaptive and fixed.gammas == [2, 4]
+    half = default.replace(gamma=4)
+    assert half.adaptive and half.gamma_choices == (4,) and half.gammas == [4, 4]
+    assert not EngineSettings().adaptive  # plain decoding has nothing to choose
+    with pytest.raises(SettingError, match="gamma must be 'auto' or an integer >= 1, got 'sometimes'"):
+        EngineSettings(gamma="sometimes")
+
+
 def test_method_draft_and_context_are_checked():
     with pytest.raises(SettingError, match="method must be one of"):
         EngineSettings(method="magic")
@@ -40,8 +53,8 @@ def test_method_draft_and_context_are_checked():
 
 def test_replace_checks_again_and_refuses_unknown_names():
     base = EngineSettings(method="triforce", draft="ngram")
-    assert base.replace(gamma=3).gamma == 3 and base.gamma == 6
-    with pytest.raises(SettingError, match="gamma must be an integer >= 1"):
+    assert base.replace(gamma=3).gamma == 3 and base.gamma == "auto"
+    with pytest.raises(SettingError, match="gamma must be 'auto' or an integer >= 1"):
         base.replace(gamma=0)
     with pytest.raises(SettingError) as info:
         base.replace(temperature=0.5)
@@ -59,6 +72,7 @@ def test_gammas_and_rows_past_the_context_follow_the_levels():
     tri = EngineSettings(method="triforce", draft="ngram", gamma=5, draft_gamma=3)
     assert (ar.gammas, spec.gammas, tri.gammas) == ([], [5], [3, 5])
     assert (ar.rows_past_context, spec.rows_past_context, tri.rows_past_context) == (0, 5, 8)
+    assert EngineSettings(method="triforce", draft="ngram").rows_past_context == 8 + 4  # the largest choices
 
 
 def test_the_drafting_levels_weights_are_the_models_own_or_a_block_format():

@@ -35,6 +35,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _auto_or_positive(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def _nonneg_int(text: str) -> int:
     try:
         value = int(text)
@@ -71,8 +75,11 @@ def add_speculation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=list(METHODS), default=None,
                    help="decoding method (default: triforce when a draft is available, else autoregressive)")
     p.add_argument("--draft", help="draft model (HF directory or GGUF) or 'ngram' (prompt lookup)")
-    p.add_argument("--gamma", type=_positive_int, default=6, help="tokens gathered per full verification")
-    p.add_argument("--draft-gamma", type=_positive_int, default=2, help="tokens the bottom drafts per middle step")
+    p.add_argument("--gamma", type=_auto_or_positive, default="auto",
+                   help="tokens gathered per full verification, or auto (adaptive speculation: chosen per cycle, "
+                        "with the levels that run and whether to speculate at all)")
+    p.add_argument("--draft-gamma", type=_auto_or_positive, default="auto",
+                   help="tokens the bottom drafts per middle step, or auto")
     p.add_argument("--budget", type=_positive_int, default=4096, help="retrieval cache budget (tokens)")
     p.add_argument("--chunk-size", type=_positive_int, default=8, help="retrieval chunk size (tokens)")
     p.add_argument("--sink", type=_nonneg_int, default=16, help="StreamingLLM sink tokens")
@@ -120,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="the main job: TriForce on a long real document vs plain decoding")
     dm.add_argument("--context", type=_positive_int, default=16384, help="document tokens in the prompt")
     dm.add_argument("--document", default="vim")
+    dm.add_argument("--task", choices=["continue", "question"], default="continue",
+                    help="continue the document (default: what a 135M model does sensibly at this length) or answer "
+                         "--question about it (chat)")
     dm.add_argument("--question", default="Based on the manual above, explain how to search for a word in Vim.")
     dm.add_argument("--method", choices=list(METHODS), default="triforce")
     dm.add_argument("--draft", help="draft model or 'ngram' (default: the shipped draft for the embedded model)")
@@ -230,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--temperature", type=_float, help="0 is greedy (default 0; top-p 0.9 when sampling)")
     bt.add_argument("--repeats", type=_positive_int, help="interleaved repeats; medians reported (default 1)")
     for p in (d, bt):  # engine knobs, passed to every method of the run (see _paper_bench)
-        p.add_argument("--gamma", type=_positive_int)
-        p.add_argument("--draft-gamma", type=_positive_int)
+        p.add_argument("--gamma", type=_auto_or_positive)
+        p.add_argument("--draft-gamma", type=_auto_or_positive)
         p.add_argument("--budget", type=_positive_int)
         p.add_argument("--chunk-size", type=_positive_int)
     bs = bsub.add_parser("serve", help="a server's total tokens/s for concurrent clients, --max-batch N vs 1")
@@ -264,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("--prefill-queries", type=_positive_int,
                     help="new tokens of the prefill chunk timed through the kernel and flash attention (default 1024)")
     kn.add_argument("--repeats", type=_positive_int, help="timed passes; medians reported (default 7)")
+    kn.add_argument("--weights", type=_name_list,
+                    help="projection weights compared, alternating: bf16, auto (a GGUF's own blocks) or a block "
+                         "format (default bf16,auto)")
     kn.add_argument("--model", help="target: HF directory or GGUF (default: the embedded SmolLM2-135M-Instruct)")
     kn.add_argument("--quick", action="store_true", help="seconds-long smoke run: one short context, two layers")
     kn.add_argument("--out", default="bench-out")
@@ -511,10 +524,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         draft = "ngram" if name == "ngram" else load(name, dtype=target.decoder.dtype)
     settings = EngineSettings(method=args.method, draft=draft)
     tok = target.tokenizer
-    document = tok.decode(document_tokens(tok, args.document, args.context))
-    ids = tok.encode_chat([{"role": "user", "content": document + "\n\n" + args.question}])
+    ids = document_tokens(tok, args.document, args.context)
+    what = "to continue"
+    if args.task == "question":
+        ids = tok.encode_chat([{"role": "user", "content": tok.decode(ids) + "\n\n" + args.question}])
+        what = "+ a question"
     print(f"model {target.source} | draft {settings.draft_name} | prompt {len(ids)} tokens "
-          f"({args.context} of the {args.document} document + question) | method {args.method}", file=sys.stderr)
+          f"({args.context} of the {args.document} document {what}) | method {args.method}", file=sys.stderr)
     engine = Engine(target, settings, progress=True)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_p=args.top_p if args.temperature > 0 else 1.0, top_k=args.top_k, seed=args.seed)

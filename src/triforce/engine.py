@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from .batcher import ForwardBatcher
 from .cache import FullCache, RetrievalView, StreamingCache, StreamingView, check_fits
 from .chain import Chain
+from .controller import Controller
 from .errors import SettingError
 from .levels import Level, ModelLevel, PromptLookup, ViewLevel
 from .loading import LoadedModel
@@ -57,10 +58,12 @@ class Engine:
     """
 
     def __init__(self, target: LoadedModel, settings: EngineSettings | None = None, *,
-                 batcher: ForwardBatcher | None = None, progress: bool = False) -> None:
+                 batcher: ForwardBatcher | None = None, progress: bool = False,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.target = target
         self.batcher = batcher
         self.progress = progress
+        self.clock = clock  # what adaptive speculation times passes with (tests make it deterministic)
         self._full: FullCache | None = None
         self._draft_cache: FullCache | StreamingCache | None = None
         # Prompt caching: the tokens whose target KV in self._full are valid, and the signature
@@ -139,7 +142,14 @@ class Engine:
         top = ModelLevel("target", Runner(target, s.prefill_chunk, self.batcher), full, params, self.progress)
         top.tokens = list(self._cached_tokens)
         below = [self._level(spec, full, top, params, capacity) for spec in s.levels]
-        return Chain([*below, top], s.gammas)
+        if not s.adaptive:
+            return Chain([*below, top], s.gammas)
+        names: list[str | tuple[str, ...]] = [level.name for level in below]
+        if isinstance(below[0], ModelLevel) and s.levels[0].model == "draft":  # a hybrid bottom
+            below.insert(0, PromptLookup(self.target.config.vocab_size))
+            names[0] = ("ngram", names[0])
+        controller = Controller(names, s.gamma_choices, s.draft_gamma_choices)
+        return Chain([*below, top], [], controller, self.clock)
 
     def _level(self, spec: LevelSpec, full: FullCache, top: ModelLevel, params: SamplingParams,
                capacity: int) -> Level:
@@ -326,6 +336,7 @@ class Generation:
             "tokens_per_s": round(new_tokens / decode_s, 3) if decode_s > 0 else None,
             "levels": [level.stats.as_dict() for level in chain.levels],
             "weights_mb": {fmt: round(n / 1e6, 1) for fmt, n in decoder.weight_formats.items()},
+            **({"controller": chain.controller.report()} if chain.controller is not None else {}),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         }
         self.result = GenerationResult(

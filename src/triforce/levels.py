@@ -9,6 +9,7 @@ rolls them back when drafts are rejected; it runs tokens through its `Runner` an
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from .runner import Runner
 from .sampling import SamplingParams, draw, warp
 
 TAIL_CHECK = 256  # tokens compared when aligning a level's cache with the context
+KeepGoing = Callable[[int, float], bool]
 
 
 class Level:
@@ -27,15 +29,19 @@ class Level:
     name = "level"
     stats: LevelStats
     greedy = False  # whether its distributions are one-hot (temperature 0)
+    last_rows = 0  # tokens its last pass ran (a proposal's length, for prompt lookup)
 
     def score(self, context: list[int], drafts: list[int]) -> torch.Tensor:
         """Warped distributions [len(drafts) + 1, V]: after context, and after each draft."""
         raise NotImplementedError
 
     def propose(
-        self, context: list[int], num_tokens: int, generator: torch.Generator | None
-    ) -> tuple[list[int], torch.Tensor | None]:
-        """Up to num_tokens draft tokens and the distributions they were drawn from."""
+        self, context: list[int], num_tokens: int, generator: torch.Generator | None,
+        keep_going: KeepGoing | None = None,
+    ) -> tuple[list[int], torch.Tensor | None, list[float] | None]:
+        """Up to num_tokens draft tokens, the distributions they were drawn from, and the level's
+        own confidence in each (None where it has none). keep_going(k, confidence), asked after
+        the k-th token (k < num_tokens), may end the proposal early; the k-th token is kept."""
         raise NotImplementedError
 
     def rollback(self, length: int) -> None:
@@ -62,6 +68,7 @@ class ModelLevel(Level):
         self.progress = progress
         self.tokens: list[int] = []  # the tokens whose rows the cache holds
         self.stats = LevelStats(name)
+        self._logits: torch.Tensor | None = None  # of the last pass, for `confidences`
 
     # -- cache alignment ---------------------------------------------------------------------
     def _common_prefix(self, context: list[int], exhaustive: bool = False) -> int:
@@ -105,6 +112,7 @@ class ModelLevel(Level):
         t0 = time.perf_counter()
         inputs = self._sync(context) + drafts
         logits = self.runner.run(self.cache, inputs, len(drafts) + 1, self.name if self.progress else None)
+        self._logits, self.last_rows = logits, len(inputs)
         self.tokens = list(context) + list(drafts)
         decoder = self.runner.decoder
         self.stats.forward_calls += 1
@@ -113,16 +121,30 @@ class ModelLevel(Level):
         self.stats.time_s += time.perf_counter() - t0
         return warp(logits, self.params)
 
+    def confidences(self, probs: torch.Tensor, tokens: list[int]) -> list[float]:
+        """The level's own probability of `tokens` at the rows of its last pass that gave `probs`
+        (the first len(tokens) of them): the warped probability when sampling, and when greedy
+        (one-hot rows, which say nothing) the plain softmax probability of the argmax."""
+        n = len(tokens)
+        if self.greedy and self._logits is not None:
+            rows = self._logits[:n].float()
+            return (1.0 / torch.exp(rows - rows.max(-1, keepdim=True).values).sum(-1)).tolist()
+        return probs[torch.arange(n), torch.tensor(tokens)].tolist()
+
     def propose(
-        self, context: list[int], num_tokens: int, generator: torch.Generator | None
-    ) -> tuple[list[int], torch.Tensor | None]:
+        self, context: list[int], num_tokens: int, generator: torch.Generator | None,
+        keep_going: KeepGoing | None = None,
+    ) -> tuple[list[int], torch.Tensor | None, list[float] | None]:
         drafts: list[int] = []
-        dists = []
-        for _ in range(num_tokens):
-            probs = self.score(context + drafts, [])[0]
-            drafts.append(draw(probs, self.params, generator))
-            dists.append(probs)
-        return drafts, torch.stack(dists) if dists else None
+        dists, confidence = [], []
+        for k in range(1, num_tokens + 1):
+            probs = self.score(context + drafts, [])
+            drafts.append(draw(probs[0], self.params, generator))
+            dists.append(probs[0])
+            confidence += self.confidences(probs, drafts[-1:])
+            if keep_going is not None and k < num_tokens and not keep_going(k, confidence[-1]):
+                break
+        return drafts, torch.stack(dists) if dists else None, confidence
 
     def rollback(self, length: int) -> None:
         if length < len(self.tokens):
@@ -153,27 +175,41 @@ class ViewLevel(ModelLevel):
         self.top = top
         self.rebuild_every = rebuild_every
         self.top_steps = 0
+        self.rebuild_query: list[torch.Tensor] | None = None  # per layer, when a re-selection is due
+        self.last_overhead = 0.0  # seconds its last score spent re-selecting, outside the pass
 
     def follow_top(self) -> None:
-        """After the top ran (prefill or a verification): adopt its tokens, and re-select
-        retrieval chunks when they are due."""
+        """After the top ran (prefill, a verification, a plain step): adopt its tokens, and after
+        every `rebuild_every`-th top pass keep the top's query at the last token it kept, for a
+        re-selection of the retrieval chunks. That waits for this level's next pass (it may not
+        run for a while); a later top pass brings a fresher query to it."""
         self.tokens = list(self.top.tokens)
         self.view.truncate(len(self.tokens))
         if isinstance(self.view, RetrievalView):
             self.top_steps += 1
-            if self.top_steps % self.rebuild_every == 0 or self.view.selected_at < 0:
-                t0 = time.perf_counter()
+            due = self.top_steps % self.rebuild_every == 0 or self.view.selected_at < 0
+            if due or self.rebuild_query is not None:
                 full = self.top.cache
                 assert isinstance(full, FullCache)
-                self.view.rebuild(full.queries_at(full.length - 1))
-                self.stats.rebuilds += 1
-                self.stats.rebuild_s += time.perf_counter() - t0
+                self.rebuild_query = full.queries_at(full.length - 1)
+
+    def score(self, context: list[int], drafts: list[int]) -> torch.Tensor:
+        self.last_overhead = 0.0
+        if self.rebuild_query is not None:
+            assert isinstance(self.view, RetrievalView)
+            t0 = time.perf_counter()
+            self.view.rebuild(self.rebuild_query)
+            self.rebuild_query = None
+            self.last_overhead = time.perf_counter() - t0
+            self.stats.rebuilds += 1
+            self.stats.rebuild_s += self.last_overhead
+        return super().score(context, drafts)
 
     def snapshot(self) -> Any:
-        return super().snapshot(), self.top_steps
+        return super().snapshot(), self.top_steps, self.rebuild_query
 
     def restore(self, state: Any) -> None:
-        level, self.top_steps = state
+        level, self.top_steps, self.rebuild_query = state
         super().restore(level)
 
 
@@ -213,10 +249,25 @@ class PromptLookup(Level):
                 if start >= 0:
                     self.index.setdefault(tuple(self.indexed[start : p + 1]), []).append(start)
 
+    def has_proposal(self, context: list[int]) -> bool:
+        """Whether the latest n-gram of `context` occurred before (so `propose` would draft)."""
+        return bool(self._lookup(context, 1))
+
     def propose(
-        self, context: list[int], num_tokens: int, generator: torch.Generator | None
-    ) -> tuple[list[int], torch.Tensor | None]:
+        self, context: list[int], num_tokens: int, generator: torch.Generator | None,
+        keep_going: KeepGoing | None = None,
+    ) -> tuple[list[int], torch.Tensor | None, list[float] | None]:
         t0 = time.perf_counter()
+        drafts = self._lookup(context, num_tokens)
+        self.last_rows = len(drafts)
+        self.stats.time_s += time.perf_counter() - t0
+        if not drafts:
+            return [], None, None
+        probs = torch.zeros(len(drafts), self.vocab_size)
+        probs[torch.arange(len(drafts)), torch.tensor(drafts)] = 1.0
+        return drafts, probs, None
+
+    def _lookup(self, context: list[int], num_tokens: int) -> list[int]:
         self._update_index(context)
         drafts: list[int] = []
         for size in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
@@ -228,9 +279,4 @@ class PromptLookup(Level):
                     break
             if drafts:
                 break
-        self.stats.time_s += time.perf_counter() - t0
-        if not drafts:
-            return [], None
-        probs = torch.zeros(len(drafts), self.vocab_size)
-        probs[torch.arange(len(drafts)), torch.tensor(drafts)] = 1.0
-        return drafts, probs
+        return drafts

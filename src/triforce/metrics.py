@@ -91,7 +91,21 @@ def summary(prompt_tokens: int, stats: dict[str, Any]) -> str:
             )
         else:
             lines.append(f"  {level['name']:<18} {level['forward_calls']} forward passes | {level['time_s']:.2f} s")
+    if "controller" in stats:
+        lines.append("  " + controller_sentence(stats["controller"]))
     return "\n".join(lines)
+
+
+def controller_sentence(report: dict[str, Any]) -> str:
+    """What adaptive speculation chose, in one sentence (from its report)."""
+    if not report["cycles"]:
+        return "adaptive speculation planned no cycle"
+    top = max(report["structures"], key=report["structures"].get)
+    most = "plain decoding" if top == "target" else top
+    for knob, counts in report["gamma_histogram"].get(top, {}).items():
+        most += f"{' at' if knob == 'gamma' else ','} {knob.replace('_', ' ')} {max(counts, key=counts.get)}"
+    return (f"adaptive: {report['cycles']} cycles, {100 * report['plain_fraction']:.0f}% plain decoding, "
+            f"{report['probes']} probes, most often {most}")
 
 
 class ServingCounters:

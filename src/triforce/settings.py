@@ -38,10 +38,12 @@ def method_needs_draft(method: str) -> bool:
     return any(spec.model == "draft" for spec in METHODS[method])
 
 
+# the values "auto" lets the controller choose from
+AUTO_GAMMAS = range(1, 9)
+AUTO_DRAFT_GAMMAS = range(1, 5)
+
 # (lowest value, what it is) of each integer knob
 _INTEGERS = {
-    "gamma": (1, "tokens gathered per full verification"),
-    "draft_gamma": (1, "tokens the bottom level drafts per middle-level step"),
     "budget": (1, "rows a retrieval cache reads"),
     "chunk_size": (1, "rows per retrieval chunk"),
     "sink": (0, "StreamingLLM sink rows"),
@@ -57,6 +59,10 @@ class EngineSettings:
 
     draft: a loaded draft model (`triforce.load(...)`), "ngram" (prompt lookup, no model), or
     None; the methods with a "draft" level need one.
+    gamma, draft_gamma: tokens gathered per full verification, and drafted by the bottom per
+    middle-level step: a number, or "auto" (adaptive speculation: before each cycle a controller
+    picks them, which levels run, and whether to speculate at all, from measured costs and
+    acceptance; with a draft model, prompt lookup joins it as an alternative bottom).
     retrieval_weights, draft_weights: the weights the target-on-retrieval-cache level and the
     draft model read: "model" (the model's own) or a block format ("q4_0", ...) to run on a
     quantized copy. Lossless either way: these levels only draft, and the top level verifies
@@ -65,8 +71,8 @@ class EngineSettings:
 
     method: str = "autoregressive"
     draft: Any = None
-    gamma: int = 6
-    draft_gamma: int = 2
+    gamma: int | str = "auto"
+    draft_gamma: int | str = "auto"
     budget: int = 4096
     chunk_size: int = 8
     sink: int = 16
@@ -84,6 +90,10 @@ class EngineSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise SettingError(name, f"must be an integer >= {low}, got {value!r}")
+        for name in ("gamma", "draft_gamma"):
+            value = getattr(self, name)
+            if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise SettingError(name, f"must be 'auto' or an integer >= 1, got {value!r}")
         if self.max_context is not None and (
             not isinstance(self.max_context, int) or isinstance(self.max_context, bool) or self.max_context < 2
         ):
@@ -108,9 +118,25 @@ class EngineSettings:
         return method_needs_draft(self.method)
 
     @property
+    def adaptive(self) -> bool:
+        """Whether a controller chooses the levels and gammas of each cycle (one of the gammas
+        the method uses is "auto")."""
+        return "auto" in [self.draft_gamma, self.gamma][-len(self.levels):] if self.levels else False
+
+    @property
+    def gamma_choices(self) -> range | tuple[int]:
+        return AUTO_GAMMAS if self.gamma == "auto" else (int(self.gamma),)
+
+    @property
+    def draft_gamma_choices(self) -> range | tuple[int]:
+        return AUTO_DRAFT_GAMMAS if self.draft_gamma == "auto" else (int(self.draft_gamma),)
+
+    @property
     def gammas(self) -> list[int]:
-        """Tokens each level below the top gathers per call, bottom to top."""
-        return [self.draft_gamma, self.gamma][-len(self.levels):] if self.levels else []
+        """Tokens each level below the top gathers per call, bottom to top (the largest a
+        controller may choose, for "auto")."""
+        largest = [max(self.draft_gamma_choices), max(self.gamma_choices)]
+        return largest[-len(self.levels):] if self.levels else []
 
     @property
     def rows_past_context(self) -> int:
