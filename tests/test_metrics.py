@@ -23,8 +23,13 @@ def generation_stats() -> dict:
     draft, middle = LevelStats("ngram"), LevelStats("target-retrieval", rebuilds=3, rebuild_s=0.5)
     draft.record(4, 3)
     middle.record(6, 5)
+    controller = {"cycles": 9, "plain_fraction": 0.3333, "probes": 2,
+                  "structures": {"ngram>target-retrieval>target": 6, "target": 3},
+                  "gamma_histogram": {"ngram>target-retrieval>target": {"gamma": {"4": 5, "6": 1},
+                                                                        "draft_gamma": {"2": 6}}}}
     return {"prefill_s": 1.0, "ms_per_token": 12.5, "tokens_per_s": 80.0, "new_tokens": 16, "method": "triforce",
-            "decode_s": 0.2, "levels": [draft.as_dict(), middle.as_dict(), LevelStats("target", is_top=True).as_dict()]}
+            "decode_s": 0.2, "levels": [draft.as_dict(), middle.as_dict(), LevelStats("target", is_top=True).as_dict()],
+            "controller": controller}
 
 
 def test_summary_names_every_level():
@@ -33,6 +38,8 @@ def test_summary_names_every_level():
     assert "ngram" in lines[1] and "acceptance 0.750" in lines[1]
     assert "target-retrieval" in lines[2] and "3 rebuilds" in lines[2]
     assert "target" in lines[3] and "forward passes" in lines[3]
+    assert lines[4] == ("  adaptive: 9 cycles, 33% plain decoding, 2 probes, most often ngram>target-retrieval>target "
+                        "at gamma 4, draft gamma 2")
 
 
 def test_server_totals_add_up_per_level():
@@ -45,3 +52,7 @@ def test_server_totals_add_up_per_level():
     assert 'triforce:spec_decode_num_accepted_tokens_total{level="ngram"} 6' in text
     assert "triforce:prompt_tokens_total 150" in text and "triforce:generation_tokens_total 32" in text
     assert 'triforce:requests_total{endpoint="chat",status="200"} 1' in text and "triforce:queue_depth 2" in text
+    assert 'triforce:spec_decode_cycles_total{structure="target"} 6' in text  # plain decoding, both requests
+    gamma4 = 'structure="ngram>target-retrieval>target",knob="gamma",value="4"'
+    assert f"triforce:spec_decode_gamma_cycles_total{{{gamma4}}} 10" in text
+    assert "triforce:spec_decode_probe_cycles_total 4" in text

@@ -118,6 +118,9 @@ class ServingCounters:
         self.prefill_s = self.decode_s = 0.0
         self.cancelled = 0
         self.spec: dict[str, dict[str, int]] = {}  # level name -> COUNTERS totals
+        self.cycles: dict[str, int] = {}  # adaptive speculation: cycles per structure ("ngram>target")
+        self.gammas: dict[tuple[str, str, str], int] = {}  # (structure, knob, value) -> cycles
+        self.probes = 0
 
     def request(self, endpoint: str, status: int) -> None:
         with self.lock:
@@ -137,6 +140,16 @@ class ServingCounters:
                 entry = self.spec.setdefault(level["name"], dict.fromkeys(COUNTERS, 0))
                 for key in COUNTERS:
                     entry[key] += level[key]
+            report = stats.get("controller")
+            if report:
+                self.probes += report["probes"]
+                for structure, n in report["structures"].items():
+                    self.cycles[structure] = self.cycles.get(structure, 0) + n
+                for structure, knobs in report["gamma_histogram"].items():
+                    for knob, counts in knobs.items():
+                        for value, n in counts.items():
+                            key = (structure, knob, value)
+                            self.gammas[key] = self.gammas.get(key, 0) + n
 
     def render(self, queue_depth: int, running: int, passes: int = 0, sequence_passes: int = 0) -> str:
         out = []
@@ -169,4 +182,12 @@ class ServingCounters:
             for key, name, text in spec:
                 metric(name, "counter", text,
                        [(f'{{level="{level}"}}', v[key]) for level, v in sorted(self.spec.items())])
+            metric("spec_decode_cycles_total", "counter", "Adaptive speculation: cycles (one pass of the target "
+                   "each) by the levels they ran; structure=\"target\" is plain decoding.",
+                   [(f'{{structure="{s}"}}', n) for s, n in sorted(self.cycles.items())])
+            metric("spec_decode_probe_cycles_total", "counter", "Adaptive speculation: cycles run to re-measure an "
+                   "option that was not the best.", [("", self.probes)])
+            metric("spec_decode_gamma_cycles_total", "counter", "Adaptive speculation: cycles by the gamma or "
+                   "draft gamma chosen.", [(f'{{structure="{s}",knob="{k}",value="{v}"}}', n)
+                                            for (s, k, v), n in sorted(self.gammas.items())])
         return "\n".join(out) + "\n"
