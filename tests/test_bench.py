@@ -71,6 +71,26 @@ def test_decode_compares_weights_and_retrieval_weights(tmp_path):
         assert rows["autoregressive @q8_0"]["mb_per_token"] < rows["autoregressive @bf16"]["mb_per_token"]
 
 
+def test_decode_sets_adaptive_against_plain_and_a_fixed_sweep(tmp_path):
+    """--sweep runs fixed gammas beside the adaptive default, over several documents, and adds
+    the grid (adaptive against plain decoding and the best fixed setting per cell) and its heat
+    maps."""
+    code = main(["bench", "decode", "--quick", "--contexts", "256", "--methods", "autoregressive,triforce",
+                 "--drafts", "ngram", "--sweep", "2/1,4/2", "--document", "vim,jargon", "--temperatures", "0,1",
+                 "--peers", "none", "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "decode.json").read_text())
+    methods = {r["method"] for r in report["summary"]}
+    assert methods == {"autoregressive", "triforce[ngram]", "triforce[ngram] g2/1", "triforce[ngram] g4/2"}
+    assert {(g["document"], g["temperature"]) for g in report["grid"]} == {(d, t) for d in ("vim", "jargon")
+                                                                          for t in (0.0, 1.0)}
+    for g in report["grid"]:
+        assert g["method"] == "triforce[ngram]" and g["best_fixed"] in methods and g["vs_plain"] > 0
+        assert 0 <= g["plain_fraction"] <= 1
+    if HAS_MATPLOTLIB:
+        assert (tmp_path / "decode_adaptive_vim.png").exists() and (tmp_path / "decode_adaptive_jargon.png").exists()
+
+
 def test_engine_bench_prefills_afresh_every_repeat(tmp_path):
     """Repeats measure prefill, so none may be served by the prompt cache of the one before."""
     from triforce.bench import engine
@@ -180,6 +200,8 @@ def test_kernels_quick(tmp_path):
         (["serve", "--method", "beam"], "unknown method 'beam'"),
         (["kernels", "--queries", "0"], "--queries"),
         (["kernels", "--prefill-queries", "0"], "--prefill-queries"),
+        (["decode", "--quick", "--sweep", "4-2"], "--sweep"),
+        (["decode", "--quick", "--weights", "q3"], "--weights"),
     ],
 )
 def test_bad_flags_give_one_line_and_nonzero_exit(args, fragment, capsys, tmp_path):

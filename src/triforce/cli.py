@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--retrieval-weights", type=_name_list,
                    help="weights of the retrieval level, each a separate run of retrieval/triforce: model, q4_0, "
                         "... (default model)")
+    d.add_argument("--sweep", help="fixed GAMMA/DRAFT_GAMMA pairs run beside each speculating method's adaptive "
+                                   "default, e.g. 2/1,4/2,6/2,8/3; adds a table and heat maps of adaptive against "
+                                   "plain decoding and the best of them")
     d.add_argument("--ppl-tokens", type=_nonneg_int,
                    help="score the target's perplexity on this many true next tokens per context (default 128; 0: off)")
     ac = bsub.add_parser("acceptance", help="acceptance of the target on sparse caches (retrieval, StreamingLLM, "
@@ -253,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--draft", help="the servers' --draft (speculative/triforce)")
     bs.add_argument("--rounds", type=_positive_int, help="interleaved rounds; medians reported (default 2)")
     for p in (d, ac, gm, bt, bs):
-        p.add_argument("--document", help="corpus document: vim, jargon, python-docs or a text file (default vim)")
+        p.add_argument("--document", help="corpus document: vim, jargon, python-docs or a text file (default vim; "
+                                          "bench decode takes several, comma-separated)")
         p.add_argument("--model", help="target: HF directory or GGUF (default: the embedded SmolLM2-135M-Instruct)")
         p.add_argument("--dtype", choices=["bf16", "fp32"],
                        help="weights and KV cache dtype (default bf16; fp32 with --quick)")
@@ -629,7 +633,7 @@ def _paper_bench(args: argparse.Namespace) -> int:
         settings["knobs"] = {**settings["knobs"], **{k: v for k, v in given if v is not None}}
     if args.bench == "decode":
         bench.validate(settings["contexts"], settings["methods"], settings["temperatures"], settings["peers"],
-                       settings["weights"], settings["retrieval_weights"])
+                       settings["weights"], settings["retrieval_weights"], settings["sweep"])
     elif args.bench == "batch":
         bench.validate(settings["contexts"], settings["batch_sizes"], settings["methods"], settings["temperature"])
     elif args.bench == "serve":

@@ -110,6 +110,7 @@ def measure(engine: Engine, ids: list[int], new_tokens: int, temperature: float,
     return {
         "ms_per_token": s["ms_per_token"], "tokens_per_s": s["tokens_per_s"], "levels": s["levels"],
         "mb_per_token": round(read / max(1, s["new_tokens"]), 2),
+        "plain_fraction": s["controller"]["plain_fraction"] if "controller" in s else None,
         "acceptance": [lv.get("draft_acceptance_rate") for lv in s["levels"][:-1]],
         "time_per_level": time_per_level(s), "tokens": result.token_ids,
         "same_as_autoregressive": (result.token_ids == reference) if temperature == 0 and reference else None,
@@ -129,6 +130,8 @@ def summarize(entries: list[dict[str, Any]], baseline_ms: float | None) -> dict[
         "time_per_level": entries[len(entries) // 2]["time_per_level"],
         "exact": None if any(c is None for c in checks) else all(checks),
         **(_bytes(entries, ms) if "mb_per_token" in entries[0] else {}),
+        **({"plain_fraction": round(median([e["plain_fraction"] for e in entries]), 3)}
+           if entries[0].get("plain_fraction") is not None else {}),
     }
 
 

@@ -56,37 +56,66 @@ DEFAULTS: dict[str, Any] = dict(
     contexts=[16384, 32768], new_tokens=128, temperatures=[0.0, 0.6],
     methods=["autoregressive", "retrieval", "streaming", "speculative", "triforce"], drafts=["ngram"], repeats=1,
     document="vim", peers=["auto"], ppl_tokens=128, model=None, dtype="bf16", knobs={}, bandwidth_bytes=1 << 30,
-    weights=["auto"], retrieval_weights=["model"],
+    weights=["auto"], retrieval_weights=["model"], sweep=None,
 )
 QUICK: dict[str, Any] = dict(contexts=[256, 512], new_tokens=16, drafts=["ngram", TINY_DRAFT], ppl_tokens=32,
                              model=TINY_TARGET, dtype="fp32", knobs={"budget": 128}, bandwidth_bytes=1 << 24)
 
 
-Combo = tuple[str, str | None, str]  # method, draft, weights of the retrieval level
+# method, draft, weights of the retrieval level, and fixed (gamma, draft gamma), or None for the
+# settings' own (adaptive by default)
+Combo = tuple[str, str | None, str, tuple[int, int | None] | None]
 
 
-def variants(methods: list[str], drafts: list[str], retrieval_weights: list[str] | None = None) -> list[Combo]:
-    """(method, draft, retrieval weights): methods with a bottom level run once per draft, those
-    with a retrieval level once per retrieval weights."""
+def variants(methods: list[str], drafts: list[str], retrieval_weights: list[str] | None = None,
+             sweep: list[tuple[int, int]] | None = None) -> list[Combo]:
+    """Methods with a bottom level run once per draft, those with a retrieval level once per
+    retrieval weights, and those that speculate also at each fixed (gamma, draft gamma) of the
+    sweep (draft gamma only where a middle level uses it)."""
     out: list[Combo] = []
     for method in methods:
+        levels = METHODS[method]
         for draft in drafts if method_needs_draft(method) else [None]:
-            has_retrieval = any(spec.cache == "retrieval" for spec in METHODS[method])
+            has_retrieval = any(spec.cache == "retrieval" for spec in levels)
             for rw in (retrieval_weights or ["model"]) if has_retrieval else ["model"]:
-                out.append((method, draft, rw))
+                out.append((method, draft, rw, None))
+                fixed = {(g, d if len(levels) > 1 else None) for g, d in sweep or []} if levels else set()
+                out += [(method, draft, rw, f) for f in sorted(fixed, key=lambda f: (f[0], f[1] or 0))]
     return out
 
 
-def label(method: str, draft: str | None, retrieval_weights: str = "model", weights: str | None = None) -> str:
+def label(method: str, draft: str | None, retrieval_weights: str = "model",
+          fixed: tuple[int, int | None] | None = None, weights: str | None = None) -> str:
     name = method if draft is None else f"{method}[{'ngram' if draft == 'ngram' else 'draft'}]"
     if retrieval_weights != "model":
         name += f" middle {retrieval_weights}"
+    if fixed is not None:
+        name += f" g{fixed[0]}" + (f"/{fixed[1]}" if fixed[1] else "")
     return name if weights is None else f"{name} @{weights}"
 
 
+def parse_sweep(text: str | None) -> list[tuple[int, int]]:
+    """"4/2,6/2,8/3": (gamma, draft gamma) pairs."""
+    out = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        gamma, _, draft = item.partition("/")
+        try:
+            pair = (int(gamma), int(draft or 2))
+        except ValueError:
+            raise TriforceError(f"--sweep takes GAMMA/DRAFT_GAMMA pairs like 4/2,6/2, got {item!r}") from None
+        if min(pair) < 1:
+            raise TriforceError(f"--sweep gammas must be >= 1, got {item!r}")
+        out.append(pair)
+    return out
+
+
 def validate(contexts: list[int], methods: list[str], temperatures: list[float], peers: list[str],
-             weights: list[str] | None = None, retrieval_weights: list[str] | None = None) -> list[str]:
+             weights: list[str] | None = None, retrieval_weights: list[str] | None = None,
+             sweep: str | None = None) -> list[str]:
     """Refuse bad settings before anything is loaded; returns the peers to run."""
+    parse_sweep(sweep)
     for w in weights or []:
         if w not in WEIGHTS:
             raise TriforceError(f"unknown --weights {w!r}; choose from {', '.join(WEIGHTS)}")
@@ -139,24 +168,31 @@ def run(
     bandwidth_bytes: int = 1 << 30,
     weights: list[str] | None = None,
     retrieval_weights: list[str] | None = None,
+    sweep: str | None = None,
 ) -> dict[str, Any]:
-    """Every method (and draft, and retrieval weights) on each context; with several `weights`,
+    """Every method (and draft, retrieval weights, fixed gammas of the sweep) on each context
+    of each document (`document` may list several, comma-separated); with several `weights`,
     each is its own target, prefilled apart, and speedups are over the first one's
-    autoregressive decoding."""
+    autoregressive decoding. With a sweep, a table and heat maps set each adaptive row against
+    plain decoding and the best fixed setting of the same method in the same cell."""
     temperatures = temperatures if temperatures is not None else [0.0, 0.6]
     methods = methods or list(LOSSLESS)
     drafts = drafts or ["ngram"]
     knobs = knobs or {}
     weights = weights or ["auto"]
-    peer_names = validate(contexts, methods, temperatures, peers or [], weights, retrieval_weights)
+    peer_names = validate(contexts, methods, temperatures, peers or [], weights, retrieval_weights, sweep)
+    documents = [d.strip() for d in document.split(",") if d.strip()]
     bandwidth = copy_bandwidth_gbs(bandwidth_bytes)
     targets = {w: load(model, dtype=dtype, weights=w) for w in weights} if target is None else {weights[0]: target}
     target = targets[weights[0]]
     draft_models = load_drafts(drafts, target)
     draft_dir = next((d for d in drafts if d != "ngram"), None)
-    runners, notes = peer_engines.start(peer_names, model, target.decoder.dtype, draft_dir, knobs.get("gamma", 6),
+    lookup_gamma = knobs.get("gamma") if isinstance(knobs.get("gamma"), int) else 6
+    runners, notes = peer_engines.start(peer_names, model, target.decoder.dtype, draft_dir, lookup_gamma,
                                         log, auto=peers == ["auto"])
-    combos = sorted(variants(methods, drafts, retrieval_weights), key=lambda c: c[0] != "autoregressive")
+    combos = sorted(variants(methods, drafts, retrieval_weights, parse_sweep(sweep)),
+                    key=lambda c: c[0] != "autoregressive")
+    default_gammas = {"gamma": knobs.get("gamma", "auto"), "draft_gamma": knobs.get("draft_gamma", "auto")}
     suffix = len(targets) > 1
 
     def name_of(combo: Combo, w: str) -> str:
@@ -166,13 +202,13 @@ def run(
     raw: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
     per_context: list[dict[str, Any]] = []
-    for ctx in contexts:
+    for document, ctx in ((d, c) for d in documents for c in contexts):
         ids = document_tokens(target.tokenizer, document, ctx)
         reading = context_perplexity(target, document, ctx, ppl_tokens)
         scaling = resolve_scaling(target.config, target.decoder.rope_override, ctx + new_tokens)
         engines = {w: Engine(t, EngineSettings(**knobs)) for w, t in targets.items()}
         prefill_s = median([prefill(engine, ids) for engine in engines.values()])
-        per_context.append({"context": ctx, "prefill_s": round(prefill_s, 2), **reading})
+        per_context.append({"document": document, "context": ctx, "prefill_s": round(prefill_s, 2), **reading})
         log(f"context {ctx}: prefill {prefill_s:.1f} s" + (
             f", perplexity of the next {ppl_tokens} tokens {reading['perplexity']} (given only the last "
             f"{reading['short_window']}: {reading['perplexity_short']})" if reading else ""))
@@ -180,15 +216,18 @@ def run(
         for r in range(repeats):
             for temp in temperatures:
                 references: dict[str, list[int]] = {}  # each weights' own autoregressive tokens
-                for (method, draft, rw), w in ((c, w) for w in targets for c in combos):
+                for (method, draft, rw, fixed), w in ((c, w) for w in targets for c in combos):
                     engine = engines[w]
-                    engine.configure(method=method, draft=draft_models[draft] if draft else None, retrieval_weights=rw)
+                    gammas = default_gammas if fixed is None else {
+                        "gamma": fixed[0], "draft_gamma": fixed[1] or default_gammas["draft_gamma"]}
+                    engine.configure(method=method, draft=draft_models[draft] if draft else None, retrieval_weights=rw,
+                                     **gammas)
                     entry = measure(engine, ids, new_tokens, temp, seed=1000 + r, reference=references.get(w))
                     if method == "autoregressive":
                         references[w] = entry["tokens"]
                         entry["same_as_autoregressive"] = True if temp == 0 else None
-                    entry.update(context=ctx, repeat=r, temperature=temp, method=name_of((method, draft, rw), w),
-                                 engine="triforce", weights=w)
+                    entry.update(document=document, context=ctx, repeat=r, temperature=temp,
+                                 method=name_of((method, draft, rw, fixed), w), engine="triforce", weights=w)
                     raw.append(entry)
                     results.setdefault((entry["method"], temp), []).append(entry)
                     log(f"  ctx {ctx} T={temp} r{r} {entry['method']:<22} {entry['ms_per_token']:7.1f} ms/token  "
@@ -196,15 +235,24 @@ def run(
                         + ("" if entry["same_as_autoregressive"] in (None, True) else "  MISMATCH"))
                 for name, peer in runners.items():
                     entry = measure_peer(name, peer, ids, new_tokens, temp, 1000 + r, scaling, references[weights[0]])
-                    entry.update(context=ctx, repeat=r)
+                    entry.update(document=document, context=ctx, repeat=r)
                     raw.append(entry)
                     results.setdefault((name, temp), []).append(entry)
                     log(f"  ctx {ctx} T={temp} r{r} {name:<22} {entry['ms_per_token']:7.1f} ms/token  "
                         f"prefill {entry['prefill_s']:.1f} s" + ("" if entry["same_as_autoregressive"] in (None, True)
                                                                   else f"  differs after {entry['matching_prefix']}"))
         for temp in temperatures:
-            summary += summary_rows(results, names, temp, {"context": ctx, "prefill_s": round(prefill_s, 1), **reading})
+            summary += summary_rows(results, names, temp, {"document": document, "context": ctx,
+                                                           "prefill_s": round(prefill_s, 1), **reading})
     table = markdown(summary, per_context, ppl_tokens)
+    grid = adaptive_grid(summary, combos, name_of, weights[0]) if sweep else []
+    if grid:
+        table += "\n\n" + markdown_table(
+            ["document", "context", "T", "adaptive", "ms/token", "vs plain", "best fixed", "its ms/token",
+             "vs best fixed", "plain decoding chosen"],
+            [[g["document"], g["context"], g["temperature"], g["method"], g["ms_per_token"], g["vs_plain"],
+              g["best_fixed"], g["best_fixed_ms"], g["vs_best_fixed"], g["plain_fraction"]] for g in grid])
+        notes += plot_grid(grid, out)
     notes += exactness_note(target.decoder.dtype, [r["exact"] for r in summary if r["engine"] == "triforce"])
     notes += plot_speedups(summary, temperatures, out)
     if notes:
@@ -212,6 +260,7 @@ def run(
     log(table)
     report = {
         "machine": machine(), "copy_bandwidth_gbs": round(bandwidth, 1), "model": target.source, "document": document,
+        "grid": grid,
         "dtype": str(target.decoder.dtype).removeprefix("torch."), "new_tokens": new_tokens, "repeats": repeats,
         "knobs": knobs, "ppl_tokens": ppl_tokens, "peers": list(runners), "notes": notes,
         "peak_rss_mb": round(peak_rss_mb(), 1), "contexts": per_context, "summary": summary, "raw": raw,
@@ -219,6 +268,71 @@ def run(
     }
     write_report(out, "decode", report)
     return report
+
+
+def adaptive_grid(summary: list[dict[str, Any]], combos: list[Combo], name_of: Any,
+                  weights: str) -> list[dict[str, Any]]:
+    """Per document, context and temperature, each adaptive row against plain decoding and the
+    best fixed setting of the same method, draft and retrieval weights."""
+    rows = {(r["document"], r["context"], r["temperature"], r["method"]): r for r in summary}
+    cells = sorted({k[:3] for k in rows}, key=lambda k: (k[0], k[1], k[2]))
+    plain_name = name_of(("autoregressive", None, "model", None), weights)
+    grid = []
+    for cell in cells:
+        plain = rows.get((*cell, plain_name))
+        for method, draft, rw, fixed in combos:
+            if fixed is not None or method == "autoregressive":
+                continue
+            auto = rows.get((*cell, name_of((method, draft, rw, None), weights)))
+            static = [rows[key] for f in (c[3] for c in combos if c[:3] == (method, draft, rw) and c[3])
+                      if (key := (*cell, name_of((method, draft, rw, f), weights))) in rows]
+            if auto is None or plain is None or not static:
+                continue
+            best = min(static, key=lambda r: r["ms_per_token"])
+            grid.append({"document": cell[0], "context": cell[1], "temperature": cell[2], "method": auto["method"],
+                         "ms_per_token": auto["ms_per_token"],
+                         "vs_plain": round(plain["ms_per_token"] / auto["ms_per_token"], 2),
+                         "best_fixed": best["method"], "best_fixed_ms": best["ms_per_token"],
+                         "vs_best_fixed": round(best["ms_per_token"] / auto["ms_per_token"], 2),
+                         "plain_fraction": auto.get("plain_fraction")})
+    return grid
+
+
+def plot_grid(grid: list[dict[str, Any]], out: Path | None) -> list[str]:
+    """decode_adaptive_<document>.png: per adaptive method, its speed-up over plain decoding by
+    context (rows) and temperature (columns)."""
+    if out is None or not grid:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["heat maps skipped: matplotlib is not installed (pip install matplotlib)"]
+    out.mkdir(parents=True, exist_ok=True)
+    for document in sorted({g["document"] for g in grid}):
+        mine = [g for g in grid if g["document"] == document]
+        methods = sorted({g["method"] for g in mine})
+        contexts = sorted({g["context"] for g in mine})
+        temps = sorted({g["temperature"] for g in mine})
+        fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 0.6 * len(contexts) + 1.6),
+                                 squeeze=False)
+        for ax, method in zip(axes[0], methods):
+            cell = {(g["context"], g["temperature"]): g["vs_plain"] for g in mine if g["method"] == method}
+            values = [[cell.get((c, t), float("nan")) for t in temps] for c in contexts]
+            ax.imshow(values, cmap="RdYlGn", vmin=0.5, vmax=1.5, aspect="auto")
+            for i, row in enumerate(values):
+                for j, v in enumerate(row):
+                    ax.text(j, i, f"{v:.2f}x", ha="center", va="center", fontsize=8)
+            ax.set_xticks(range(len(temps)), [f"T {t:g}" for t in temps])
+            ax.set_yticks(range(len(contexts)), [str(c) for c in contexts])
+            ax.set_title(method, fontsize=9)
+        fig.suptitle(f"adaptive speculation over plain decoding ({document})", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / f"decode_adaptive_{document.replace('/', '_')}.png", dpi=110)
+        plt.close(fig)
+    return []
 
 
 def measure_peer(name: str, peer: peer_engines.Peer, ids: list[int], new_tokens: int, temperature: float,
@@ -260,17 +374,17 @@ def markdown(summary: list[dict[str, Any]], per_context: list[dict[str, Any]], p
                                      "matching_prefix" in r else "")
 
     table = markdown_table(
-        ["context", "T", "method", "engine", "ms/token", "tokens/s", "speedup", "vs hf", "MB/token", "GB/s",
+        ["document", "context", "T", "method", "engine", "ms/token", "tokens/s", "speedup", "vs hf", "MB/token", "GB/s",
          "acceptance (bottom..)", "ms/token by level", "same tokens as autoregressive"],
-        [[r["context"], r["temperature"], r["method"], r["engine"], r["ms_per_token"], r["tokens_per_s"],
+        [[r["document"], r["context"], r["temperature"], r["method"], r["engine"], r["ms_per_token"], r["tokens_per_s"],
           r["speedup"], r["speedup_vs_hf"] or "-", r.get("mb_per_token", "-"), r.get("gbs", "-"),
           ", ".join(f"{a:.3f}" for a in r["acceptance"]) or "-",
           ", ".join(f"{k} {v}" for k, v in r["time_per_level"].items()) or "-", same(r)] for r in summary])
     if ppl_tokens:
         table += "\n\n" + markdown_table(
-            ["context", "prefill s", f"perplexity of the next {ppl_tokens} tokens", "same, given only a short window",
-             "short window"],
-            [[c["context"], c["prefill_s"], c["perplexity"], c["perplexity_short"], c["short_window"]]
+            ["document", "context", "prefill s", f"perplexity of the next {ppl_tokens} tokens",
+             "same, given only a short window", "short window"],
+            [[c["document"], c["context"], c["prefill_s"], c["perplexity"], c["perplexity_short"], c["short_window"]]
              for c in per_context])
     return table
 

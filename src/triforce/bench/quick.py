@@ -102,5 +102,5 @@ def materialized(config: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield {k: _swap(v, {TINY_DRAFT: "ngram"}) for k, v in config.items()}
         return
     with tempfile.TemporaryDirectory(prefix="triforce-quick-") as tmp:
-        target, draft = write_tiny_models(Path(tmp), config.get("document", "vim"))
+        target, draft = write_tiny_models(Path(tmp), config.get("document", "vim").split(",")[0])
         yield {k: _swap(v, {TINY_TARGET: target, TINY_DRAFT: draft}) for k, v in config.items()}
