@@ -344,6 +344,9 @@ static inline int chunks_of(int fmt) { return QF_BLOCK[fmt] / 32; }
 /* In registers: mt rows of x against NB groups of one quad (group s's K block kb at
  * base + kb * kstride + s * kbb); group s's row i sums into acc[s * mt + i]. */
 #define QTILE_M 8
+#ifndef QPREFETCH_HINT
+#define QPREFETCH_HINT _MM_HINT_T0
+#endif
 #ifndef QPREFETCH
 #define QPREFETCH 4096 /* bytes ahead to prefetch in software: measured best of 0-16384 */
 #endif
@@ -362,7 +365,7 @@ static inline __attribute__((always_inline)) void qtile_body(const int FMT, cons
             for (int s = 0; s < NB; s++) {
                 if (QPREFETCH) {
                     const uint8_t *ahead = blk + s * kbb + c * (kbb / CH) + QPREFETCH;
-                    for (int l = 0; l < kbb / CH; l += 64) _mm_prefetch((const char *)(ahead + l), _MM_HINT_T0);
+                    for (int l = 0; l < kbb / CH; l += 64) _mm_prefetch((const char *)(ahead + l), QPREFETCH_HINT);
                 }
                 q_setup(FMT, blk + s * kbb, c, &st[s]);
             }
@@ -387,7 +390,7 @@ static inline __attribute__((always_inline)) void qtile_body(const int FMT, cons
                           int NB, __m512 *acc) {                                                                  \
         switch (mt * 4 + NB - 1) {                                                                                \
             QCASE(F, 1, 1) QCASE(F, 1, 2) QCASE(F, 1, 3) QCASE(F, 1, 4) QCASE(F, 2, 1) QCASE(F, 2, 2) QCASE(F, 2, 3) QCASE(F, 2, 4)       \
-            QCASE(F, 3, 1) QCASE(F, 3, 2) QCASE(F, 4, 1) QCASE(F, 4, 2) QCASE(F, 5, 1) QCASE(F, 5, 2) QCASE(F, 6, 1) QCASE(F, 6, 2)       \
+            QCASE(F, 3, 1) QCASE(F, 3, 2) QCASE(F, 3, 3) QCASE(F, 3, 4) QCASE(F, 4, 1) QCASE(F, 4, 2) QCASE(F, 4, 3) QCASE(F, 4, 4) QCASE(F, 5, 1) QCASE(F, 5, 2) QCASE(F, 6, 1) QCASE(F, 6, 2)       \
             QCASE(F, 7, 1) QCASE(F, 7, 2) QCASE(F, 8, 1) QCASE(F, 8, 2)                                                       \
         }                                                                                                         \
     }                                                                                                             \
@@ -495,7 +498,7 @@ static __m512i *scratch(long vectors) {
 #endif
 /* Rows up to this count take whole quads (four chains) per pass; more take pairs of groups. */
 #ifndef QUAD_MAX_ROWS
-#define QUAD_MAX_ROWS 2
+#define QUAD_MAX_ROWS 4
 #endif
 
 /* x [M][K] bf16; packed: tf_quant_repack's groups; bias [N] bf16 or NULL; y row i at y + i * ldy
@@ -524,7 +527,8 @@ int tf_quant_linear(const uint16_t *x, const uint8_t *packed, int fmt, const uin
 #endif
             /* a contiguous run of groups per thread: one stream, balanced to a pair of groups */
             const int g1 = 2 * (int)((long)npairs * (t + 1) / T) < groups ? 2 * (int)((long)npairs * (t + 1) / T) : groups;
-            for (int g = 2 * (int)((long)npairs * t / T); g < g1;) {
+            const int g0 = 2 * (int)((long)npairs * t / T);
+            for (int g = g0; g < g1;) {
                 int nb = g1 - g < 2 ? g1 - g : 2;
                 if (M <= QUAD_MAX_ROWS && g % QUAD == 0 && g1 - g >= QUAD) nb = QUAD;
                 long kstride;
