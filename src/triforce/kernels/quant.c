@@ -4,21 +4,25 @@
  * to 0.63 bytes per weight where bf16 reads 2. The blocks are repacked once, at load time, into
  * groups of 16 output rows whose quants are interleaved so one 16- or 32-byte load decodes, in
  * registers, straight into the 64-byte vector linear.c's kernel takes (a pair of input dimensions
- * for 16 outputs); the scales and minimums of the 16 rows sit together ahead of the quants.
- * Repacking keeps the format's bytes per weight exactly.
+ * for 16 outputs); the scales and minimums of the 16 rows sit together ahead of the quants, and
+ * four groups interleave their K blocks (a quad) so a four-group pass reads one stream.
+ * Repacking keeps the format's bytes per weight exactly; no dequantized copy is ever kept.
  *
- * Exactness: each weight is decoded with the float32 operations, in the order, of gguf-py's
- * numpy dequantization (every product and sum rounded on its own: the explicit-rounding
- * intrinsics below are never fused into multiply-adds), then rounded to bf16 to nearest even:
- * the value PyTorch's `.to(torch.bfloat16)` gives the loader's float32 weights. Each output then
- * accumulates with linear.c's AVX512 instruction sequence (pairs of K in order, one chain per
- * output), so results are bit-identical to tf_linear_bf16 on those bf16 weights, whatever M is
- * and whatever rows share the pass. Paths and tiles are chosen for speed only; none changes the
- * order of any output's sum.
+ * Exactness: each weight is decoded to gguf-py's float32 value (its numpy operations in its
+ * order, each product and sum rounded on its own; fused only where the product is exact, see
+ * affine_add), then rounded to bf16 to nearest even: the value PyTorch's `.to(torch.bfloat16)`
+ * gives the loader's float32 weights. Each output then accumulates with linear.c's AVX512
+ * instruction sequence (zero, then one pair-dot-product per pair of K, in order, one chain per
+ * output; the bias added in float32 at the end), so results are bit-identical to tf_linear_bf16
+ * on those bf16 weights, whatever M is and whatever rows share the pass. Paths and tiles below
+ * are chosen for speed only; none changes the order of any output's sum.
  *
- * Two paths: few rows of x decode the weights in registers and use them at once; many rows
- * decode one or two 16-row groups into a per-thread scratch (the packed bf16 layout) and run
- * every row tile over it, so a weight is decoded once per pass instead of once per row tile.
+ * Paths: up to 8 rows of x decode the weights in registers and use them at once (up to 4 rows:
+ * a whole quad per pass, four independent chains; more: two groups per pass, 8-row tiles);
+ * more rows decode each pair of groups once into a per-thread scratch (the packed bf16 layout)
+ * and run linear.c's row tiles over it. Measured on 2 Zen 5 cores against tf_linear_bf16, the
+ * embedded SmolLM2-135M's projections (Q4_1 layers, Q8_0 head) from memory: 0.45x its time at
+ * 1 row, 0.52x at 3-4, 0.6x at 7, 0.9-1.0x from 16 rows to 256.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -42,6 +46,7 @@ static const int QF_BYTES[QF_COUNT] = {34, 18, 20, 144, 176, 210};   /* bytes pe
  *   Q5_K: as Q4_K, each chunk followed by its 16 pairs x 4 bytes of fifth bits
  *   Q6_K: d[16] | scales [16 sub-blocks][16 rows] int8 | 8 chunks x (16 x 16 nibble bytes, then
  *         16 pairs x 4 masks of 16 bits: bit 4 of elements 0-15, of 16-31, bit 5 of 0-15, 16-31)
+ * (d, m, dmin: f16, one per row; K-quant scales as GGUF packs them, transposed to [byte][row]).
  * A chunk is 32 consecutive K (16 pairs). Element e (0..31) of a pair vector belongs to row
  * 8 * (e / 16) + (e % 16) / 2 and input dimension 2 p + e % 2; a nibble byte i holds element i
  * in its low half and element 16 + i in its high half. */
@@ -244,17 +249,11 @@ static inline __attribute__((always_inline)) void q_setup(const int FMT, const u
 /* Nibbles to float32 by table lookup: vpermps reads only an index's low 4 bits, so a lane holding
  * a whole byte picks its low nibble's value with no mask, and one instruction replaces a mask and
  * a conversion. The tables hold small integers: exact, as a conversion would give. */
-#ifndef QDEC_PERM
-#define QDEC_PERM 1
-#endif
-#ifndef QDEC_FMA
-#define QDEC_FMA 1
-#endif
 static inline __attribute__((always_inline)) __m512 nib_lo(__m512i L, __m512 table) {
-    return QDEC_PERM ? _mm512_permutexvar_ps(L, table) : CVT(_mm512_and_si512(L, _mm512_set1_epi32(15)));
+    return _mm512_permutexvar_ps(L, table);
 }
 static inline __attribute__((always_inline)) __m512 nib_hi(__m512i L, __m512 table) {
-    return QDEC_PERM ? _mm512_permutexvar_ps(_mm512_srli_epi32(L, 4), table) : CVT(_mm512_srli_epi32(L, 4));
+    return _mm512_permutexvar_ps(_mm512_srli_epi32(L, 4), table);
 }
 #define TABLE_0_15 _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)
 
@@ -263,10 +262,10 @@ static inline __attribute__((always_inline)) __m512 nib_hi(__m512i L, __m512 tab
  * scale, times a quant of at most 5 bits: at most 22 bits), so rounding it first changes nothing
  * and the fused form gives the same single rounding of the sum. */
 static inline __attribute__((always_inline)) __m512 affine_add(__m512 s, __m512 q, __m512 o) {
-    return QDEC_FMA ? _mm512_fmadd_round_ps(s, q, o, RN) : ADD(MUL(s, q), o);
+    return _mm512_fmadd_round_ps(s, q, o, RN);
 }
 static inline __attribute__((always_inline)) __m512 affine_sub(__m512 s, __m512 q, __m512 o) {
-    return QDEC_FMA ? _mm512_fmsub_round_ps(s, q, o, RN) : SUB(MUL(s, q), o);
+    return _mm512_fmsub_round_ps(s, q, o, RN);
 }
 
 /* Pair p of chunk c: the float32 weights of elements 0-15 (*b) and 16-31 (*a). */
@@ -283,10 +282,8 @@ static inline __attribute__((always_inline)) void q_decode_f32(const int FMT, co
     case QF_Q4_0: { /* d * (q - 8) */
         const __m512 t = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
         __m512i L = u8x16(blk + 32 + 16 * p);
-        *b = MUL(st->slo, QDEC_PERM ? _mm512_permutexvar_ps(L, t)
-                                    : CVT(_mm512_sub_epi32(_mm512_and_si512(L, c15), _mm512_set1_epi32(8))));
-        *a = MUL(st->shi, QDEC_PERM ? _mm512_permutexvar_ps(_mm512_srli_epi32(L, 4), t)
-                                    : CVT(_mm512_sub_epi32(_mm512_srli_epi32(L, 4), _mm512_set1_epi32(8))));
+        *b = MUL(st->slo, nib_lo(L, t));
+        *a = MUL(st->shi, nib_hi(L, t));
         break;
     }
     case QF_Q4_1: { /* d * q + m */
@@ -344,11 +341,8 @@ static inline int chunks_of(int fmt) { return QF_BLOCK[fmt] / 32; }
 /* In registers: mt rows of x against NB groups of one quad (group s's K block kb at
  * base + kb * kstride + s * kbb); group s's row i sums into acc[s * mt + i]. */
 #define QTILE_M 8
-#ifndef QPREFETCH_HINT
-#define QPREFETCH_HINT _MM_HINT_T0
-#endif
 #ifndef QPREFETCH
-#define QPREFETCH 4096 /* bytes ahead to prefetch in software: measured best of 0-16384 */
+#define QPREFETCH 4096 /* bytes ahead to prefetch in software (of 0, 512-16384 the best; T1 hints were worse) */
 #endif
 static inline __attribute__((always_inline)) void qtile_body(const int FMT, const uint8_t *base, long kstride, int nkb,
                                                              const uint32_t *xp, int pairs, const int mt, const int NB,
@@ -365,7 +359,7 @@ static inline __attribute__((always_inline)) void qtile_body(const int FMT, cons
             for (int s = 0; s < NB; s++) {
                 if (QPREFETCH) {
                     const uint8_t *ahead = blk + s * kbb + c * (kbb / CH) + QPREFETCH;
-                    for (int l = 0; l < kbb / CH; l += 64) _mm_prefetch((const char *)(ahead + l), QPREFETCH_HINT);
+                    for (int l = 0; l < kbb / CH; l += 64) _mm_prefetch((const char *)(ahead + l), _MM_HINT_T0);
                 }
                 q_setup(FMT, blk + s * kbb, c, &st[s]);
             }
@@ -389,9 +383,10 @@ static inline __attribute__((always_inline)) void qtile_body(const int FMT, cons
     static void qtile_##F(const uint8_t *base, long kstride, int nkb, const uint32_t *xp, int pairs, int mt,      \
                           int NB, __m512 *acc) {                                                                  \
         switch (mt * 4 + NB - 1) {                                                                                \
-            QCASE(F, 1, 1) QCASE(F, 1, 2) QCASE(F, 1, 3) QCASE(F, 1, 4) QCASE(F, 2, 1) QCASE(F, 2, 2) QCASE(F, 2, 3) QCASE(F, 2, 4)       \
-            QCASE(F, 3, 1) QCASE(F, 3, 2) QCASE(F, 3, 3) QCASE(F, 3, 4) QCASE(F, 4, 1) QCASE(F, 4, 2) QCASE(F, 4, 3) QCASE(F, 4, 4) QCASE(F, 5, 1) QCASE(F, 5, 2) QCASE(F, 6, 1) QCASE(F, 6, 2)       \
-            QCASE(F, 7, 1) QCASE(F, 7, 2) QCASE(F, 8, 1) QCASE(F, 8, 2)                                                       \
+            QCASE(F, 1, 1) QCASE(F, 1, 2) QCASE(F, 1, 3) QCASE(F, 1, 4) QCASE(F, 2, 1) QCASE(F, 2, 2)             \
+            QCASE(F, 2, 3) QCASE(F, 2, 4) QCASE(F, 3, 1) QCASE(F, 3, 2) QCASE(F, 3, 3) QCASE(F, 3, 4)             \
+            QCASE(F, 4, 1) QCASE(F, 4, 2) QCASE(F, 4, 3) QCASE(F, 4, 4) QCASE(F, 5, 1) QCASE(F, 5, 2)             \
+            QCASE(F, 6, 1) QCASE(F, 6, 2) QCASE(F, 7, 1) QCASE(F, 7, 2) QCASE(F, 8, 1) QCASE(F, 8, 2)             \
         }                                                                                                         \
     }                                                                                                             \
     static void qdecode_##F(const uint8_t *base, long kstride, int nkb, __m512i *out) {                           \
