@@ -517,8 +517,8 @@ int tf_quant_linear(const uint16_t *x, const uint8_t *packed, int fmt, const uin
     const int npairs = (groups + 1) / 2; /* work is divided in pairs of groups (never straddling a quad) */
     int failed = 0;
     if (n_threads < 1) n_threads = 1;
-    if (n_threads > npairs) n_threads = npairs;
     if (M <= REGISTER_MAX_ROWS) {
+        if (n_threads > npairs) n_threads = npairs; /* work comes in pairs of groups */
         const QTileFn fn = QTILES[fmt];
         const int tiles = (M + QTILE_M - 1) / QTILE_M; /* of near-equal heights */
 #pragma omp parallel num_threads(n_threads)
@@ -529,15 +529,15 @@ int tf_quant_linear(const uint16_t *x, const uint8_t *packed, int fmt, const uin
             T = omp_get_num_threads();
 #endif
             /* a contiguous run of groups per thread: one stream, balanced to a pair of groups */
-            const int g1 = 2 * (int)((long)npairs * (t + 1) / T) < groups ? 2 * (int)((long)npairs * (t + 1) / T) : groups;
-            const int g0 = 2 * (int)((long)npairs * t / T);
-            for (int g = g0; g < g1;) {
+            const int r0 = (int)((long)npairs * t / T), r1 = (int)((long)npairs * (t + 1) / T);
+            const int g1 = 2 * r1 < groups ? 2 * r1 : groups;
+            for (int g = 2 * r0; g < g1;) {
                 int nb = g1 - g < 2 ? g1 - g : 2; /* a pair never straddles a quad: g is even */
                 if (M <= QUAD_MAX_ROWS && g % QUAD == 0 && g1 - g >= QUAD) nb = QUAD;
                 long kstride;
                 const uint8_t *base = group_at(packed, g, groups, nkb, kbb, &kstride);
-                for (int t = 0; t < tiles; t++) { /* the second tile finds the weights in cache */
-                    const int m0 = (int)((long)t * M / tiles), mt = (int)((long)(t + 1) * M / tiles) - m0;
+                for (int ti = 0; ti < tiles; ti++) { /* the second tile finds the weights in cache */
+                    const int m0 = (int)((long)ti * M / tiles), mt = (int)((long)(ti + 1) * M / tiles) - m0;
                     __m512 acc[4 * QTILE_M];
                     fn(base, kstride, nkb, xp0 + (long)m0 * pairs, pairs, mt, nb, acc);
                     for (int s = 0; s < nb; s++)
