@@ -99,15 +99,16 @@ def test_kernel_against_pytorch(fmt, with_bias, out_dtype):
 def test_kernel_equals_packed_bf16_kernel_bitwise(fmt):
     """Each weight decodes to RNE_bf16(gguf's float32 value) and every output sums in the bf16
     kernel's order: the same bits as native.PackedLinear on the dequantized weights, for every
-    path (in registers, whole quads, scratch) and both output types."""
-    N, K = 200, 512
-    q = random_blocks(fmt, N, K, seed=4)
-    bias = torch.randn(N).bfloat16()
-    lin, ref = QuantLinear(q, bias), native.PackedLinear(q.dequantize().bfloat16(), bias)
-    for M in (1, 2, 3, 5, 8, 9, 14, 15, 29, 64):
-        x = torch.randn(M, K).bfloat16()
-        for out_dtype in (torch.float32, torch.bfloat16):
-            assert torch.equal(lin(x, out_dtype), ref(x, out_dtype)), (fmt, M, out_dtype)
+    path (in registers, whole quads, scratch; a few groups with many rows split across threads),
+    shapes with partial quads and partial groups, and both output types."""
+    for N, K, Ms in [(200, 512, (1, 2, 3, 4, 5, 8, 9, 14, 15, 29, 64)), (24, 256, (1, 7, 100))]:
+        q = random_blocks(fmt, N, K, seed=4)
+        bias = torch.randn(N).bfloat16()
+        lin, ref = QuantLinear(q, bias), native.PackedLinear(q.dequantize().bfloat16(), bias)
+        for M in Ms:
+            x = torch.randn(M, K).bfloat16()
+            for out_dtype in (torch.float32, torch.bfloat16):
+                assert torch.equal(lin(x, out_dtype), ref(x, out_dtype)), (fmt, N, M, out_dtype)
 
 
 @needs_kernel
