@@ -541,3 +541,46 @@ def test_plan_is_cheap():
         spent += time.perf_counter() - t0
         run_cycle(c, w, plan, rng)
     assert spent / 500 < 500e-6  # measured ~50 us on this machine; the bound leaves room for a busy CI host
+
+
+def test_without_warmup_the_priors_decide_first_and_probes_try_the_rest():
+    """warmup=False: the first plan is the priors' best; the structures never run are probed (the
+    stalest first) as the probe budget allows, so each has run within a few probe intervals."""
+    ctl = Controller(("ngram", "target-retrieval"), warmup=False, probe_every=4, probe_budget=0.2)
+    first = ctl.plan(1000, lookup_has_match=True)
+    assert not first.probe and first.levels == max(
+        ctl.structures, key=lambda s: ctl._best(s)[0][0])
+    seen: dict[tuple[str, ...], int] = {}
+    for cycle in range(1000):
+        plan = ctl.plan(1000, lookup_has_match=True)
+        seen.setdefault(plan.levels, cycle)
+        for level in plan.levels:
+            ctl.observe_pass(level, 1, 0.002 if level == "ngram" else 0.012)
+        if len(plan.levels) == 2:
+            ctl.observe_verification("ngram", plan.draft_gamma, plan.draft_gamma // 2)
+        if plan.levels:
+            ctl.observe_verification(plan.levels[-1], plan.gamma, plan.gamma // 2)
+        ctl.observe_pass("target", plan.gamma + 1, 0.02 + 0.002 * plan.gamma)
+    assert set(seen) == set(ctl.structures) and max(seen.values()) < 500
+
+
+def test_hysteresis_keeps_a_choice_within_the_margin():
+    """With a margin, the plan sticks to the last option while it stays within the margin of the
+    best, instead of flipping on each wobble of the estimates."""
+    def run(hysteresis: float) -> int:
+        ctl = Controller(("target-retrieval",), warmup=False, probe_every=10**6, hysteresis=hysteresis)
+        flips, last = 0, None
+        for i in range(300):
+            plan = ctl.plan(1000)
+            if last is not None and (plan.gamma, plan.levels) != last:
+                flips += 1
+            last = (plan.gamma, plan.levels)
+            if plan.levels:
+                for _ in range(plan.gamma):
+                    ctl.observe_pass("target-retrieval", 1, 0.006 * (1 + 0.05 * ((i * 7) % 5 - 2)))
+                accepted = sum(1 for k in range(plan.gamma) if (i * 13 + k * 7) % 10 < 9)
+                ctl.observe_verification("target-retrieval", plan.gamma, min(accepted, plan.gamma))
+            ctl.observe_pass("target", plan.gamma + 1, 0.02 + 0.002 * plan.gamma)
+        return flips
+
+    assert run(0.05) < run(0.0)

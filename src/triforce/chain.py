@@ -47,6 +47,8 @@ class Chain:
         self.controller = controller
         self.clock = clock
         self.by_name = {level.name: level for level in levels}
+        for level in levels:
+            level.clock = clock
         self.lookup = next((level for level in levels if isinstance(level, PromptLookup)), None)
         self.views = [level for level in levels if isinstance(level, ViewLevel)]
 
@@ -66,6 +68,8 @@ class Chain:
                 level.follow_top()
             elif isinstance(level, ModelLevel):  # a draft model reads the prompt now, not in the first step
                 level.score(prompt, [])
+        for level in self.levels:  # the prompt's passes say nothing of a decoding pass's cost
+            level.passes.clear()
         return probs
 
     def step(self, context: list[int], generator: torch.Generator | None) -> list[int]:
@@ -82,15 +86,14 @@ class Chain:
             view.follow_top()
         return new
 
-    def _observe(self, level: Level, seconds: float) -> None:
-        if self.controller is None:
-            return
-        overhead = getattr(level, "last_overhead", 0.0)
-        if overhead:
-            self.controller.observe_overhead(level.name, overhead)
-            seconds -= overhead
-        if level.last_rows:
-            self.controller.observe_pass(level.name, level.last_rows, max(0.0, seconds))
+    def _observe(self, level: Level) -> None:
+        """Tell the controller of the level's passes since the last look."""
+        if self.controller is not None:
+            for rows, seconds, overhead in level.passes:
+                if overhead:
+                    self.controller.observe_overhead(level.name, overhead)
+                self.controller.observe_pass(level.name, rows, seconds)
+        level.passes.clear()
 
     def _gather(
         self, active: list[Level], gammas: list[int], i: int, context: list[int], generator: torch.Generator | None
@@ -105,9 +108,8 @@ class Chain:
             return controller is None or controller.should_continue(level.name, k, confidence)
 
         if i == 0:
-            t0 = self.clock()
             drafts, q, confidence = level.propose(context, want, generator, keep_going)
-            self._observe(level, self.clock() - t0)
+            self._observe(level)
             return drafts, q, confidence
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
@@ -136,9 +138,8 @@ class Chain:
         q, q_confidence = None, None
         if i > 0:
             drafts, q, q_confidence = self._gather(active, gammas, i - 1, context, generator)
-        t0 = self.clock()
         p = level.score(context, drafts)
-        self._observe(level, self.clock() - t0)
+        self._observe(level)
         if drafts:
             accepted, next_token = verify(drafts, q, p, generator, greedy=level.greedy)
             drafter = active[i - 1]

@@ -255,6 +255,9 @@ class Controller:
     probe_every: fewest cycles between scheduled probes; probe_budget: fraction of time probes may lose;
     probe_gamma: largest gamma of a warm-up or scheduled probe.
     prior_acceptance, prior_cost: overrides of default_prior_acceptance / default_prior_cost per level name.
+    warmup: run every structure once first (else start from the priors' best and leave the others to the
+    budgeted probes, which try a structure never run before any other). hysteresis: keep the last cycle's
+    option while its expected tokens per second is within this fraction of the best's.
     """
 
     def __init__(
@@ -273,6 +276,8 @@ class Controller:
         cost_decay: float = 0.97,
         acceptance_decay: float = 0.98,
         stale_decay: float = 0.98,
+        warmup: bool = True,
+        hysteresis: float = 0.0,
     ) -> None:
         if len(levels) > 2:
             raise ValueError("at most two levels below the top: a bottom and a middle")
@@ -285,6 +290,7 @@ class Controller:
         self.top, self.lookup = top, lookup
         self.probe_every, self.probe_budget, self.probe_gamma = probe_every, probe_budget, probe_gamma
         self.cost_decay, self.stale_decay = cost_decay, stale_decay
+        self.warmup, self.hysteresis = warmup, hysteresis
         bottoms: tuple[str, ...] = ()
         self.middle: str | None = None
         if levels:
@@ -538,10 +544,10 @@ class Controller:
         chosen, probe, warmup = exploit, False, False
 
         unexplored = [s for s in available if s not in self._ran]
-        if unexplored and exploit in self._ran:
+        last = self.current
+        if self.warmup and unexplored and exploit in self._ran:
             chosen, probe, warmup = unexplored[0], True, True
-        elif not unexplored:
-            last = self.current
+        elif not self.warmup or not unexplored:  # without warm-up, an unexplored structure is the stalest
             plain_s = self.cost(self.top, 1)
             if (last is not None and last.probe and last.levels and last.levels != exploit
                     and last.levels in best and self._last_tokens > self._probe_expected
@@ -555,6 +561,13 @@ class Controller:
                     chosen, probe = stalest, True
 
         tps, (g, d, tokens, seconds) = best[chosen][1 if probe else 0]
+        if not probe and self.hysteresis and last is not None and not last.probe and last.levels in best:
+            # keep the last choice unless the best beats it clearly: estimates wobble from cycle to cycle,
+            # and chasing each wobble is what makes a plan worse than any fixed one
+            kept_tokens, kept_seconds = self.estimate(last.levels, last.gamma, last.draft_gamma)
+            if kept_seconds > 0 and kept_tokens / kept_seconds >= (1 - self.hysteresis) * tps:
+                chosen, g, d, tokens, seconds = last.levels, last.gamma, last.draft_gamma, kept_tokens, kept_seconds
+                tps = tokens / seconds
         plan = Plan(chosen, g, d, probe, tps)
         self._streak = self._streak + 1 if probe and self.current is not None and self.current.probe else 0
         if probe:

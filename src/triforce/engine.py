@@ -148,7 +148,9 @@ class Engine:
         if isinstance(below[0], ModelLevel) and s.levels[0].model == "draft":  # a hybrid bottom
             below.insert(0, PromptLookup(self.target.config.vocab_size))
             names[0] = ("ngram", names[0])
-        controller = Controller(names, s.gamma_choices, s.draft_gamma_choices)
+        # no forced warm-up: a short generation would spend a large part of itself trying every
+        # structure; the budgeted probes try them instead
+        controller = Controller(names, s.gamma_choices, s.draft_gamma_choices, warmup=False)
         return Chain([*below, top], [], controller, self.clock)
 
     def _level(self, spec: LevelSpec, full: FullCache, top: ModelLevel, params: SamplingParams,

@@ -29,7 +29,11 @@ class Level:
     name = "level"
     stats: LevelStats
     greedy = False  # whether its distributions are one-hot (temperature 0)
-    last_rows = 0  # tokens its last pass ran (a proposal's length, for prompt lookup)
+    # Each pass since the chain last looked: (rows it ran, seconds, seconds spent outside the pass
+    # because of it), timed by `clock`; what adaptive speculation learns costs from. For prompt
+    # lookup a "pass" is one proposal, its rows the tokens proposed.
+    passes: list[tuple[int, float, float]]
+    clock: Callable[[], float] = time.perf_counter
 
     def score(self, context: list[int], drafts: list[int]) -> torch.Tensor:
         """Warped distributions [len(drafts) + 1, V]: after context, and after each draft."""
@@ -68,6 +72,7 @@ class ModelLevel(Level):
         self.progress = progress
         self.tokens: list[int] = []  # the tokens whose rows the cache holds
         self.stats = LevelStats(name)
+        self.passes = []
         self._logits: torch.Tensor | None = None  # of the last pass, for `confidences`
 
     # -- cache alignment ---------------------------------------------------------------------
@@ -108,11 +113,12 @@ class ModelLevel(Level):
         return context[common:]
 
     # -- scoring -----------------------------------------------------------------------------
-    def score(self, context: list[int], drafts: list[int]) -> torch.Tensor:
-        t0 = time.perf_counter()
+    def score(self, context: list[int], drafts: list[int], overhead: float = 0.0) -> torch.Tensor:
+        t0, c0 = time.perf_counter(), self.clock()
         inputs = self._sync(context) + drafts
         logits = self.runner.run(self.cache, inputs, len(drafts) + 1, self.name if self.progress else None)
-        self._logits, self.last_rows = logits, len(inputs)
+        self._logits = logits
+        self.passes.append((len(inputs), self.clock() - c0, overhead))
         self.tokens = list(context) + list(drafts)
         decoder = self.runner.decoder
         self.stats.forward_calls += 1
@@ -176,7 +182,6 @@ class ViewLevel(ModelLevel):
         self.rebuild_every = rebuild_every
         self.top_steps = 0
         self.rebuild_query: list[torch.Tensor] | None = None  # per layer, when a re-selection is due
-        self.last_overhead = 0.0  # seconds its last score spent re-selecting, outside the pass
 
     def follow_top(self) -> None:
         """After the top ran (prefill, a verification, a plain step): adopt its tokens, and after
@@ -193,17 +198,16 @@ class ViewLevel(ModelLevel):
                 assert isinstance(full, FullCache)
                 self.rebuild_query = full.queries_at(full.length - 1)
 
-    def score(self, context: list[int], drafts: list[int]) -> torch.Tensor:
-        self.last_overhead = 0.0
+    def score(self, context: list[int], drafts: list[int], overhead: float = 0.0) -> torch.Tensor:
         if self.rebuild_query is not None:
             assert isinstance(self.view, RetrievalView)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), self.clock()
             self.view.rebuild(self.rebuild_query)
             self.rebuild_query = None
-            self.last_overhead = time.perf_counter() - t0
+            overhead += self.clock() - c0
             self.stats.rebuilds += 1
-            self.stats.rebuild_s += self.last_overhead
-        return super().score(context, drafts)
+            self.stats.rebuild_s += time.perf_counter() - t0
+        return super().score(context, drafts, overhead)
 
     def snapshot(self) -> Any:
         return super().snapshot(), self.top_steps, self.rebuild_query
@@ -224,6 +228,7 @@ class PromptLookup(Level):
         self.vocab_size = vocab_size
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.stats = LevelStats("ngram")
+        self.passes = []
         self.indexed: list[int] = []
         self.index: dict[tuple[int, ...], list[int]] = {}
 
@@ -257,12 +262,12 @@ class PromptLookup(Level):
         self, context: list[int], num_tokens: int, generator: torch.Generator | None,
         keep_going: KeepGoing | None = None,
     ) -> tuple[list[int], torch.Tensor | None, list[float] | None]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), self.clock()
         drafts = self._lookup(context, num_tokens)
-        self.last_rows = len(drafts)
         self.stats.time_s += time.perf_counter() - t0
         if not drafts:
             return [], None, None
+        self.passes.append((len(drafts), self.clock() - c0, 0.0))
         probs = torch.zeros(len(drafts), self.vocab_size)
         probs[torch.arange(len(drafts)), torch.tensor(drafts)] = 1.0
         return drafts, probs, None
