@@ -359,16 +359,19 @@ static inline __attribute__((always_inline)) void qtile_body(const int FMT, cons
     const long kbb = 16L * (FMT == QF_Q8_0 ? 34 : FMT == QF_Q4_0 ? 18 : FMT == QF_Q4_1 ? 20 : FMT == QF_Q4_K ? 144
                                                     : FMT == QF_Q5_K ? 176 : 210);
     __m512 a[4 * QTILE_M];
+    /* prefetch the same chunk of the K block this many K blocks ahead (the whole quad's stream) */
+    const long ahead = ((QPREFETCH + kstride - 1) / kstride) * kstride;
     for (int i = 0; i < NB * mt; i++) a[i] = _mm512_setzero_ps();
     for (int kb = 0; kb < nkb; kb++) {
         const uint8_t *blk = base + kb * kstride;
         for (int c = 0; c < CH; c++) {
             QState st[4];
+            if (QPREFETCH) { /* the quad's share of this chunk, also when a pass takes half the quad */
+                const long span = kstride / CH;
+                const uint8_t *pf = blk + ahead + c * span;
+                for (long l = 0; l < span; l += 64) _mm_prefetch((const char *)(pf + l), _MM_HINT_T0);
+            }
             for (int s = 0; s < NB; s++) {
-                if (QPREFETCH) {
-                    const uint8_t *ahead = blk + s * kbb + c * (kbb / CH) + QPREFETCH;
-                    for (int l = 0; l < kbb / CH; l += 64) _mm_prefetch((const char *)(ahead + l), _MM_HINT_T0);
-                }
                 q_setup(FMT, blk + s * kbb, c, &st[s]);
             }
             const uint32_t *xc = xp + (kb * CH + c) * 16;
