@@ -74,12 +74,19 @@ def test_generate_streams_text_and_prints_summary_from_stdin():
 def test_demo_runs_the_main_job_on_a_real_document(method):
     """The README's main command (shortened): a generation over the Vim manual, then the
     autoregressive baseline on the cached prompt, with the same greedy tokens."""
-    result = run_cli("demo", "--context", "512", "--max-new-tokens", "6", "--method", method, "--draft", "ngram")
+    result = run_cli("demo", "--context", "512", "--max-new-tokens", "6", "--method", method, "--draft", "ngram",
+                     "--temperature", "0")
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip()) > 0
     assert f"method {method}" in result.stderr and "prompt " in result.stderr
     assert "acceptance" in result.stderr  # the per-level summary
     assert "speedup" in result.stderr and "identical output: yes" in result.stderr
+
+
+def test_demo_samples_by_default_and_says_so():
+    result = run_cli("demo", "--context", "256", "--max-new-tokens", "4", "--draft", "ngram")
+    assert result.returncode == 0, result.stderr
+    assert "sampled at temperature 0.7" in result.stderr and "identical output" not in result.stderr
 
 
 def test_demo_refuses_bad_sampling_settings():
