@@ -98,8 +98,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, top_p: float, seed: int |
     p.add_argument("--temperature", type=_float, default=temperature, help=f"0 means greedy (default {temperature:g})")
     p.add_argument("--top-p", type=_float, default=top_p)
     p.add_argument("--top-k", type=_nonneg_int, default=0, help="0 disables top-k")
-    p.add_argument("--seed", type=int, default=seed, help="seed for reproducible sampling (the same sample needs fixed --gamma/--draft-gamma too: "
-                   "'auto' plans from measured speeds)")
+    p.add_argument("--seed", type=int, default=seed,
+                   help="seed for reproducible sampling (the same sample needs fixed --gamma/--draft-gamma too: "
+                        "'auto' plans from measured speeds)")
 
 
 def build_parser() -> argparse.ArgumentParser:
