@@ -80,6 +80,10 @@ class ScriptedController:
         assert 0 <= accepted <= drafted and (drafter_probs is None or len(drafter_probs) == drafted)
         self.calls.append(("verified", level, verifier))
 
+    def observe_cycle(self, seconds):
+        assert seconds >= 0
+        self.calls.append(("cycle",))
+
     def should_continue(self, level, position, drafter_prob):
         assert 0 < drafter_prob <= 1
         return position < 2  # stop every level after two tokens
@@ -123,3 +127,5 @@ def test_a_chain_runs_whatever_structure_each_cycle_is_planned(small_vocab_model
     verified = {call[1:] for call in scripted.calls if call[0] == "verified"}
     assert {("draft", "target"), ("target-retrieval", "target"), ("draft", "target-retrieval")} <= verified
     assert ("pass", "target") in scripted.calls and ("overhead", "target-retrieval") in scripted.calls
+    cycles = [i for i, call in enumerate(scripted.calls) if call[0] == "cycle"]  # each cycle ends with its wall time
+    assert len(cycles) == scripted.cycle and all(scripted.calls[i + 1][0] == "plan" for i in cycles[:-1])

@@ -33,6 +33,7 @@ class World:
     accept: dict[tuple[str, str], Callable[[int], float]]
     costs: dict[str, Callable[[int, int], float]] = field(default_factory=dict)
     lookup: str = "ngram"
+    outside: dict[tuple[str, ...], float] = field(default_factory=dict)  # seconds per cycle outside the passes
 
     def __post_init__(self) -> None:
         defaults = {TOP: top_cost, MIDDLE: lambda r, c: 12 * MS + 0.5 * MS * r,
@@ -193,14 +194,19 @@ def run_cycle(c: Controller | Deaf, w: World, plan: Plan, rng: random.Random,
 
 
 def simulate(c: Controller, w: World, cycles: int, seed: int = 0, context: Callable[[int], int] = lambda i: 16_384,
-             match: Callable[[int], bool] = lambda i: True) -> list[tuple[Plan, bool, int, float]]:
-    """(plan, lookup had a match, tokens, seconds) of each cycle."""
+             match: Callable[[int], bool] = lambda i: True,
+             tell_cycles: bool = False) -> list[tuple[Plan, bool, int, float]]:
+    """(plan, lookup had a match, tokens, seconds) of each cycle; tell_cycles: report each cycle's wall time
+    (passes plus the world's time outside them) as the chain does."""
     rng = random.Random(seed)
     out = []
     for i in range(cycles):
         ctx, has_match = context(i), match(i)
         plan = c.plan(ctx, lookup_has_match=has_match)
         tokens, seconds = run_cycle(c, w, plan, rng, ctx)
+        seconds += w.outside.get(plan.levels, 0.0)
+        if tell_cycles:
+            c.observe_cycle(seconds)
         out.append((plan, has_match, tokens, seconds))
     return out
 
@@ -285,6 +291,59 @@ def test_a_drafter_that_is_never_right_costs_at_most_3_percent_of_plain_decoding
     assert c.report()["plain_fraction"] >= 0.9
     chosen = [p for p, *_ in cycles[20:] if not p.probe]
     assert sum(p.plain for p in chosen) >= 0.98 * len(chosen)
+
+
+def test_time_outside_the_passes_counts_against_the_structure_that_spends_it():
+    """A draft model worth 1.3x plain decoding by its passes alone, but whose cycles spend 15 ms more outside
+    them (sampling, verification, bookkeeping), which makes it 0.85x at best: told each cycle's wall time, the
+    controller learns that time and decodes plainly; not told, it keeps speculating at a loss."""
+    w = World({("draft", TOP): flat(0.6)}, outside={("draft",): 15 * MS})
+
+    def plain_share(cycles: list) -> float:
+        chosen = [p for p, *_ in cycles[100:] if not p.probe]
+        return sum(p.plain for p in chosen) / len(chosen)
+
+    told, deaf = Controller(("draft",), warmup=False), Controller(("draft",), warmup=False)
+    heard = simulate(told, w, 500, seed=5, tell_cycles=True)
+    unheard = simulate(deaf, w, 500, seed=5)
+    assert plain_share(heard) >= 0.9 and plain_share(unheard) <= 0.1
+    assert throughput(heard[100:]) >= 0.97 / top_cost(1) > throughput(unheard[100:])
+    assert told.outside(("draft",)) == pytest.approx(15 * MS, rel=1e-6)
+    assert told.report()["outside_ms"]["draft>target"] == pytest.approx(15, rel=1e-3)
+
+
+def test_speculation_must_beat_plain_decoding_by_the_margin():
+    """With estimates that promise speculation 0.5-4.5% over plain decoding, a controller without a margin
+    speculates and one with a 5% margin decodes plainly; with estimates promising more, both speculate."""
+    def fed(hits: int, trials: int, margin: float) -> Controller:
+        c = Controller(("draft",), warmup=False, probe_every=10**6, plain_margin=margin)
+        for i in range(trials):
+            for rows in (1, 2, 3):
+                c.observe_pass(TOP, rows, top_cost(rows))
+            c.observe_pass("draft", 1, 2.1 * MS)
+            c.observe_verification("draft", 1, int(i < hits), verifier=TOP)
+        return c
+
+    def gain(c: Controller) -> float:
+        tps = brute_force(c, *controller_view(c))
+        return max(v for k, v in tps.items() if k[0]) / tps[((), 0, 0)]
+
+    def chosen(c: Controller) -> Plan:
+        plan = c.plan(16_384)
+        while plan.probe:  # no observation in between: the estimates stay, and probes are not repeated
+            plan = c.plan(16_384)
+        return plan
+
+    trials = 60
+    slight = [h for h in range(trials + 1) if 1.005 < gain(fed(h, trials, 0.0)) < 1.045]
+    assert slight, "no acceptance on the grid gives a slight gain"
+    assert not chosen(fed(slight[0], trials, 0.0)).plain
+    assert chosen(fed(slight[0], trials, 0.05)).plain
+    assert gain(fed(trials, trials, 0.0)) > 1.3 and not chosen(fed(trials, trials, 0.05)).plain
+    with pytest.raises(ValueError, match="plain_margin"):
+        Controller(("draft",), plain_margin=1.0)
+    with pytest.raises(ValueError, match="seconds"):
+        Controller(("draft",)).observe_cycle(-1.0)
 
 
 def test_a_drafter_that_gets_good_is_found_within_60_cycles():
@@ -470,7 +529,8 @@ def test_report_has_the_documented_keys_and_sane_values():
     cycles = simulate(c, w, 200, seed=9)
     r = json.loads(json.dumps(c.report()))
     assert set(r) == {"cycles", "plain_fraction", "probes", "structures", "gamma_histogram", "early_stops",
-                      "cost_ms", "acceptance", "expected_speedup", "context_len"}
+                      "cost_ms", "acceptance", "outside_ms", "expected_speedup", "context_len"}
+    assert set(r["outside_ms"]) == set(r["structures"]) and not any(r["outside_ms"].values())  # no cycle told
     assert r["cycles"] == 200 == sum(r["structures"].values())
     assert r["plain_fraction"] == pytest.approx(sum(p.plain for p, *_ in cycles) / 200, abs=1e-4)
     assert 0 < r["probes"] < 200

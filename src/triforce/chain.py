@@ -74,6 +74,7 @@ class Chain:
 
     def step(self, context: list[int], generator: torch.Generator | None) -> list[int]:
         """New tokens after `context` (at least one): one cycle, ending with one pass of the top."""
+        start = self.clock()
         if self.controller is None:
             active, gammas = self.levels, self.gammas
         else:
@@ -84,6 +85,8 @@ class Chain:
         new, _, _ = self._verify_step(active, gammas, len(active) - 1, context, generator)
         for view in self.views:
             view.follow_top()
+        if self.controller is not None:
+            self.controller.observe_cycle(self.clock() - start)
         return new
 
     def _observe(self, level: Level) -> None:

@@ -11,6 +11,7 @@ Per cycle (one top verification, or one plain decoding step) the chain calls:
     controller.should_continue(level, k, q)                    # optional, after each drafted token; stop on False
     controller.observe_verification(drafter, drafted, accepted, drafter_probs)   # every verification
     controller.observe_overhead(level, seconds)                # time outside passes caused by a level (optional)
+    controller.observe_cycle(seconds)                          # the cycle's wall time, plan to plan (optional)
 
 Names. The top is the target on its full cache (`top`, "target"). Below it run at most two levels: a bottom
 (prompt lookup "ngram", or a draft model; a hybrid bottom lists both kinds and uses one per cycle) and a middle
@@ -25,6 +26,9 @@ Measurements.
   cost is a prior ratio of the top's one-row cost. A lookup level's "pass" is one proposal of r tokens.
 - Fixed cost per cycle of using a level (e.g. a retrieval view's re-selection): `observe_overhead`, averaged with
   the same decay over the cycles the level ran.
+- Time of a cycle outside every pass and overhead (sampling, verification, bookkeeping: more per cycle for a
+  deeper structure): the cycle's wall time (`observe_cycle`) minus what the passes and overheads took,
+  averaged per structure with the same decay, and added to that structure's cycles.
 - Evidence that sat unused (a level or a drafter not run for a while, e.g. while speculation was off) is also
   aged by `stale_decay` per idle cycle (down to a floor of 25%) when new evidence arrives, so a probe's fresh
   result outweighs a stale record; the aging is applied only then, so estimates never drift back to the priors
@@ -49,7 +53,9 @@ Expected-value model (A_D(g) = sum_{i<=g} prod_{j<=i} a_j: expected accepted tok
 Each option's seconds include the overheads of the levels it runs. A cycle ends with exactly one top pass.
 
 Choice. plan() evaluates the whole grid (structures x gammas x draft_gammas, at most ~100 options) and takes the
-best expected tokens per second (exploitation), except:
+best expected tokens per second (exploitation), plain decoding unless the best speculative option promises more
+than (1 + plain_margin) times its speed (the estimates err, and an error toward speculation costs a slower
+generation than plain decoding), except:
 - warm-up: each available structure runs once (a probe with gamma <= probe_gamma, draft_gamma <= 2) before the
   controller trusts its priors;
 - scheduled probes: every >= probe_every cycles, the structure whose measurements are stalest runs once (capped
@@ -257,7 +263,8 @@ class Controller:
     prior_acceptance, prior_cost: overrides of default_prior_acceptance / default_prior_cost per level name.
     warmup: run every structure once first (else start from the priors' best and leave the others to the
     budgeted probes, which try a structure never run before any other). hysteresis: keep the last cycle's
-    option while its expected tokens per second is within this fraction of the best's.
+    option while its expected tokens per second is within this fraction of the best's. plain_margin: the
+    fraction by which speculation must beat plain decoding's expected speed to be chosen over it.
     """
 
     def __init__(
@@ -278,6 +285,7 @@ class Controller:
         stale_decay: float = 0.98,
         warmup: bool = True,
         hysteresis: float = 0.0,
+        plain_margin: float = 0.0,
     ) -> None:
         if len(levels) > 2:
             raise ValueError("at most two levels below the top: a bottom and a middle")
@@ -287,6 +295,9 @@ class Controller:
             raise ValueError("gammas and draft_gammas are integers >= 1")
         if probe_every < 1 or not 0 <= probe_budget < 1:
             raise ValueError("probe_every >= 1 and probe_budget in [0, 1)")
+        if not 0 <= plain_margin < 1:
+            raise ValueError("plain_margin in [0, 1)")
+        self.plain_margin = plain_margin
         self.top, self.lookup = top, lookup
         self.probe_every, self.probe_budget, self.probe_gamma = probe_every, probe_budget, probe_gamma
         self.cost_decay, self.stale_decay = cost_decay, stale_decay
@@ -315,6 +326,9 @@ class Controller:
             n: PassCost(*prior_cost.get(n, default_prior_cost(n)), decay=cost_decay) for n in names
         }
         self._overhead = dict.fromkeys(names, 0.0)
+        # seconds per cycle outside passes and overheads: decayed sums of seconds and of weights, per structure
+        self._outside = {structure: [0.0, 0.0] for structure in self.structures}
+        self._cycle_wall: float | None = None
         self._shapes: dict[tuple[str, ...], tuple[Any, list[tuple[int, int, float, float, float]]]] = {}
         self._gatherings: dict[tuple[str, str], tuple[Any, list[Any]]] = {}
         self._acceptance: dict[tuple[str, str], Acceptance] = {}
@@ -369,6 +383,13 @@ class Controller:
         self._cycle_overhead[level] = self._cycle_overhead.get(level, 0.0) + seconds
         self._cycle_seconds += seconds
 
+    def observe_cycle(self, seconds: float) -> None:
+        """The cycle just run took `seconds` of wall time, from before its plan() to after its last pass and
+        the bookkeeping that follows."""
+        if seconds < 0:
+            raise ValueError(f"a cycle takes >= 0 seconds, got {seconds}")
+        self._cycle_wall = seconds
+
     def observe_verification(self, level: str, drafted: int, accepted: int,
                              drafter_probs: Sequence[float] | None = None, verifier: str | None = None) -> None:
         """The level above verified `drafted` of `level`'s tokens and accepted the first `accepted`.
@@ -418,6 +439,12 @@ class Controller:
         """Expected seconds of a pass of `level` over `rows` rows."""
         a, b = self.line(level)
         return a + b * rows
+
+    def outside(self, structure: tuple[str, ...]) -> float:
+        """Expected seconds of a cycle of `structure` outside its passes and levels' overheads (0 until a cycle
+        of it is reported by observe_cycle)."""
+        total, weight = self._outside.get(tuple(structure), (0.0, 0.0))
+        return total / weight if weight else 0.0
 
     def acceptance(self, drafter: str, verifier: str | None = None) -> list[float]:
         """Estimated acceptance per draft position of `drafter` under `verifier` (default: the top)."""
@@ -503,7 +530,7 @@ class Controller:
     def options(self, structure: tuple[str, ...]) -> list[Option]:
         """Every (gamma, draft_gamma, expected tokens, expected seconds) of one cycle of `structure`."""
         top_a, top_b = self.line(self.top)
-        fixed = top_a + self._overhead[self.top]
+        fixed = top_a + self._overhead[self.top] + self.outside(structure)
         return [(g, d, tokens, below + fixed + top_b * rows) for g, d, tokens, below, rows in self._shape(structure)]
 
     def estimate(self, levels: tuple[str, ...], gamma: int = 0, draft_gamma: int = 0) -> tuple[float, float]:
@@ -517,7 +544,7 @@ class Controller:
         """(expected tokens per second, option) of the structure's best option, and of its best cheap one
         (gamma <= probe_gamma, draft_gamma <= PROBE_DRAFT_GAMMA) for probing (the best if none is cheap)."""
         top_a, top_b = self.line(self.top)
-        fixed = top_a + self._overhead[self.top]
+        fixed = top_a + self._overhead[self.top] + self.outside(structure)
         best = cheap = (-1.0, (0, 0, 0.0, 0.0))
         for g, d, tokens, below, rows in self._shape(structure):
             seconds = below + fixed + top_b * rows
@@ -540,6 +567,8 @@ class Controller:
         available = [s for s in self.structures if lookup_has_match is not False or self.lookup not in s]
         best = {s: self._best(s) for s in available}  # structure -> (best, cheap), each (tps, option)
         exploit = max(available, key=lambda s: best[s][0][0])
+        if exploit and () in best and best[exploit][0][0] < (1 + self.plain_margin) * best[()][0][0]:
+            exploit = ()
         exploit_tps = best[exploit][0][0]
         chosen, probe, warmup = exploit, False, False
 
@@ -596,13 +625,19 @@ class Controller:
         if plan is None:
             return
         seconds, tokens = self._cycle_seconds, max(1, self._cycle_tokens)
+        w = self.cost_decay
+        if self._cycle_wall is not None:
+            outside = max(0.0, self._cycle_wall - seconds)
+            seconds = max(seconds, self._cycle_wall)
+            mean = self._outside[plan.levels]
+            mean[0], mean[1] = w * mean[0] + outside, w * mean[1] + 1.0
+            self._cycle_wall = None
         self._last_tokens = tokens
         plain_s = self.cost(self.top, 1)
         if plan.probe and not self._warmup:
             self.credit -= seconds - tokens / self._exploit_tps
         elif not plan.probe:
             self.credit = min(self.credit + self.probe_budget * seconds, CREDIT_STEPS * plain_s)
-        w = self.cost_decay
         for level in (*plan.levels, self.top):
             self._overhead[level] = w * self._overhead[level] + (1 - w) * self._cycle_overhead.get(level, 0.0)
         self._cycle_seconds, self._cycle_tokens, self._cycle_overhead = 0.0, 0, {}
@@ -665,7 +700,8 @@ class Controller:
         cycles per structure ("ngram>target-retrieval>target"), per structure histograms of the gammas chosen
         ("gamma_histogram": {structure: {"gamma": {"4": cycles}, "draft_gamma": {"2": cycles}}}), early stops by
         should_continue per level, cost estimates per level (ms per pass at 1 and at 8 rows, passes seen: 0 means
-        a prior), acceptance estimates per drafter>verifier and position, the expected speed-up of the best
+        a prior), acceptance estimates per drafter>verifier and position, the seconds per cycle outside passes
+        per structure run ("outside_ms"), the expected speed-up of the best
         option over plain decoding at the last plan, and the context length then."""
         cycles = sum(self._runs.values())
         plain_s = self.cost(self.top, 1)
@@ -684,6 +720,7 @@ class Controller:
                         for level, c in self._costs.items()},
             "acceptance": {f"{d}>{v}": [round(a, 3) for a in acc.rates()[: self.gammas[-1]]]
                            for (d, v), acc in self._acceptance.items() if acc.verifications},
+            "outside_ms": {_name(s, self.top): round(1000 * self.outside(s), 3) for s in self._runs},
             "expected_speedup": round(self._exploit_tps * plain_s, 3) if cycles else None,
             "context_len": self.context_len,
         }

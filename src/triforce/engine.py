@@ -150,7 +150,8 @@ class Engine:
             names[0] = ("ngram", names[0])
         # no forced warm-up: a short generation would spend a large part of itself trying every
         # structure; the budgeted probes try them instead
-        controller = Controller(names, s.gamma_choices, s.draft_gamma_choices, warmup=False)
+        # speculation must promise 5% over plain decoding: estimates err, and an error that way is a loss
+        controller = Controller(names, s.gamma_choices, s.draft_gamma_choices, warmup=False, plain_margin=0.05)
         return Chain([*below, top], [], controller, self.clock)
 
     def _level(self, spec: LevelSpec, full: FullCache, top: ModelLevel, params: SamplingParams,
