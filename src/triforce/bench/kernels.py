@@ -63,10 +63,10 @@ def attention_paths(config: Any) -> list[str]:
 def attention_rows(config: Any, contexts: list[int], queries: list[int], layers: int, repeats: int,
                    thread_counts: list[int], bandwidth: float, peak: dict[int, float | None],
                    log: Any) -> list[dict[str, Any]]:
-    """Per context, thread count, query tokens T (1 always, the base of the ratios) and path, the
-    paths alternating within each repeat: microseconds per layer, the ratio to the same path's
-    1-token pass, GB/s of keys and values read against the copy bandwidth and GMAC/s against the
-    bf16 dot-product ceiling of as many threads."""
+    """Per context, thread count, query tokens T (1 always, the base of the ratios) and path,
+    token counts and paths alternating within each repeat: microseconds per layer, the ratio to
+    the same path's 1-token pass, GB/s of keys and values read against the copy bandwidth and
+    GMAC/s against the bf16 dot-product ceiling of as many threads."""
     hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
     paths = attention_paths(config)
     counts = sorted({1, *queries})
@@ -78,15 +78,17 @@ def attention_rows(config: Any, contexts: list[int], queries: list[int], layers:
         v.normal_()
         kv_bytes = 2 * hkv * context * hd * 2
         macs_per_query = 2 * hq * context * hd  # q.k and p.v for every query head
+        qs = {t: torch.randn(t, hq, hd) for t in counts}
         for threads in thread_counts:
             torch.set_num_threads(threads)
-            one: dict[str, float] = {}
+            # every token count and path takes its turn within each repeat, so the ratios to the
+            # 1-token pass compare runs seconds apart, not minutes (shared machines drift)
+            times = _alternating({(t, name): partial(_attention_pass, qs[t], k, v, context)
+                                  for t in counts for name in paths}, repeats)
+            one = {name: times[1, name] / layers for name in paths}
             for t in counts:
-                q = torch.randn(t, hq, hd)
-                times = _alternating({name: partial(_attention_pass, q, k, v, context) for name in paths}, repeats)
                 for name in paths:
-                    per_layer = times[name] / layers
-                    one.setdefault(name, per_layer)
+                    per_layer = times[t, name] / layers
                     gbs, gmacs = kv_bytes / per_layer / 1e9, t * macs_per_query / per_layer / 1e9
                     ceiling = peak.get(threads)
                     rows.append({"context": context, "queries": t, "threads": threads, "path": name,
@@ -101,26 +103,26 @@ def attention_rows(config: Any, contexts: list[int], queries: list[int], layers:
     return rows
 
 
-def _alternating(fns: dict[str, Any], repeats: int) -> dict[str, float]:
-    """Median seconds of each attention path's call, the paths taking turns within each repeat."""
-    staged = native.set_staged_attention(True) if "-" not in fns else None
+def _alternating(fns: dict[tuple[int, str], Any], repeats: int) -> dict[tuple[int, str], float]:
+    """Median seconds of each (token count, path) call, all taking turns within each repeat."""
+    staged = native.set_staged_attention(True) if any(name != "-" for _, name in fns) else None
     try:
-        for name, fn in fns.items():  # first touch and kernel build outside the clock
+        for (_, name), fn in fns.items():  # first touch and kernel build outside the clock
             if staged is not None:
                 native.set_staged_attention(name == "staged")
             fn()
-        times: dict[str, list[float]] = {name: [] for name in fns}
+        times: dict[tuple[int, str], list[float]] = {key: [] for key in fns}
         for _ in range(repeats):
-            for name, fn in fns.items():
+            for key, fn in fns.items():
                 if staged is not None:
-                    native.set_staged_attention(name == "staged")
+                    native.set_staged_attention(key[1] == "staged")
                 t0 = time.perf_counter()
                 fn()
-                times[name].append(time.perf_counter() - t0)
+                times[key].append(time.perf_counter() - t0)
     finally:
         if staged is not None:
             native.set_staged_attention(staged)
-    return {name: median(ts) for name, ts in times.items()}
+    return {key: median(ts) for key, ts in times.items()}
 
 
 def pass_rows(attn: list[dict[str, Any]], proj: list[dict[str, Any]], layers: int,
