@@ -160,8 +160,16 @@ def test_serve_quick(tmp_path):
 
 def test_kernels_quick(tmp_path):
     report = quick("kernels", tmp_path)
-    assert {(r["context"], r["queries"]) for r in report["attention"]} == {(256, 1), (256, 3)}
+    assert {(r["context"], r["queries"]) for r in report["attention"]} == {(256, 1), (256, 5)}
     assert all(r["us_per_layer"] > 0 and r["gbs"] > 0 for r in report["attention"])
+    paths = {r["path"] for r in report["attention"]}
+    assert paths in ({"staged", "grouped"}, {"-"})  # both multi-row paths where the CPU has them
+    assert all(r["vs_one_query"] == 1.0 for r in report["attention"] if r["queries"] == 1)
+    # a pass = attention + projections, per weights format, path and token count, against one token
+    assert {(r["weights"], r["path"], r["queries"]) for r in report["passes"]} == {
+        (w, p, t) for w in ("bf16", "auto") for p in paths for t in (1, 5)}
+    assert all(r["pass_ms"] == pytest.approx(r["attention_ms"] + r["projection_ms"], abs=0.02)
+               for r in report["passes"])
     assert [(r["weights"], r["rows"]) for r in report["projections"]] == [("bf16", 1), ("auto", 1), ("bf16", 5),
                                                                           ("auto", 5)]
     assert report["projections"][1]["mb"] < report["projections"][0]["mb"] / 2  # the GGUF's 4-bit blocks

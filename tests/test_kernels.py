@@ -66,6 +66,43 @@ def test_attention_row_alone_equals_row_in_a_verification(heads):
             assert torch.equal(alone[0], together[t])
 
 
+def _paths() -> list[bool | None]:
+    """The multi-row paths to run (staged, grouped) where the CPU has both, else the one there is."""
+    return [True, False] if native.packed_linear_supported() else [None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 2, 128), (4, 4, 64)], ids=["gqa3-64", "gqa4-128", "mha-64"])
+@pytest.mark.parametrize("T", [2, 3, 7, 11, 22, 64])
+def test_every_row_of_a_pass_equals_that_row_alone(dtype, heads, T):
+    """A verification or middle-level pass of T tokens gives every row the bits of decoding it
+    alone, on every multi-row path, with the rows straddling a key-split boundary (4096 dense
+    keys; 2048 keys of a retrieval selection), so greedy speculation stays exactly plain decoding."""
+    nq, nkv, hd = heads
+    torch.manual_seed(T)
+    first = 4096 - T // 2
+    k = torch.randn(nkv, first + T, hd, dtype=dtype)
+    v = torch.randn(nkv, first + T, hd, dtype=dtype)
+    q = torch.randn(T, nq, hd)
+    chunk, dense = 8, first - 128 + T // 2  # 240 chunks + the dense tail: 2048 - T // 2 + t + 1 keys
+    chunks = torch.stack([torch.randperm(dense // chunk)[:240].sort().values * chunk for _ in range(nkv)]).int()
+    for extra in ((), (chunks, chunk, dense)):
+        alone = [native.attention(q[t : t + 1], k, v, first + t + 1, first + t, *extra, out_dtype=torch.float32)[0]
+                 for t in range(T)]
+        for path in _paths():
+            was = native.set_staged_attention(path) if path is not None else None
+            try:
+                together = native.attention(q, k, v, first + T, first, *extra, out_dtype=torch.float32)
+            finally:
+                if was is not None:
+                    native.set_staged_attention(was)
+            for t in range(T):
+                assert torch.equal(alone[t], together[t]), (path, bool(extra), t)
+            if not extra:  # and right, not merely consistent
+                reference = attend_torch(q, k.float(), v.float(), first + T, first)
+                assert (together - reference).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
 @pytest.mark.parametrize("heads", [(9, 3, 64), (8, 2, 128)])
 def test_prefill_sized_pass_matches_torch_and_each_row_alone(heads):
     """A prefill chunk (hundreds of rows, keys past a 2048-key split, causal within the chunk)

@@ -84,6 +84,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     signatures = {
         "tf_attention": ([p, p, p, i, n, p, i, i, i, i, i, p, i, i, i, i, i, f, i], i),
         "tf_rope_attention_many": ([p, p, p, p, p, p, p, i, i, i, i, i, f, i], i),
+        "tf_attention_staged": ([i], i),
         "tf_pack_weight": ([p, p, i, i], None),
         "tf_linear_bf16": ([p, p, p, p, i, i, i, i, i], i),
         "tf_has_bf16_linear": ([], i),
@@ -204,6 +205,17 @@ def attention(
         num_rows, first_row, hd**-0.5, torch.get_num_threads(),
     ))
     return out
+
+
+def set_staged_attention(on: bool) -> bool:
+    """Choose how passes of several rows over bf16 caches run on CPUs with AVX512-BF16: staged
+    (the block's keys and values converted once, then every row's scores, softmax and p.V each in
+    one loop; the default) or grouped (each group of up to four rows through all three before the
+    next). Rows get the same bits either way; `triforce bench kernels` times both. Returns the
+    previous choice."""
+    lib = library()
+    assert lib is not None
+    return bool(lib.tf_attention_staged(int(on)))
 
 
 def rope_attention_many(

@@ -3,16 +3,19 @@
 Attention: one call per layer over `layers` separate caches of the target's shape (allocated as
 the engine allocates them), so each call streams its keys and values from memory as in a real
 decoding step, not from a cache the previous call warmed. Reported per context, query tokens T
-(1 = decoding, more = verifying a draft) and thread count: microseconds per layer and GB/s of
-keys and values read. Projections: the target's own layers with M rows of input (one decoding
-step of a batch of M, or a verification of M tokens), for each weights format asked (dense bf16,
-a GGUF's own blocks, a quantized copy), the formats alternating: milliseconds per pass over every
-layer and the output head, GB/s of weights read and multiply-adds per second, which shows where
-the rows stop being free (the pass turns compute-bound). Both also in multiply-adds per second, against the
-machine's measured bf16 ceiling (threads running nothing but pair-dot-product instructions).
-Prefill: one chunk of `prefill_queries` new tokens after each context, on one layer, through
-the kernel and through PyTorch's flash attention (what prefill uses where the kernel does not
-take it), runs alternating, medians and their ratio.
+(1 = decoding, more = verifying a draft), thread count and multi-row path (staged or grouped,
+alternating): microseconds per layer, the ratio to a 1-token pass, and GB/s of keys and values
+read against the copy bandwidth. Projections: the target's own layers with M rows of input (one
+decoding step of a batch of M, or a verification of M tokens), for each weights format asked
+(dense bf16, a GGUF's own blocks, a quantized copy), the formats alternating: milliseconds per
+pass over every layer and the output head, GB/s of weights read and multiply-adds per second,
+which shows where the rows stop being free (the pass turns compute-bound). Both also in
+multiply-adds per second, against the machine's measured bf16 ceiling (threads running nothing
+but pair-dot-product instructions). Passes: attention and projections added up per context and
+token count (where --rows has it), against the 1-token pass: a verification's cost in decoding
+steps. Prefill: one chunk of `prefill_queries` new tokens after each context, on one layer,
+through the kernel and through PyTorch's flash attention (what prefill uses where the kernel does
+not take it), runs alternating, medians and their ratio.
 """
 
 from __future__ import annotations
@@ -37,18 +40,8 @@ from .common import copy_bandwidth_gbs, machine, markdown_table, median, write_r
 DEFAULTS: dict[str, Any] = dict(contexts=[2048, 8192], queries=[1, 2, 5, 7], rows=[1, 4, 8, 12, 16, 24, 32],
                                 layers=None, repeats=7, model=None, bandwidth_bytes=1 << 30, prefill_queries=1024,
                                 weights=["bf16", "auto"])
-QUICK: dict[str, Any] = dict(contexts=[256], queries=[1, 3], rows=[1, 5], layers=2, repeats=1, bandwidth_bytes=1 << 24,
+QUICK: dict[str, Any] = dict(contexts=[256], queries=[1, 5], rows=[1, 5], layers=2, repeats=1, bandwidth_bytes=1 << 24,
                              prefill_queries=96)
-
-
-def _timed(fn: Any, repeats: int) -> float:
-    fn()  # first touch and kernel build outside the clock
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return median(times)
 
 
 def _attention_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> None:
@@ -61,29 +54,96 @@ def _projection_pass(projections: list[Any], inputs: list[torch.Tensor]) -> None
         proj(x)
 
 
+def attention_paths(config: Any) -> list[str]:
+    """The multi-row attention paths this CPU runs on bf16 caches of `config`'s shape: staged and
+    grouped where the AVX512-BF16 kernel takes the head size, else the one there is ("-")."""
+    return ["staged", "grouped"] if native.packed_linear_supported() and config.head_dim % 32 == 0 else ["-"]
+
+
 def attention_rows(config: Any, contexts: list[int], queries: list[int], layers: int, repeats: int,
-                   thread_counts: list[int], log: Any) -> list[dict[str, Any]]:
+                   thread_counts: list[int], bandwidth: float, peak: dict[int, float | None],
+                   log: Any) -> list[dict[str, Any]]:
+    """Per context, thread count, query tokens T (1 always, the base of the ratios) and path,
+    token counts and paths alternating within each repeat: microseconds per layer, the ratio to
+    the same path's 1-token pass, GB/s of keys and values read against the copy bandwidth and
+    GMAC/s against the bf16 dot-product ceiling of as many threads."""
     hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    paths = attention_paths(config)
+    counts = sorted({1, *queries})
     rows = []
     for context in contexts:
         shape = dataclasses.replace(config, num_layers=layers)
-        k, v = allocate_kv(shape, context + max(queries), torch.bfloat16, "cpu")
+        k, v = allocate_kv(shape, context + max(counts), torch.bfloat16, "cpu")
         k.normal_()
         v.normal_()
         kv_bytes = 2 * hkv * context * hd * 2
         macs_per_query = 2 * hq * context * hd  # q.k and p.v for every query head
-        for t in queries:
-            q = torch.randn(t, hq, hd)
-            for threads in thread_counts:
-                torch.set_num_threads(threads)
-                per_layer = _timed(partial(_attention_pass, q, k, v, context), repeats) / layers
-                gmacs = t * macs_per_query / per_layer / 1e9
-                rows.append({"context": context, "queries": t, "threads": threads,
-                             "us_per_layer": round(per_layer * 1e6, 1), "gbs": round(kv_bytes / per_layer / 1e9, 3),
-                             "gmacs": round(gmacs, 3)})
-                log(f"attention {context} T={t} threads={threads}: {per_layer * 1e6:.0f} us/layer, "
-                    f"{kv_bytes / per_layer / 1e9:.1f} GB/s, {gmacs:.0f} GMAC/s")
+        qs = {t: torch.randn(t, hq, hd) for t in counts}
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            # every token count and path takes its turn within each repeat, so the ratios to the
+            # 1-token pass compare runs seconds apart, not minutes (shared machines drift)
+            times = _alternating({(t, name): partial(_attention_pass, qs[t], k, v, context)
+                                  for t in counts for name in paths}, repeats)
+            one = {name: times[1, name] / layers for name in paths}
+            for t in counts:
+                for name in paths:
+                    per_layer = times[t, name] / layers
+                    gbs, gmacs = kv_bytes / per_layer / 1e9, t * macs_per_query / per_layer / 1e9
+                    ceiling = peak.get(threads)
+                    rows.append({"context": context, "queries": t, "threads": threads, "path": name,
+                                 "us_per_layer": round(per_layer * 1e6, 1),
+                                 "vs_one_query": round(per_layer / one[name], 2),
+                                 "gbs": round(gbs, 3), "bandwidth_share": round(gbs / bandwidth, 3),
+                                 "gmacs": round(gmacs, 3),
+                                 "ceiling_share": round(gmacs / ceiling, 3) if ceiling else None})
+                    log(f"attention {context} T={t} threads={threads} path={name}: {per_layer * 1e6:.0f} us/layer "
+                        f"({per_layer / one[name]:.2f}x T=1), {gbs:.1f} GB/s ({gbs / bandwidth:.0%} of copy), "
+                        f"{gmacs:.0f} GMAC/s" + (f" ({gmacs / ceiling:.0%} of ceiling)" if ceiling else ""))
     return rows
+
+
+def _alternating(fns: dict[tuple[int, str], Any], repeats: int) -> dict[tuple[int, str], float]:
+    """Median seconds of each (token count, path) call, all taking turns within each repeat."""
+    staged = native.set_staged_attention(True) if any(name != "-" for _, name in fns) else None
+    try:
+        for (_, name), fn in fns.items():  # first touch and kernel build outside the clock
+            if staged is not None:
+                native.set_staged_attention(name == "staged")
+            fn()
+        times: dict[tuple[int, str], list[float]] = {key: [] for key in fns}
+        for _ in range(repeats):
+            for key, fn in fns.items():
+                if staged is not None:
+                    native.set_staged_attention(key[1] == "staged")
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+    finally:
+        if staged is not None:
+            native.set_staged_attention(staged)
+    return {key: median(ts) for key, ts in times.items()}
+
+
+def pass_rows(attn: list[dict[str, Any]], proj: list[dict[str, Any]], layers: int,
+              threads: int) -> list[dict[str, Any]]:
+    """A whole pass of T tokens as the sum of its parts measured above (`layers` layers' attention
+    at a context and the projections with T input rows, per weights format), against the 1-token
+    pass: what a verification costs in decoding steps, before norms and glue."""
+    proj_ms = {(r["weights"], r["rows"]): r["ms"] for r in proj}
+    out = []
+    for fmt in dict.fromkeys(r["weights"] for r in proj):
+        for r in attn:
+            if r["threads"] != threads or (fmt, r["queries"]) not in proj_ms or (fmt, 1) not in proj_ms:
+                continue
+            base = next(b for b in attn if (b["context"], b["threads"], b["path"], b["queries"]) ==
+                        (r["context"], threads, r["path"], 1))
+            attn_ms, base_ms = r["us_per_layer"] * layers / 1e3, base["us_per_layer"] * layers / 1e3
+            total, one = attn_ms + proj_ms[fmt, r["queries"]], base_ms + proj_ms[fmt, 1]
+            out.append({"context": r["context"], "queries": r["queries"], "path": r["path"], "weights": fmt,
+                        "attention_ms": round(attn_ms, 2), "projection_ms": proj_ms[fmt, r["queries"]],
+                        "pass_ms": round(total, 2), "vs_one_query": round(total / one, 2)})
+    return out
 
 
 def projection_rows(targets: dict[str, Any], rows_list: list[int], repeats: int, threads: int,
@@ -182,14 +242,24 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
         ceiling += "; one thread by independent chains: " + ", ".join(f"{c}: {g:.0f}" for c, g in chains.items())
         log(ceiling)
     try:
-        attn = attention_rows(config, contexts, queries, layers, repeats, thread_counts, log)
+        attn = attention_rows(config, contexts, queries, layers, repeats, thread_counts, bandwidth, peak, log)
         proj = projection_rows(targets, rows, repeats, all_threads, log)
         prefill = prefill_rows(config, contexts, prefill_queries, repeats, log)
     finally:
         torch.set_num_threads(all_threads)
-    table = markdown_table(["context", "query tokens", "threads", "us per layer", "KV GB/s", "GMAC/s"],
-                           [[r["context"], r["queries"], r["threads"], r["us_per_layer"], r["gbs"], r["gmacs"]]
-                            for r in attn])
+    passes = pass_rows(attn, proj, len(target.decoder.layers), all_threads)
+    table = markdown_table(
+        ["context", "query tokens", "threads", "path", "us per layer", "x 1 token", "KV GB/s", "of copy", "GMAC/s",
+         "of ceiling"],
+        [[r["context"], r["queries"], r["threads"], r["path"], r["us_per_layer"], r["vs_one_query"], r["gbs"],
+          f"{r['bandwidth_share']:.0%}", r["gmacs"],
+          f"{r['ceiling_share']:.0%}" if r["ceiling_share"] is not None else "-"] for r in attn])
+    if passes:
+        table += "\n\n" + markdown_table(
+            ["context", "query tokens", "attention path", "weights", "attention ms", "projection ms", "pass ms",
+             "x 1 token"],
+            [[r["context"], r["queries"], r["path"], r["weights"], r["attention_ms"], r["projection_ms"], r["pass_ms"],
+              r["vs_one_query"]] for r in passes])
     table += "\n\n" + markdown_table(["weights", "weight MB", "input rows", "ms per pass", "weight GB/s", "GMAC/s"],
                                      [[r["weights"], r["mb"], r["rows"], r["ms"], r["gbs"], r["gmacs"]] for r in proj])
     table += "\n\n" + markdown_table(
@@ -205,6 +275,7 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
     report = {"machine": machine(), "copy_bandwidth_gbs": round(bandwidth, 1), "model": target.source,
               "bf16_dot_peak_gmacs": {str(t): (round(g, 1) if g is not None else None) for t, g in peak.items()},
               "bf16_dot_gmacs_by_chains": chains,
-              "layers": layers, "attention": attn, "projections": proj, "prefill": prefill, "markdown": table}
+              "layers": layers, "attention": attn, "projections": proj, "passes": passes, "prefill": prefill,
+              "markdown": table}
     write_report(out, "kernels", report)
     return report

@@ -35,6 +35,18 @@
 #define SPLIT_KEYS 2048
 #define MAX_CHUNKS 16 /* head_dim <= 256 */
 
+/* Whether passes of more rows than one register group take the staged path (below) or the
+ * grouped one; both give every row the same bits, so `triforce bench kernels` can time them in
+ * one run. */
+static int staged_path = 1;
+
+/* Sets the path (0 grouped, 1 staged; negative leaves it) and returns the previous one. */
+int tf_attention_staged(int on) {
+    const int was = staged_path;
+    if (on >= 0) staged_path = on != 0;
+    return was;
+}
+
 typedef struct {
     const int32_t *chunks;
     int n_chunks, chunk_size, dense_start, num_rows;
@@ -288,6 +300,17 @@ static inline __attribute__((always_inline)) void block_scores(
     }
 }
 
+/* The sum of a's lanes by a fixed tree (halves, then quarters, then pairs), the tree that
+ * reduce_add16 below applies to 16 vectors at once: a row's normaliser must not depend on which
+ * path or compiler header summed it. */
+static inline float reduce_add1(__m512 a) {
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q)); /* q0 + q2, q1 + q3 */
+    return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
+}
+
 /* RB query rows (r0..) against one block of up to SUB*BLOCK keys: scores, online softmax, p.V.
  * Keys and values come from the block's scratch copies (kt, vi: shared by every row group) or,
  * when `direct` (all rows in one group), straight from the cache rows: each transposed 16-key
@@ -342,7 +365,8 @@ static inline __attribute__((always_inline)) void rows_block(
             _mm256_storeu_si256((__m256i *)(pairs[i] + sb * BLOCK / 2), (__m256i)_mm512_cvtneps_pbh(p));
         }
         for (int sb = nsub; sb < SUB; sb++) memset(pairs[i] + sb * BLOCK / 2, 0, sizeof(uint32_t) * BLOCK / 2);
-        l[r] = l[r] * corr[i] + _mm512_reduce_add_ps(total);
+        /* the staged path's vector update, spelled out: a fused multiply-add and the same tree */
+        l[r] = fmaf(l[r], corr[i], reduce_add1(total));
         m[r] = mn;
     }
     __m512 o[4][MAX_CHUNKS];
@@ -394,6 +418,250 @@ static inline __attribute__((always_inline)) void prefetch_keys(const uint16_t *
     }
 }
 
+/* ---- the staged path: many rows against one staged block ------------------------------------
+ * The block's keys (transposed, kt) and values (interleaved, vi) are staged once; then rows go
+ * through it in chunks of up to ROW_CHUNK, each chunk in three loops with nothing else in them:
+ * scores of every row (register tiles of 4 rows x 2 sub-blocks: 16 accumulation chains), the
+ * online-softmax update of every row, and p.V of every row (tiles of 16 accumulators). The
+ * arithmetic of each row is exactly that of rows_block (same chains, same order, same exp), so
+ * a row gets the same bits on either path. Against the grouped path (rows_block per group of up
+ * to 4 rows, all three steps before the next group; AMD Zen 5, 2 threads, 30 cold layers, runs
+ * alternating): 7 tokens over 16-32K keys 0.73-0.91x the time, 2-5 tokens 0.77-0.85x, a
+ * 1024-token prefill chunk 0.93-0.96x. */
+#define ROW_CHUNK 32
+/* Blocks ahead whose lines are asked for: 2 or 3 measured 4-13% slower than 1 (7 tokens over
+ * 16-32K keys, AMD Zen 5) */
+#define PF_BLOCKS 1
+
+/* Scores of RB rows (qp) against sub-blocks sb .. sb + NS - 1: sc[i][16 (sb + s) + lane]. */
+static inline __attribute__((always_inline)) void staged_scores(const int RB, const int NS, const int D, int sb,
+                                                                const uint32_t *const *qp, const __m512i *kt,
+                                                                float scale, float *sc) {
+    const int npairs = D / 2;
+    __m512 a[4][2][2];
+    for (int i = 0; i < RB; i++)
+        for (int s = 0; s < NS; s++) a[i][s][0] = a[i][s][1] = _mm512_setzero_ps();
+    for (int p = 0; p < npairs; p += 2) {
+        __m512i t00 = kt[sb * npairs + p], t01 = kt[sb * npairs + p + 1], t10 = t00, t11 = t01;
+        if (NS == 2) {
+            t10 = kt[(sb + 1) * npairs + p];
+            t11 = kt[(sb + 1) * npairs + p + 1];
+        }
+        __asm__("" : "+v"(t00), "+v"(t01), "+v"(t10), "+v"(t11));
+        const __m512bh tl[2][2] = {{(__m512bh)t00, (__m512bh)t01}, {(__m512bh)t10, (__m512bh)t11}};
+        for (int i = 0; i < RB; i++) {
+            const __m512bh q0 = (__m512bh)_mm512_set1_epi32((int)qp[i][p]);
+            const __m512bh q1 = (__m512bh)_mm512_set1_epi32((int)qp[i][p + 1]);
+            for (int s = 0; s < NS; s++) {
+                a[i][s][0] = _mm512_dpbf16_ps(a[i][s][0], tl[s][0], q0);
+                a[i][s][1] = _mm512_dpbf16_ps(a[i][s][1], tl[s][1], q1);
+            }
+        }
+    }
+    for (int i = 0; i < RB; i++)
+        for (int s = 0; s < NS; s++)
+            _mm512_storeu_ps(sc + i * SUB * BLOCK + (sb + s) * BLOCK,
+                             _mm512_mul_ps(_mm512_add_ps(a[i][s][0], a[i][s][1]), _mm512_set1_ps(scale)));
+}
+
+static inline __attribute__((always_inline)) void staged_scores_rows(const int RB, const int D, int nsub,
+                                                                     const uint32_t *const *qp, const __m512i *kt,
+                                                                     float scale, float *sc) {
+    int sb = 0;
+    for (; sb + 1 < nsub; sb += 2) staged_scores(RB, 2, D, sb, qp, kt, scale, sc);
+    if (sb < nsub) staged_scores(RB, 1, D, sb, qp, kt, scale, sc);
+}
+
+/* p.V of RB rows: acc = acc * corr + sum over the block's value pairs, as in rows_block. */
+static inline __attribute__((always_inline)) void staged_pv(const int RB, const int D, int npr, const uint32_t *pairs,
+                                                            const float *corr, const uint16_t *vi, float *acc) {
+    const int nc = D / 16, halves = D / 32;
+    __m512 o[4][MAX_CHUNKS];
+    for (int i = 0; i < RB; i++) {
+        const __m512 cv = _mm512_set1_ps(corr[i]);
+        for (int c = 0; c < nc; c++) o[i][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + (long)i * D + 16 * c), cv);
+    }
+    for (int pr = 0; pr < npr; pr++) {
+        const uint16_t *src = vi + (long)pr * halves * 64;
+        for (int c = 0; c < nc; c++) {
+            const __m512i vc = _mm512_loadu_si512((const void *)(src + 32 * c));
+            for (int i = 0; i < RB; i++)
+                o[i][c] = _mm512_dpbf16_ps(o[i][c], (__m512bh)vc,
+                                           (__m512bh)_mm512_set1_epi32((int)pairs[i * (SUB * BLOCK / 2) + pr]));
+        }
+    }
+    for (int i = 0; i < RB; i++)
+        for (int c = 0; c < nc; c++) _mm512_storeu_ps(acc + (long)i * D + 16 * c, o[i][c]);
+}
+
+/* Lane i of the result is reduce_add1(a[i]) (i < 16), bit for bit: the same tree of additions
+ * (halves, quarters, then pairs), done for 16 rows at once; about 3 instructions a row instead
+ * of 8. */
+static inline __m512 reduce_add16(const __m512 *a) {
+    __m512 s1[8], s2[4], s3[2];
+    for (int k = 0; k < 8; k++) /* lanes 0-7: a[2k][i] + a[2k][8 + i]; 8-15: the same of a[2k + 1] */
+        s1[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE),
+                              _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44));
+    for (int k = 0; k < 4; k++) /* 128-bit lane j: row 4k + j, its T3[4 + i] + T3[i] */
+        s2[k] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * k], s1[2 * k + 1], 0xDD),
+                              _mm512_shuffle_f32x4(s1[2 * k], s1[2 * k + 1], 0x88));
+    for (int k = 0; k < 2; k++) { /* lane j: [T8[0], T8[1]] of rows 8k + j and 8k + 4 + j */
+        __m512d x = _mm512_castps_pd(s2[2 * k]), y = _mm512_castps_pd(s2[2 * k + 1]);
+        s3[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    /* lane j: rows j, 4 + j, 8 + j, 12 + j */
+    __m512 r = _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], 0x88), _mm512_shuffle_ps(s3[0], s3[1], 0xDD));
+    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), r);
+}
+
+/* Lane i: the largest lane of a[i] (maxima are exact, so any order gives reduce_max's value). */
+static inline __m512 reduce_max16(const __m512 *a) {
+    __m512 s1[8], s2[4], s3[2];
+    for (int k = 0; k < 8; k++)
+        s1[k] = _mm512_max_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE),
+                              _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44));
+    for (int k = 0; k < 4; k++)
+        s2[k] = _mm512_max_ps(_mm512_shuffle_f32x4(s1[2 * k], s1[2 * k + 1], 0xDD),
+                              _mm512_shuffle_f32x4(s1[2 * k], s1[2 * k + 1], 0x88));
+    for (int k = 0; k < 2; k++) {
+        __m512d x = _mm512_castps_pd(s2[2 * k]), y = _mm512_castps_pd(s2[2 * k + 1]);
+        s3[k] = _mm512_max_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    __m512 r = _mm512_max_ps(_mm512_shuffle_ps(s3[0], s3[1], 0x88), _mm512_shuffle_ps(s3[0], s3[1], 0xDD));
+    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), r);
+}
+
+/* Asks for the lines of keys [next, end) of a later block, a share at a time while this block
+ * computes: one burst of a whole block's lines overflows the core's queue of misses. */
+typedef struct {
+    const uint16_t *k, *v;
+    const KeySet *ks;
+    int g, D;
+    long next, start, end;
+} Prefetch;
+
+/* Prefetch up to `done` / `total` of the range. */
+static inline void prefetch_upto(Prefetch *pf, long done, long total) {
+    const long want = pf->start + (pf->end - pf->start) * done / total;
+    if (want > pf->next) {
+        prefetch_keys(pf->k, pf->v, pf->ks, pf->g, pf->next, want, pf->D);
+        pf->next = want;
+    }
+}
+
+/* Rows r0 .. r0 + n (n <= ROW_CHUNK) against the staged block. `full`: every row sees all 64
+ * keys (no masks). `units` counts row-phases done for the prefetch's pacing. */
+static inline __attribute__((always_inline)) void staged_chunk(int r0, int n, int G, const int D, int nk, int nsub,
+                                                               int full, int first_row, float scale,
+                                                               const uint16_t *qb, const __m512i *kt,
+                                                               const uint16_t *vi, const int *rows, float *m, float *l,
+                                                               float *acc, Prefetch *pf, long *units, long total) {
+    float sc[ROW_CHUNK * SUB * BLOCK] __attribute__((aligned(64)));
+    uint32_t pairs[ROW_CHUNK * SUB * BLOCK / 2] __attribute__((aligned(64)));
+    float corr[ROW_CHUNK] __attribute__((aligned(64)));
+    /* scores: groups of 4 rows as even as possible (a group of 1 has too few chains) */
+    {
+        const int ng = (n + 3) / 4;
+        for (int i = 0, groups = ng; i < n; groups--) {
+            const int rb = (n - i + groups - 1) / groups;
+            const uint32_t *qp[4];
+            for (int x = 0; x < rb; x++) qp[x] = (const uint32_t *)(qb + (long)(r0 + i + x) * D);
+            float *s = sc + i * SUB * BLOCK;
+            *units += rb;
+            prefetch_upto(pf, *units, total);
+            switch (rb) {
+            case 4: staged_scores_rows(4, D, nsub, qp, kt, scale, s); break;
+            case 3: staged_scores_rows(3, D, nsub, qp, kt, scale, s); break;
+            case 2: staged_scores_rows(2, D, nsub, qp, kt, scale, s); break;
+            default: staged_scores_rows(1, D, nsub, qp, kt, scale, s); break;
+            }
+            i += rb;
+        }
+    }
+    /* online softmax, 16 rows at a time: the same arithmetic as rows_block, with the per-row
+     * reductions, maxima and corrections done for the 16 rows in one vector each */
+    __m512i rowv[SUB];
+    for (int sb = 0; sb < SUB; sb++) rowv[sb] = _mm512_loadu_si512((const void *)(rows + sb * BLOCK));
+    for (int i0 = 0; i0 < n; i0 += 16) {
+        const int nb = n - i0 < 16 ? n - i0 : 16;
+        const __mmask16 live = (__mmask16)((1u << nb) - 1);
+        __m512 red[16];
+        for (int i = 0; i < 16; i++) {
+            __m512 bmv = _mm512_set1_ps(-INFINITY);
+            if (i < nb) {
+                const float *si = sc + (i0 + i) * SUB * BLOCK;
+                if (full) {
+                    for (int sb = 0; sb < SUB; sb++) bmv = _mm512_max_ps(bmv, _mm512_loadu_ps(si + sb * BLOCK));
+                } else {
+                    const __m512i limit = _mm512_set1_epi32(first_row + (r0 + i0 + i) / G);
+                    for (int sb = 0; sb < nsub; sb++)
+                        bmv = _mm512_mask_max_ps(bmv, _mm512_cmple_epi32_mask(rowv[sb], limit), bmv,
+                                                 _mm512_loadu_ps(si + sb * BLOCK));
+                }
+            }
+            red[i] = bmv;
+        }
+        const __m512 bm = reduce_max16(red);
+        const __m512 mo = _mm512_maskz_loadu_ps(live, m + r0 + i0);
+        const __m512 mn = _mm512_max_ps(mo, bm); /* mo > bm ? mo : bm */
+        const __mmask16 none = _mm512_cmp_ps_mask(bm, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
+        const __m512 cv = _mm512_mask_mov_ps(exp512(_mm512_maskz_sub_ps((__mmask16)~none, mo, mn)), none,
+                                             _mm512_set1_ps(1.0f));
+        _mm512_storeu_ps(corr + i0, cv);
+        float mnew[16] __attribute__((aligned(64)));
+        _mm512_store_ps(mnew, mn);
+        for (int i = 0; i < 16; i++) {
+            __m512 sum = _mm512_setzero_ps();
+            if (i < nb) {
+                uint32_t *pp = pairs + (i0 + i) * (SUB * BLOCK / 2);
+                const float *si = sc + (i0 + i) * SUB * BLOCK;
+                const __m512 mnv = _mm512_set1_ps(mnew[i]);
+                if (full) {
+                    for (int sb = 0; sb < SUB; sb++) {
+                        __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(si + sb * BLOCK), mnv));
+                        sum = _mm512_add_ps(sum, p);
+                        _mm256_storeu_si256((__m256i *)(pp + sb * BLOCK / 2), (__m256i)_mm512_cvtneps_pbh(p));
+                    }
+                } else if ((none >> i) & 1) {
+                    memset(pp, 0, sizeof(uint32_t) * SUB * BLOCK / 2);
+                } else {
+                    const __m512i limit = _mm512_set1_epi32(first_row + (r0 + i0 + i) / G);
+                    for (int sb = 0; sb < nsub; sb++) {
+                        const __mmask16 vis = _mm512_cmple_epi32_mask(rowv[sb], limit);
+                        __m512 p = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(_mm512_loadu_ps(si + sb * BLOCK), mnv)));
+                        sum = _mm512_add_ps(sum, p);
+                        _mm256_storeu_si256((__m256i *)(pp + sb * BLOCK / 2), (__m256i)_mm512_cvtneps_pbh(p));
+                    }
+                    for (int sb = nsub; sb < SUB; sb++) memset(pp + sb * BLOCK / 2, 0, sizeof(uint32_t) * BLOCK / 2);
+                }
+            }
+            red[i] = sum;
+        }
+        const __m512 lo = _mm512_maskz_loadu_ps(live, l + r0 + i0);
+        const __mmask16 upd = live & (__mmask16)~none;
+        _mm512_mask_storeu_ps(l + r0 + i0, upd, _mm512_fmadd_ps(lo, cv, reduce_add16(red)));
+        _mm512_mask_storeu_ps(m + r0 + i0, upd, mn);
+    }
+    /* p.V: as many rows per tile as keep 16 accumulators (D = 64: 4 rows, D = 128: 2) */
+    const int npr = (nk + 1) / 2, nc = D / 16;
+    const int rbv = nc >= 16 ? 1 : 16 / nc > 4 ? 4 : 16 / nc;
+    const int ng = (n + rbv - 1) / rbv;
+    for (int i = 0, groups = ng; i < n; groups--) {
+        const int rb = (n - i + groups - 1) / groups;
+        const uint32_t *pp = pairs + i * (SUB * BLOCK / 2);
+        float *ar = acc + (long)(r0 + i) * D;
+        *units += rb;
+        prefetch_upto(pf, *units, total);
+        switch (rb) {
+        case 4: staged_pv(4, D, npr, pp, corr + i, vi, ar); break;
+        case 3: staged_pv(3, D, npr, pp, corr + i, vi, ar); break;
+        case 2: staged_pv(2, D, npr, pp, corr + i, vi, ar); break;
+        default: staged_pv(1, D, npr, pp, corr + i, vi, ar); break;
+        }
+        i += rb;
+    }
+}
+
 /* The same task for bf16 caches on CPUs with AVX512-BF16: keys and values are used as stored
  * (no conversion to float). Keys come in blocks of 64, transposed 16 at a time so that
  * kt[p] holds dimension pair p of 16 keys; then q.k for 16 keys is D/2 pair-dot-product
@@ -431,9 +699,9 @@ static inline __attribute__((always_inline)) void attend_range_bf16_impl(
             continue;
         }
         /* The first block's lines are asked for (into L2) before copying any: the copies go
-         * tile by tile and alone leave too few misses in flight to stream from memory. Each later
-         * block was asked for while the one before it computed (below). */
-        if (start == lo) prefetch_keys(k, v, ks, g, start, start + nk, D);
+         * tile by tile and alone leave too few misses in flight to stream from memory. Later
+         * blocks are asked for PF_BLOCKS ahead, a share before each row group's work. */
+        if (start == lo) prefetch_keys(k, v, ks, g, start, start + (long)PF_BLOCKS * SUB * BLOCK < hi ? start + (long)PF_BLOCKS * SUB * BLOCK : hi, D);
         for (int sb = 0; sb < nsub; sb++) {
             for (int hf = 0; hf < halves; hf++) {
                 __m512i tile[BLOCK];
@@ -451,21 +719,33 @@ static inline __attribute__((always_inline)) void attend_range_bf16_impl(
                 _mm512_storeu_si512((void *)(dst + 32), hi);
             }
         }
-        /* groups as even as possible (21 rows: 4,4,4,3,3,3, not 4,4,4,4,4,1): a lone row has
-         * only two accumulation chains and waits on the multiply-add latency */
-        const long ng = (R + rb_max - 1) / rb_max; /* row groups */
-        for (int r = 0, groups = (int)ng; r < R; groups--) {
-            int rb = (R - r + groups - 1) / groups;
-            /* Each row group asks for its share of the next block's lines, so loads from memory
-             * overlap this block's arithmetic. Asking for the whole next block at once did not
-             * help: a burst of 256 prefetches overflows the core's queue of misses and most are
-             * dropped. Over 30 cold layers at 8K (AMD Zen 5, old and new builds alternating,
-             * medians of 12): 7-token verification 15.2 -> 11.5 ms, 3 tokens 10.9 -> 8.2. */
-            const long next = start + SUB * BLOCK, gi = ng - groups;
-            const long share_end = next + SUB * BLOCK * (gi + 1) / ng;
-            prefetch_keys(k, v, ks, g, next + SUB * BLOCK * gi / ng, share_end < hi ? share_end : hi, D);
-            rows_group(0, rb, r, G, D, nk, nsub, first_row, scale, qb, kt, vi, k, v, rows, m, l, acc);
-            r += rb;
+        if (!staged_path) {
+            /* groups as even as possible (21 rows: 4,4,4,3,3,3, not 4,4,4,4,4,1): a lone row has
+             * only two accumulation chains and waits on the multiply-add latency */
+            const long ng = (R + rb_max - 1) / rb_max; /* row groups */
+            for (int r = 0, groups = (int)ng; r < R; groups--) {
+                int rb = (R - r + groups - 1) / groups;
+                /* Each row group asks for its share of the next block's lines, so loads from
+                 * memory overlap this block's arithmetic (a burst of 256 prefetches overflows
+                 * the core's queue of misses and most are dropped). */
+                const long next = start + SUB * BLOCK, gi = ng - groups;
+                const long share_end = next + SUB * BLOCK * (gi + 1) / ng;
+                prefetch_keys(k, v, ks, g, next + SUB * BLOCK * gi / ng, share_end < hi ? share_end : hi, D);
+                rows_group(0, rb, r, G, D, nk, nsub, first_row, scale, qb, kt, vi, k, v, rows, m, l, acc);
+                r += rb;
+            }
+            continue;
+        }
+        int maxrow = rows[0];
+        for (int j = 1; j < nk; j++) maxrow = rows[j] > maxrow ? rows[j] : maxrow;
+        const long ahead = start + (long)PF_BLOCKS * SUB * BLOCK;
+        Prefetch pf = {k, v, ks, g, D, ahead, ahead, ahead + SUB * BLOCK < hi ? ahead + SUB * BLOCK : hi};
+        long units = 0;
+        const long total = 2L * R;
+        for (int r = 0; r < R; r += ROW_CHUNK) {
+            const int n = R - r < ROW_CHUNK ? R - r : ROW_CHUNK;
+            const int full = nk == SUB * BLOCK && maxrow <= first_row + r / G;
+            staged_chunk(r, n, G, D, nk, nsub, full, first_row, scale, qb, kt, vi, rows, m, l, acc, &pf, &units, total);
         }
     }
     /* accumulator lane (vector c, lane L) holds dimension 32*(c/2) + 8*(L/4) + 4*(c%2) + L%4 */
