@@ -114,7 +114,24 @@ def test_retrieval_view_keeps_the_sink_chunk_and_the_chunks_the_query_points_at(
     for head in chunks:
         assert len(head) == keep and head == sorted(head)
         assert head[0] == 0 and {40, 88} <= set(head)
+    assert torch.equal(view.chunk_means[:, :, :18], full.k[:, :, :144].view(CFG.num_layers, 2, 18, 8, 16).mean(3))
     covering = RetrievalView(full, budget=500, chunk_size=8)
     covering.rebuild([direction.expand(4, 16) for _ in range(CFG.num_layers)])
     assert covering.chunks is None  # everything fits: exact full attention
     assert view.snapshot()[1] == 160
+
+
+def test_retrieval_view_means_are_computed_once_then_only_for_new_chunks():
+    """After a prefill the view computes every selectable chunk's mean key at once, so a first
+    selection costs what any later one does; later only chunks that filled since are added."""
+    full = FullCache(CFG, 300, dtype=torch.float32)
+    fill(full, 160)
+    view = RetrievalView(full, budget=40, chunk_size=8, recent=16)
+    view.update_means()
+    assert view.means_ready == 18  # rows 0-143: everything before the recent rows
+    before = view.chunk_means.clone()
+    fill(full, 20, seed=1)  # 180 rows: chunks 18 and 19 become selectable
+    full.k[:, :, :144] = 0  # rows already summarised are not read again
+    view.update_means()
+    assert view.means_ready == 20 and torch.equal(view.chunk_means[:, :, :18], before[:, :, :18])
+    assert torch.equal(view.chunk_means[:, :, 18:20], full.k[:, :, 144:160].view(CFG.num_layers, 2, 2, 8, 16).mean(3))

@@ -286,6 +286,26 @@ class RetrievalView(SparseView):
         """The chunks' mean keys (float32)."""
         return config.num_layers * config.num_kv_heads * (capacity // chunk_size) * config.head_dim * 4
 
+    def _dense_start(self, context: int) -> int:
+        """First row of the recent rows every selection keeps, at a chunk boundary."""
+        recent = min(self.recent, self.budget // 2)
+        return (context - recent) // self.chunk_size * self.chunk_size
+
+    def update_means(self) -> None:
+        """The mean key of every chunk a selection at the current length may choose from. Called
+        after a prefill too, so that a first selection costs what later ones do (a 32K prompt's
+        means take a few hundred ms)."""
+        cfg, cs = self.full.config, self.chunk_size
+        n_old = self._dense_start(self.full.length) // cs
+        if n_old <= self.means_ready:
+            return
+        a, b = self.means_ready * cs, n_old * cs
+        for layer in range(cfg.num_layers):  # a layer at a time: all of a 32K prompt's keys in fp32 are 750 MB
+            k = self.full.k[layer, :, a:b].float()  # [Hkv, rows, D]
+            self.chunk_means[layer, :, self.means_ready : n_old] = k.view(
+                cfg.num_kv_heads, n_old - self.means_ready, cs, cfg.head_dim).mean(2)
+        self.means_ready = n_old
+
     def rebuild(self, queries: list[torch.Tensor]) -> None:
         """Select chunks for the context held by the full cache, given per-layer queries [Hq, D]."""
         cfg, cs = self.full.config, self.chunk_size
@@ -294,20 +314,13 @@ class RetrievalView(SparseView):
         if context <= self.budget:
             self.chunks = None  # everything fits: exact full attention
             return
-        recent = min(self.recent, self.budget // 2)
-        dense_start = (context - recent) // cs * cs
+        dense_start = self._dense_start(context)
         n_old = dense_start // cs  # chunks available for selection
         keep = max(1, (self.budget - (context - dense_start)) // cs)
         if keep >= n_old:
             self.chunks = None
             return
-        if n_old > self.means_ready:
-            a, b = self.means_ready * cs, n_old * cs
-            k = self.full.k[:, :, a:b].float()  # [L, Hkv, rows, D]
-            self.chunk_means[:, :, self.means_ready : n_old] = k.view(
-                cfg.num_layers, cfg.num_kv_heads, n_old - self.means_ready, cs, cfg.head_dim
-            ).mean(3)
-            self.means_ready = n_old
+        self.update_means()
         q = torch.stack([x.float() for x in queries])  # [L, Hq, D]
         q = q.view(cfg.num_layers, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
         means = self.chunk_means[:, :, 1:n_old]  # [L, Hkv, C-1, D]; chunk 0 is always kept

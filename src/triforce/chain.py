@@ -66,6 +66,7 @@ class Chain:
         for level in self.levels[:-1]:
             if isinstance(level, ViewLevel):
                 level.follow_top()
+                level.index_prompt()
             elif isinstance(level, ModelLevel):  # a draft model reads the prompt now, not in the first step
                 level.score(prompt, [])
         for level in self.levels:  # the prompt's passes say nothing of a decoding pass's cost

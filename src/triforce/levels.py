@@ -198,6 +198,12 @@ class ViewLevel(ModelLevel):
                 assert isinstance(full, FullCache)
                 self.rebuild_query = full.queries_at(full.length - 1)
 
+    def index_prompt(self) -> None:
+        """After a prefill: what a first retrieval selection needs from the prompt, computed now,
+        so that the selection a cycle pays for costs what any later one does."""
+        if isinstance(self.view, RetrievalView):
+            self.view.update_means()
+
     def score(self, context: list[int], drafts: list[int], overhead: float = 0.0) -> torch.Tensor:
         if self.rebuild_query is not None:
             assert isinstance(self.view, RetrievalView)
