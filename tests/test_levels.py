@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from triforce.cache import FullCache, RetrievalView, StreamingCache
@@ -25,6 +27,28 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     # the index follows a context that changed in its tail (rejected drafts)
     assert lookup.propose([1, 4, 5, 6, 7, 8, 4, 5, 9, 4, 5, 6, 4, 5], 2, None)[0] == [6, 4]
     assert lookup.propose([1, 4, 5, 6, 7, 8, 4, 5, 9, 4, 5, 7], 2, None)[0] == [8, 4]
+
+
+def test_the_lookup_index_kept_up_to_date_equals_one_built_afresh():
+    # rollbacks in the tail, growth, and a restore to a snapshot followed by a context that
+    # differs from the last one long before its tail (the next sample of a prompt): each leaves
+    # the index a fresh one would build, positions in increasing order
+    rng = random.Random(0)
+    lookup = PromptLookup(VOCAB)
+    context = [rng.randrange(3, 9) for _ in range(50)]
+    lookup.index(context)
+    state = lookup.snapshot()
+    for edit in range(30):
+        if edit % 10 == 9:
+            lookup.restore(state)
+            context = context[:50] + [rng.randrange(3, 9) for _ in range(600)]
+        else:
+            context = context[: len(context) - rng.randrange(0, 12)] + [rng.randrange(3, 9) for _ in range(8)]
+        lookup.index(context)
+        fresh = PromptLookup(VOCAB)
+        fresh.index(context)
+        assert lookup.indexed == context
+        assert {k: v for k, v in lookup.ngrams.items() if v} == fresh.ngrams
 
 
 def test_a_model_level_scores_like_a_plain_pass_and_rolls_back(small_vocab_models):

@@ -69,6 +69,8 @@ class Chain:
                 level.index_prompt()
             elif isinstance(level, ModelLevel):  # a draft model reads the prompt now, not in the first step
                 level.score(prompt, [])
+            elif isinstance(level, PromptLookup):  # so the first cycle costs what later ones do
+                level.index(prompt)
         for level in self.levels:  # the prompt's passes say nothing of a decoding pass's cost
             level.passes.clear()
         return probs

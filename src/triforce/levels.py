@@ -236,29 +236,36 @@ class PromptLookup(Level):
         self.stats = LevelStats("ngram")
         self.passes = []
         self.indexed: list[int] = []
-        self.index: dict[tuple[int, ...], list[int]] = {}
+        self.ngrams: dict[tuple[int, ...], list[int]] = {}  # n-gram -> its positions, increasing
 
-    def _update_index(self, context: list[int]) -> None:
-        # positions p of n-grams context[p:p+n], kept in increasing order per n-gram
+    def index(self, context: list[int]) -> None:
+        """Bring the n-gram index up to `context`; only what changed since the last call is
+        indexed. Within a generation only the tail changes (rejected drafts); a context that
+        changed earlier is for `restore` to say."""
         n = min(len(self.indexed), len(context))
-        common = n
-        for i in range(max(0, n - TAIL_CHECK), n):
-            if self.indexed[i] != context[i]:
-                common = i
-                break
-        if common < len(self.indexed):
-            for size in range(self.min_ngram, self.max_ngram + 1):
-                for p in range(max(0, common - size + 1), len(self.indexed) - size + 1):
-                    positions = self.index.get(tuple(self.indexed[p : p + size]))
-                    if positions and positions[-1] == p:
-                        positions.pop()
-            del self.indexed[common:]
+        common = next((i for i in range(max(0, n - TAIL_CHECK), n) if self.indexed[i] != context[i]), n)
+        self._truncate(common)
         for p in range(len(self.indexed), len(context)):
             self.indexed.append(context[p])
             for size in range(self.min_ngram, self.max_ngram + 1):
-                start = p - size + 1
-                if start >= 0:
-                    self.index.setdefault(tuple(self.indexed[start : p + 1]), []).append(start)
+                begin = p - size + 1
+                if begin >= 0:
+                    self.ngrams.setdefault(tuple(self.indexed[begin : p + 1]), []).append(begin)
+
+    def _truncate(self, length: int) -> None:
+        for size in range(self.min_ngram, self.max_ngram + 1):
+            # latest first: each n-gram's positions end with its latest occurrence
+            for p in range(len(self.indexed) - size, max(0, length - size + 1) - 1, -1):
+                positions = self.ngrams[tuple(self.indexed[p : p + size])]
+                assert positions[-1] == p
+                positions.pop()
+        del self.indexed[length:]
+
+    def snapshot(self) -> Any:
+        return len(self.indexed)
+
+    def restore(self, state: Any) -> None:
+        self._truncate(state)
 
     def has_proposal(self, context: list[int]) -> bool:
         """Whether the latest n-gram of `context` occurred before (so `propose` would draft)."""
@@ -279,10 +286,10 @@ class PromptLookup(Level):
         return drafts, probs, None
 
     def _lookup(self, context: list[int], num_tokens: int) -> list[int]:
-        self._update_index(context)
+        self.index(context)
         drafts: list[int] = []
         for size in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
-            positions = self.index.get(tuple(context[-size:]), [])
+            positions = self.ngrams.get(tuple(context[-size:]), [])
             # the most recent occurrence that is not the suffix itself
             for p in reversed(positions):
                 if p + size < len(context):
