@@ -312,6 +312,27 @@ def test_time_outside_the_passes_counts_against_the_structure_that_spends_it():
     assert told.report()["outside_ms"]["draft>target"] == pytest.approx(15, rel=1e-3)
 
 
+def test_one_stall_outside_the_passes_does_not_rule_a_structure_out():
+    """A draft worth ~1.5x plain decoding whose first cycle stalls 300 ms outside its passes (a page fault
+    storm, another process): the stall counts as at most one decoding step, and the draft is soon chosen."""
+    w = World({("draft", TOP): flat(0.8)})
+    c = Controller(("draft",), warmup=False)
+    stalled = {"first": True}
+    rng = random.Random(3)
+    cycles = []
+    for _ in range(300):
+        plan = c.plan(16_384)
+        tokens, seconds = run_cycle(c, w, plan, rng, 16_384)
+        if plan.levels and stalled.pop("first", False):
+            seconds += 300 * MS
+        c.observe_cycle(seconds)
+        cycles.append((plan, True, tokens, seconds))
+    assert not stalled  # the draft ran, and stalled
+    chosen = [p for p, *_ in cycles[100:] if not p.probe]
+    assert sum(not p.plain for p in chosen) >= 0.9 * len(chosen)
+    assert c.outside(("draft",)) < 2 * MS
+
+
 def test_speculation_must_beat_plain_decoding_by_the_margin():
     """With estimates that promise speculation 0.5-4.5% over plain decoding, a controller without a margin
     speculates and one with a 5% margin decodes plainly; with estimates promising more, both speculate."""

@@ -626,14 +626,16 @@ class Controller:
             return
         seconds, tokens = self._cycle_seconds, max(1, self._cycle_tokens)
         w = self.cost_decay
+        plain_s = self.cost(self.top, 1)
         if self._cycle_wall is not None:
-            outside = max(0.0, self._cycle_wall - seconds)
+            # bookkeeping that costs more than a whole decoding step is a stall (another process, a page
+            # fault storm), not the structure's price: counted whole, one stall would rule a structure out
+            outside = min(max(0.0, self._cycle_wall - seconds), plain_s)
             seconds = max(seconds, self._cycle_wall)
             mean = self._outside[plan.levels]
             mean[0], mean[1] = w * mean[0] + outside, w * mean[1] + 1.0
             self._cycle_wall = None
         self._last_tokens = tokens
-        plain_s = self.cost(self.top, 1)
         if plan.probe and not self._warmup:
             self.credit -= seconds - tokens / self._exploit_tps
         elif not plan.probe:
