@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from triforce import sampling
 from triforce.errors import TriforceError
-from triforce.sampling import SamplingParams, verify, warp
+from triforce.sampling import SamplingParams, _sample, verify, warp
 
 
 def test_greedy_is_exact_argmax_without_nan():
@@ -116,7 +117,7 @@ def test_single_step_speculative_sampling_is_lossless():
 
 
 def test_top_p_over_a_flat_large_vocabulary_matches_transformers():
-    """Mass spread over more than the pre-sorted candidates exercises the full-sort fallback."""
+    """Mass spread over more than the first stage's candidates exercises the later stages."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
     torch.manual_seed(1)
@@ -124,4 +125,45 @@ def test_top_p_over_a_flat_large_vocabulary_matches_transformers():
     expected = TopPLogitsWarper(0.9)(None, logits.clone()).softmax(-1)
     got = warp(logits, SamplingParams(1.0, 0.9))
     assert torch.allclose(got, expected, atol=1e-6)
-    assert (got[:2] > 0).sum(-1).min() > 512  # the flat rows really kept more than the candidates
+    assert (got[:2] > 0).sum(-1).min() > sampling.TOP_P_STAGES[0]  # the flat rows kept more than the first stage
+
+
+def test_top_p_is_the_same_whichever_stage_decides(monkeypatch):
+    """Rows whose kept sets range from one token to most of a 49K vocabulary: the staged top-p equals a
+    full sort of every row, bit for bit."""
+    torch.manual_seed(2)
+    logits = torch.cat([torch.randn(3, 49152) * s for s in (12.0, 4.0, 2.0, 0.5)])
+    staged = warp(logits, SamplingParams(1.0, 0.9))
+    kept = (staged > 0).sum(-1)
+    assert kept.min() < sampling.TOP_P_STAGES[0] < kept.max() and kept.max() > sampling.TOP_P_STAGES[-1]
+    monkeypatch.setattr(sampling, "TOP_P_STAGES", ())
+    assert torch.equal(staged, warp(logits, SamplingParams(1.0, 0.9)))
+
+
+def test_top_p_keeps_every_token_tied_at_the_boundary_so_a_row_alone_decides():
+    """Three tokens tie where the mass reaches top_p: all three are kept (a sort would keep one or two, in an
+    order that may depend on the rows beside it), and the row warps the same alone and among other rows."""
+    row = torch.tensor([4.0, 2.0, 2.0, 2.0, 0.0, -1.0])
+    probs = row.softmax(-1)
+    top_p = float(probs[0] + probs[1] * 1.5)  # reached within the tie
+    got = warp(row.unsqueeze(0), SamplingParams(1.0, top_p))[0]
+    assert ((got > 0) == torch.tensor([True, True, True, True, False, False])).all()
+    others = torch.randn(5, 6) * 3
+    batch = warp(torch.cat([others[:2], row.unsqueeze(0), others[2:]]), SamplingParams(1.0, top_p))
+    assert torch.equal(batch[2], got)
+
+
+def test_a_draw_from_a_sparse_distribution_follows_it():
+    """Drawing among the nonzero entries: 20k draws from 5 tokens of a 50K vocabulary; chi-square at
+    significance 1e-4 (df = 4, critical value 23.5); a draw that ignored the weights (uniform over the
+    support) would score in the thousands."""
+    probs = torch.zeros(50_000)
+    support = torch.tensor([7, 1000, 1001, 32_000, 49_999])
+    probs[support] = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    gen = torch.Generator().manual_seed(4)
+    n = 20_000
+    draws = torch.tensor([_sample(probs, gen) for _ in range(n)])
+    assert bool(torch.isin(draws, support).all())
+    counts = torch.stack([(draws == t).sum() for t in support]).float()
+    expected = probs[support] * n
+    assert ((counts - expected) ** 2 / expected).sum().item() < 23.5
