@@ -11,6 +11,7 @@ import torch
 from triforce.cache import FullCache
 from triforce.engine import Engine
 from triforce.errors import TriforceError
+from triforce.head import FeatureHead, random_head
 from triforce.model import Segment
 from triforce.sampling import SamplingParams, warp
 from triforce.settings import EngineSettings
@@ -78,7 +79,11 @@ PRESETS = {
     "speculative-fixed": ("speculative", "model", {"gamma": 3}),
     "triforce-fixed": ("triforce", "model", {"gamma": 3, "draft_gamma": 2}),
     "triforce-ngram-fixed": ("triforce", "ngram", {"gamma": 3, "draft_gamma": 2}),
+    # a random feature-level head whose vocabulary misses some of the target's likely tokens
+    "speculative-head": ("speculative", "head"),
+    "triforce-head": ("triforce", "head"),
 }
+HEAD_TOKENS = [0, 1, 2, 4, 5, 6, 8, 11]  # of the 12: a head never proposes 3, 7, 9 or 10
 KNOBS = dict(budget=12, chunk_size=4, sink=2, window=6)  # gammas "auto" unless a preset fixes them
 
 
@@ -96,9 +101,19 @@ SAMPLES = 10_000
 ALPHA = 1e-3
 
 
+_heads: dict[int, FeatureHead] = {}
+
+
+def head_for(target) -> FeatureHead:
+    if id(target) not in _heads:
+        weights = random_head(target.config, torch.tensor(HEAD_TOKENS), seed=5, scale=0.3)
+        _heads[id(target)] = FeatureHead(target.decoder, weights)
+    return _heads[id(target)]
+
+
 def make_engine(target, draft, preset: str, batcher=None) -> Engine:
     method, draft_kind, *extra = PRESETS[preset]
-    d = draft if draft_kind == "model" else ("ngram" if draft_kind == "ngram" else None)
+    d = {"model": draft, "ngram": "ngram", "head": head_for(target) if draft_kind == "head" else None}.get(draft_kind)
     return Engine(target, EngineSettings(method=method, draft=d, **KNOBS, **(extra[0] if extra else {})),
                   batcher=batcher, clock=TickClock())
 

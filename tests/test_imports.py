@@ -21,14 +21,15 @@ LAYERS = {
     "rope": 3, "attention": 3, "quant": 3,
     "cache": 4,
     "model": 5,
-    "loading": 6, "batcher": 6,
-    "runner": 7,
-    "levels": 8,
-    "chain": 9,
-    "engine": 10,
-    "batch": 11,
+    "head": 6, "batcher": 6,
+    "loading": 7,
+    "runner": 8,
+    "levels": 9,
+    "chain": 10,
+    "engine": 11,
+    "batch": 12,
 }
-FACE = 12
+FACE = 13
 
 
 def module_name(path: Path) -> str:

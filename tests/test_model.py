@@ -188,3 +188,32 @@ def test_embedded_tokenizer_matches_transformers(embedded_fp32):
     assert embedded_fp32.tokenizer.apply_chat_template(messages) == hf.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True
     )
+
+
+def test_features_are_transformers_last_hidden_states(tmp_path, tokenizer_dir):
+    """A pass that wants features leaves the final hidden state of every token (after the final norm),
+    equal to transformers' last hidden state, also when the prompt runs in several passes."""
+    from transformers import AutoModelForCausalLM
+
+    from triforce.runner import Runner
+
+    path = make_hf_model(tmp_path / "m", tokenizer_dir)
+    torch.manual_seed(3)
+    ids = torch.randint(3, 300, (80,)).tolist()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+    loaded = triforce.load(path, dtype="fp32")
+    dec = loaded.decoder
+    dec.prepare(len(ids))
+    segment = Segment(torch.tensor(ids), FullCache(loaded.config, len(ids), dtype=dec.dtype), 1, want_features=True)
+    dec.forward([segment])
+    assert segment.features.shape == expected.shape
+    assert (segment.features - expected).abs().max() < 1e-4
+    runner, features = Runner(dec, prefill_chunk=32), []
+    runner.run(FullCache(loaded.config, len(ids), dtype=dec.dtype), ids, 1, features=features)
+    assert [len(f) for f in features] == [32, 32, 16]
+    assert (torch.cat(features) - expected).abs().max() < 1e-4
+    plain = Segment(torch.tensor(ids[:5]), FullCache(loaded.config, 8, dtype=dec.dtype), 1)
+    dec.forward([plain])
+    assert plain.features is None  # not asked for, not kept

@@ -42,7 +42,7 @@ def test_method_draft_and_context_are_checked():
                 EngineSettings(method=method)
             assert info.value.setting == "draft" and method in info.value.problem
         assert EngineSettings(method=method, draft="ngram").needs_draft == needs
-    with pytest.raises(SettingError, match="draft must be a loaded model or 'ngram'"):
+    with pytest.raises(SettingError, match="draft must be a loaded model, a draft head or 'ngram'"):
         EngineSettings(method="triforce", draft="path/to/a/draft")
     with pytest.raises(SettingError, match="draft must be a loaded model"):
         EngineSettings(draft=42)

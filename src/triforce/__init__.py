@@ -9,6 +9,7 @@
 from .batch import generate_batch
 from .engine import Engine, Generation, GenerationResult
 from .errors import SettingError, TriforceError
+from .head import load_head
 from .loading import LoadedModel, load
 from .sampling import SamplingParams
 from .settings import METHODS, EngineSettings
@@ -25,5 +26,6 @@ __all__ = [
     "TriforceError",
     "generate_batch",
     "load",
+    "load_head",
 ]
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .controller import Controller
-from .levels import Level, ModelLevel, PromptLookup, ViewLevel
+from .levels import HeadLevel, Level, ModelLevel, PromptLookup, ViewLevel
 from .sampling import draw, verify
 
 
@@ -71,6 +71,8 @@ class Chain:
                 level.score(prompt, [])
             elif isinstance(level, PromptLookup):  # so the first cycle costs what later ones do
                 level.index(prompt)
+            elif isinstance(level, HeadLevel):  # its window's rows, from the features the prompt's passes left
+                level.catch_up(prompt)
         for level in self.levels:  # the prompt's passes say nothing of a decoding pass's cost
             level.passes.clear()
         return probs

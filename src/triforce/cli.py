@@ -74,7 +74,8 @@ def add_speculation_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--method", choices=list(METHODS), default=None,
                    help="decoding method (default: triforce when a draft is available, else autoregressive)")
-    p.add_argument("--draft", help="draft model (HF directory or GGUF) or 'ngram' (prompt lookup)")
+    p.add_argument("--draft", help="draft model (HF directory or GGUF), draft head directory (triforce distill "
+                   "--head), or 'ngram' (prompt lookup)")
     p.add_argument("--gamma", type=_auto_or_positive, default="auto",
                    help="tokens gathered per full verification, or auto (adaptive speculation: chosen per cycle, "
                         "with the levels that run and whether to speculate at all)")
@@ -141,9 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(dm, top_p=0.9, seed=0, temperature=0.7)
     dm.add_argument("--no-compare", action="store_true", help="skip the autoregressive baseline run")
 
-    ds = sub.add_parser("distill", help="train a small draft model for a target by distillation")
+    ds = sub.add_parser("distill", help="train a small draft model (or, with --head, a draft head) for a target")
     ds.add_argument("--target", help="target model (default: embedded SmolLM2-135M-Instruct)")
-    ds.add_argument("--out", required=True, help="output directory (a Hugging Face model directory)")
+    ds.add_argument("--out", required=True, help="output directory (a Hugging Face model directory, or a head's)")
+    ds.add_argument("--head", action="store_true",
+                    help="train a feature-level draft head (one layer on the target's hidden states) instead")
+    ds.add_argument("--vocab", type=_positive_int,
+                    help="--head: tokens the head proposes (default: the fewest covering --coverage)")
+    ds.add_argument("--coverage", type=_float, default=0.95,
+                    help="--head: share of the target's greedy outputs the head's tokens cover (default 0.95)")
     ds.add_argument("--corpus", nargs="+", required=True,
                     help="text files, directories, or named sources (jargon, python-docs, vim)")
     ds.add_argument("--layers", type=_positive_int, default=4)
@@ -348,7 +355,7 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     """(target, settings): without --method, TriForce when a draft is named or shipped for the
     target, else plain autoregressive decoding."""
     from .config import parse_rope_scaling
-    from .loading import default_draft, load
+    from .loading import default_draft, load, load_draft
     from .settings import EngineSettings, method_needs_draft
 
     target = load(args.model, dtype=args.dtype, rope_scaling="auto", weights=args.weights)
@@ -357,10 +364,8 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     method = args.method or ("triforce" if args.draft or shipped != "ngram" else "autoregressive")
     name = args.draft or (shipped if method_needs_draft(method) else None)
     draft: Any = None
-    if name == "ngram":
-        draft = "ngram"
-    elif name and method != "autoregressive":
-        draft = load(name, dtype=target.decoder.dtype)
+    if name and method != "autoregressive":
+        draft = load_draft(name, target)
     settings = EngineSettings(method=method, draft=draft, **{k: getattr(args, k) for k in KNOBS},
                               max_context=getattr(args, "max_context", None))
     return target, settings
@@ -568,6 +573,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     if args.time_budget is not None and args.time_budget <= 0:
         raise TriforceError("--time-budget must be a positive number of minutes")
+    if args.head:
+        return distill_a_head(args)
     cfg = DistillConfig(
         target=args.target, out=args.out, corpus=args.corpus, layers=args.layers, hidden=args.hidden,
         heads=args.heads, kv_heads=args.kv_heads, intermediate=args.intermediate, seq_len=args.seq_len,
@@ -579,6 +586,21 @@ def cmd_distill(args: argparse.Namespace) -> int:
     report = distill(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps({k: report[k] for k in ("steps", "training_tokens", "minutes", "first_loss", "last_loss",
                                              "heldout")}))
+    return 0
+
+
+def distill_a_head(args: argparse.Namespace) -> int:
+    from .distill_head import HeadDistillConfig, distill_head
+
+    if not 0 < args.coverage <= 1:
+        raise TriforceError(f"--coverage must be in (0, 1], got {args.coverage}")
+    cfg = HeadDistillConfig(
+        target=args.target, out=args.out, corpus=args.corpus, vocab=args.vocab, coverage=args.coverage,
+        seq_len=args.seq_len, batch=args.batch, lr=args.lr, steps=args.steps, time_budget_min=args.time_budget,
+        max_tokens=args.max_tokens, seed=args.seed, checkpoint_every=args.checkpoint_every,
+    )
+    report = distill_head(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({k: report[k] for k in ("steps", "training_tokens", "minutes", "first", "last", "heldout")}))
     return 0
 
 

@@ -24,9 +24,11 @@ from .cache import FullCache, RetrievalView, StreamingCache, StreamingView, chec
 from .chain import Chain
 from .controller import Controller
 from .errors import SettingError
-from .levels import Level, ModelLevel, PromptLookup, ViewLevel
+from .head import FeatureHead
+from .levels import FeatureStore, HeadLevel, Level, ModelLevel, PromptLookup, ViewLevel
 from .loading import LoadedModel
 from .metrics import LevelStats
+from .native import MAX_KERNEL_QUERIES
 from .rope import RotaryTable
 from .runner import Runner
 from .sampling import SamplingParams, draw
@@ -79,6 +81,8 @@ class Engine:
         new = (settings or self.settings).replace(**changes) if changes else (settings or self.settings)
         if isinstance(new.draft, LoadedModel):
             check_draft_compatible(self.target, new.draft)
+        if isinstance(new.draft, FeatureHead) and new.draft.target is not self.target.decoder:
+            raise SettingError("draft", "is a head loaded for another target: load it with this engine's target")
         if new.draft is not self.settings.draft:
             self._draft_cache = None
         self.settings = new
@@ -142,10 +146,15 @@ class Engine:
         top = ModelLevel("target", Runner(target, s.prefill_chunk, self.batcher), full, params, self.progress)
         top.tokens = list(self._cached_tokens)
         below = [self._level(spec, full, top, params, capacity) for spec in s.levels]
+        for level in below[:1]:
+            if isinstance(level, HeadLevel):  # every model above a head leaves it the features it computes
+                for above in [*below[1:], top]:
+                    assert isinstance(above, ModelLevel)
+                    above.store = level.store
         if not s.adaptive:
             return Chain([*below, top], s.gammas)
         names: list[str | tuple[str, ...]] = [level.name for level in below]
-        if isinstance(below[0], ModelLevel) and s.levels[0].model == "draft":  # a hybrid bottom
+        if isinstance(below[0], (ModelLevel, HeadLevel)) and s.levels[0].model == "draft":  # a hybrid bottom
             below.insert(0, PromptLookup(self.target.config.vocab_size))
             names[0] = ("ngram", names[0])
         # no forced warm-up: a short generation would spend a large part of itself trying every
@@ -166,6 +175,14 @@ class Engine:
             return ViewLevel("target-streaming", runner, StreamingView(full, s.sink, s.window), top, params)
         if s.draft == "ngram":
             return PromptLookup(self.target.config.vocab_size)
+        if isinstance(s.draft, FeatureHead):
+            head = s.draft
+            cache = StreamingCache(head.config, s.sink, s.window, dtype=head.dtype, device=head.device)
+            head.prepare(cache.capacity)
+            cache.rope = head.rope
+            # features back to the head's window, and a whole prefill pass beyond it
+            store = FeatureStore(s.window + s.prefill_chunk + MAX_KERNEL_QUERIES)
+            return HeadLevel(head, cache, store, params, self.batcher)
         dec = s.draft.copy_in(s.draft_weights)
         cache = self._draft_cache
         if spec.cache == "streaming":

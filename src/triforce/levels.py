@@ -1,5 +1,5 @@
 """The levels of a speculative chain: a model over a cache, the target over a view of its own
-cache, and prompt lookup.
+cache, a feature-level draft head, and prompt lookup.
 
 A level scores a context plus draft tokens (`score`: its warped distributions after each) or,
 at the bottom, proposes tokens cheaply (`propose`). It keeps the tokens its cache holds and
@@ -15,7 +15,10 @@ from typing import Any
 import torch
 
 from .cache import FullCache, RetrievalView, SparseView, StreamingCache
+from .head import FeatureHead
 from .metrics import LevelStats
+from .model import Segment
+from .native import MAX_KERNEL_QUERIES
 from .runner import Runner
 from .sampling import SamplingParams, draw, warp
 
@@ -74,6 +77,7 @@ class ModelLevel(Level):
         self.stats = LevelStats(name)
         self.passes = []
         self._logits: torch.Tensor | None = None  # of the last pass, for `confidences`
+        self.store: FeatureStore | None = None  # where its passes leave final hidden states, for a draft head
 
     # -- cache alignment ---------------------------------------------------------------------
     def _common_prefix(self, context: list[int], exhaustive: bool = False) -> int:
@@ -116,7 +120,11 @@ class ModelLevel(Level):
     def score(self, context: list[int], drafts: list[int], overhead: float = 0.0) -> torch.Tensor:
         t0, c0 = time.perf_counter(), self.clock()
         inputs = self._sync(context) + drafts
-        logits = self.runner.run(self.cache, inputs, len(drafts) + 1, self.name if self.progress else None)
+        features: list[torch.Tensor] | None = [] if self.store is not None else None
+        logits = self.runner.run(self.cache, inputs, len(drafts) + 1, self.name if self.progress else None, features)
+        if self.store is not None and features:
+            rows = torch.cat(features)  # the last len(rows) positions (a streaming cache skips some)
+            self.store.write(len(context) + len(drafts) - len(rows), rows)
         self._logits = logits
         self.passes.append((len(inputs), self.clock() - c0, overhead))
         self.tokens = list(context) + list(drafts)
@@ -221,6 +229,160 @@ class ViewLevel(ModelLevel):
     def restore(self, state: Any) -> None:
         level, self.top_steps, self.rebuild_query = state
         super().restore(level)
+
+
+class FeatureStore:
+    """The final hidden states the levels' passes computed at a sequence's recent positions, for a draft head.
+    It holds the last `size` positions written; writing a position replaces it and drops every later one
+    (they belonged to drafts the write's pass has now judged). `changed_from` is the first position written
+    since the head last looked."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.rows: torch.Tensor | None = None  # [size, hidden], ring-indexed by position
+        self.length = 0
+        self.changed_from = 0
+
+    def write(self, start: int, features: torch.Tensor) -> None:
+        count = features.shape[0]
+        if self.rows is None:
+            self.rows = torch.zeros(self.size, features.shape[1], dtype=features.dtype, device=features.device)
+        keep = min(count, self.size)
+        slots = torch.arange(start + count - keep, start + count, device=features.device) % self.size
+        self.rows[slots] = features[count - keep :].to(self.rows.dtype)
+        self.length = start + count
+        self.changed_from = min(self.changed_from, start)
+
+    @property
+    def held_from(self) -> int:
+        return max(0, self.length - self.size)
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        """Features of positions [start, end), all held."""
+        if start < self.held_from or end > self.length or self.rows is None:
+            raise ValueError(f"features of positions [{start}, {end}) are not held ({self.held_from}-{self.length})")
+        return self.rows[torch.arange(start, end, device=self.rows.device) % self.size]
+
+    def take_changes(self) -> int:
+        """The first position written since the last call."""
+        changed, self.changed_from = self.changed_from, self.length
+        return changed
+
+    def snapshot(self) -> Any:
+        return (None if self.rows is None else self.rows.clone()), self.length, self.changed_from
+
+    def restore(self, state: Any) -> None:
+        rows, self.length, self.changed_from = state
+        self.rows = None if rows is None else rows.clone()
+        self.changed_from = 0  # a head that ran since may hold rows of other features
+
+
+class HeadLevel(Level):
+    """A feature-level draft head at the bottom of a chain (head.py). Its cache row j is computed from the
+    store's feature at j-1 and token j; before drafting it recomputes the rows whose features changed (a level
+    above verified those positions since), at most its window back, then drafts from its own predictions."""
+
+    name = "head"
+
+    def __init__(self, head: FeatureHead, cache: StreamingCache, store: FeatureStore, params: SamplingParams,
+                 batcher: Any = None) -> None:
+        self.head = head
+        self.cache = cache
+        self.store = store
+        self.params = params
+        self.greedy = params.greedy
+        self.batcher = batcher
+        self.stats = LevelStats("head")
+        self.passes = []
+        self.tokens: list[int] = []  # the tokens whose rows the cache holds
+        self.exact = 0  # leading rows computed from the store's features (later ones from the head's own)
+
+    def _pass(self, tokens: list[int], features: torch.Tensor, scored: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c0 = self.clock()
+        segment = Segment(torch.tensor(tokens, dtype=torch.long), self.cache, scored, want_features=True,
+                          hidden_in=features)
+        if self.batcher is not None:
+            logits = self.batcher.submit(self.head, segment)
+        else:
+            logits = self.head.forward([segment])[0]
+        self.passes.append((len(tokens), self.clock() - c0, 0.0))
+        self.stats.forward_calls += 1
+        self.stats.forward_tokens += len(tokens)
+        self.stats.bytes_read += self.head.weight_bytes + self.cache.visible_rows() * self.head.kv_bytes_per_token()
+        assert segment.features is not None
+        return logits, segment.features
+
+    def _start_row(self, context: list[int]) -> int:
+        """The first row to (re)compute for `context`, with the cache truncated to it."""
+        n = len(context)
+        changed = self.store.take_changes()
+        common = 0
+        limit = min(self.exact, len(self.tokens), n - 1, changed + 1)
+        while common < limit and self.tokens[common] == context[common]:
+            common += 1
+        # rows older than the window (or than the features held) are not recomputed: a head attends its window
+        held = self.store.held_from
+        lowest = max(n - self.cache.window, held + 1 if held else 0)
+        if common >= lowest:
+            try:
+                self.cache.truncate(common)
+                return common
+            except ValueError:
+                pass
+        self.cache.reset()
+        self.cache.length = lowest  # the text before the rows it will hold passes unseen
+        return lowest
+
+    def catch_up(self, context: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows for every token of `context` (from stored features); logits [1, V] and the predicted feature
+        [1, H] of its last row."""
+        start = self._start_row(context)
+        n = len(context)
+        hidden = self.head.config.hidden_size
+        features = self.store.read(max(start - 1, 0), n - 1)
+        if start == 0:  # the first token has no earlier feature
+            features = torch.cat([torch.zeros(1, hidden, dtype=features.dtype), features])
+        logits, predicted = None, None
+        for a in range(start, n, MAX_KERNEL_QUERIES):
+            b = min(n, a + MAX_KERNEL_QUERIES)
+            logits, predicted = self._pass(context[a:b], features[a - start : b - start], 1 if b == n else 0)
+        assert logits is not None and predicted is not None
+        self.tokens, self.exact = list(context), n
+        return logits, predicted[-1:]
+
+    def propose(
+        self, context: list[int], num_tokens: int, generator: torch.Generator | None,
+        keep_going: KeepGoing | None = None,
+    ) -> tuple[list[int], torch.Tensor | None, list[float] | None]:
+        t0 = time.perf_counter()
+        logits, feature = self.catch_up(context)
+        drafts: list[int] = []
+        dists, confidence = [], []
+        for k in range(1, num_tokens + 1):
+            probs = warp(logits, self.params)[0]
+            token = draw(probs, self.params, generator)
+            drafts.append(token)
+            dists.append(probs)
+            if self.greedy:
+                row = logits[0]
+                confidence.append(float(1.0 / torch.exp(row - row.max()).sum()))
+            else:
+                confidence.append(float(probs[token]))
+            if k == num_tokens or (keep_going is not None and not keep_going(k, confidence[-1])):
+                break
+            logits, feature = self._pass([token], feature, 1)
+            self.tokens.append(token)
+        self.stats.time_s += time.perf_counter() - t0
+        return drafts, torch.stack(dists), confidence
+
+    def snapshot(self) -> Any:
+        return list(self.tokens), self.exact, self.cache.snapshot(), self.store.snapshot()
+
+    def restore(self, state: Any) -> None:
+        tokens, self.exact, cache_state, store_state = state
+        self.tokens = list(tokens)
+        self.cache.restore(cache_state)
+        self.store.restore(store_state)
 
 
 class PromptLookup(Level):

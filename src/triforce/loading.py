@@ -26,6 +26,7 @@ from . import quant
 from .config import ModelConfig, config_from_hf
 from .errors import SettingError, TriforceError
 from .formats import WEIGHTS
+from .head import FeatureHead, is_head_directory, load_head
 from .model import Decoder, Weight
 from .native import cache_dir
 from .tokenizer import Tokenizer
@@ -93,6 +94,16 @@ def default_draft(target: LoadedModel) -> str:
     if target.is_embedded and (SHIPPED_DRAFT / "config.json").exists():
         return str(SHIPPED_DRAFT)
     return "ngram"
+
+
+def load_draft(spec: str, target: LoadedModel) -> LoadedModel | FeatureHead | str:
+    """A --draft: "ngram" (prompt lookup), a feature-level head directory (for this target), or a draft model
+    (Hugging Face directory or GGUF file) in the target's dtype."""
+    if spec == "ngram":
+        return "ngram"
+    if is_head_directory(spec):
+        return load_head(spec, target)
+    return load(spec, dtype=target.decoder.dtype)
 
 
 def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:

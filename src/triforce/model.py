@@ -43,11 +43,17 @@ class KVCache(Protocol):
 @dataclass
 class Segment:
     """One sequence's part of a pass: its new tokens [T] (int64), the cache they extend, and how
-    many of the last positions need logits (0 for a prefill chunk that only fills the cache)."""
+    many of the last positions need logits (0 for a prefill chunk that only fills the cache).
+    With `want_features`, the pass leaves in `features` the final hidden state of every token
+    [T, hidden] (after the final norm: what the output layer reads), for a feature-level draft
+    head."""
 
     tokens: torch.Tensor
     cache: KVCache
     scored: int = 0
+    want_features: bool = False
+    features: torch.Tensor | None = None
+    hidden_in: torch.Tensor | None = None  # a draft head's input features [T, hidden] (head.py)
 
 
 class Linear:
@@ -280,50 +286,32 @@ class Decoder:
         self._rope = RotaryTable(self.config, scaling, context_len, capacity, self.device)
 
     # -- forward -----------------------------------------------------------------------------
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The input embeddings [T, hidden] of token ids [T]."""
+        tokens = tokens.to(self.device)
+        if self.embed_rows is not None:
+            return self.embed_rows.rows(tokens, self.dtype)
+        return F.embedding(tokens, self.embed)
+
     @torch.inference_mode()
     def forward(self, segments: list[Segment], residuals: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Run each segment's tokens after what its cache holds; return, per segment, float32
         logits [scored, V] of its last `scored` positions. residuals: if a list, the residual
         stream [N, hidden] entering each layer is appended (used to fit a draft's basis)."""
         cfg = self.config
-        spans, start = [], 0
-        for seg in segments:
-            length = int(seg.tokens.shape[0])
-            positions = seg.cache.positions(length)
-            if self.rope is None or int(positions.max()) >= self.rope.capacity:
-                need = int(positions.max()) + 1
-                raise ValueError(f"rotary table holds {self.rope.capacity if self.rope else 0} positions, need {need}")
-            spans.append((seg.cache, start, start + length, positions))
-            start += length
-        nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        spans = segment_spans(segments, self.rope)
         eps = cfg.rms_norm_eps
         tokens = segments[0].tokens if len(segments) == 1 else torch.cat([seg.tokens for seg in segments])
-        tokens = tokens.to(self.device)
-        h = self.embed_rows.rows(tokens, self.dtype) if self.embed_rows is not None else F.embedding(tokens, self.embed)
-        N = h.shape[0]
-        fused = self.fused
-        norm = native.rms_norm if fused else rms_norm
+        h = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             if residuals is not None:
                 residuals.append(h)
-            x = norm(h, layer.attn_norm, eps)
-            qkv = layer.qkv(x).view(N, nq + 2 * nkv, hd)
-            layer_spans = [(cache.slot(i), a, b, pos) for cache, a, b, pos in spans]
-            attn, queries = attend_layer(qkv, layer_spans, self.rope, nq, fused)
-            for cache, a, b, _ in spans:
-                if cache.record_queries:
-                    cache.saw_queries(i, queries[a:b])
-            h = h + layer.o(attn.reshape(N, nq * hd))
-            x = norm(h, layer.mlp_norm, eps)
-            gate_up = layer.gate_up(x)
-            if fused:  # row by row the same at any size, so a batch or a verification rounds as one step
-                act = native.silu_mul(gate_up)
-            else:
-                gate, up = gate_up.chunk(2, dim=-1)
-                act = F.silu(gate) * up
-            h = h + layer.down(act)
+            h = run_layer(layer, i, h, spans, self.rope, cfg, self.fused)
         for cache, a, b, _ in spans:
             cache.commit(b - a)
+        for seg, (_, a, b, _) in zip(segments, spans):
+            if seg.want_features:
+                seg.features = rms_norm(h[a:b], self.norm, eps)
         # the hidden states whose logits are wanted, then one output projection for all
         picked = [h[b - seg.scored : b] for seg, (_, _, b, _) in zip(segments, spans) if seg.scored]
         if not picked:
@@ -335,6 +323,48 @@ class Decoder:
             out.append(logits[at : at + seg.scored])
             at += seg.scored
         return out
+
+
+Span = tuple[KVCache, int, int, torch.Tensor]  # a segment's cache, its rows [a, b) of the pass, positions
+
+
+def segment_spans(segments: list[Segment], rope: RotaryTable | None) -> list[Span]:
+    """Where each segment's tokens sit in a pass's stacked rows, and their RoPE positions."""
+    spans, start = [], 0
+    for seg in segments:
+        length = int(seg.tokens.shape[0])
+        positions = seg.cache.positions(length)
+        if rope is None or int(positions.max()) >= rope.capacity:
+            need = int(positions.max()) + 1
+            raise ValueError(f"rotary table holds {rope.capacity if rope else 0} positions, need {need}")
+        spans.append((seg.cache, start, start + length, positions))
+        start += length
+    return spans
+
+
+def run_layer(layer: LayerWeights, index: int, h: torch.Tensor, spans: list[Span], rope: RotaryTable,
+              cfg: ModelConfig, fused: bool) -> torch.Tensor:
+    """One decoder layer over the stacked rows h [N, hidden]; each span attends on layer `index` of its
+    own cache. Returns the residual stream after the layer."""
+    nq, nkv, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    norm = native.rms_norm if fused else rms_norm
+    N = h.shape[0]
+    x = norm(h, layer.attn_norm, eps)
+    qkv = layer.qkv(x).view(N, nq + 2 * nkv, hd)
+    layer_spans = [(cache.slot(index), a, b, pos) for cache, a, b, pos in spans]
+    attn, queries = attend_layer(qkv, layer_spans, rope, nq, fused)
+    for cache, a, b, _ in spans:
+        if cache.record_queries:
+            cache.saw_queries(index, queries[a:b])
+    h = h + layer.o(attn.reshape(N, nq * hd))
+    x = norm(h, layer.mlp_norm, eps)
+    gate_up = layer.gate_up(x)
+    if fused:  # row by row the same at any size, so a batch or a verification rounds as one step
+        act = native.silu_mul(gate_up)
+    else:
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+    return h + layer.down(act)
 
 
 def _formats(lin: Projection) -> dict[str, int]:

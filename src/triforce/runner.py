@@ -22,10 +22,12 @@ class Runner:
         self.prefill_chunk = prefill_chunk
         self.batcher = batcher
 
-    def run(self, cache: KVCache, tokens: list[int], scored: int, progress: str | None = None) -> torch.Tensor:
+    def run(self, cache: KVCache, tokens: list[int], scored: int, progress: str | None = None,
+            features: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Run `tokens` after what `cache` holds, in as many passes as it takes; logits
         [scored, V] of the last `scored` positions (they always share one pass). `progress`
-        names a progress bar shown for long inputs."""
+        names a progress bar shown for long inputs. features: if a list, each pass appends the
+        final hidden states of its tokens [T, hidden] (tokens a streaming cache skips have none)."""
         pieces = split_for_cache(tokens, scored, self.prefill_chunk, cache)
         bar = None
         if progress and len(pieces) > 2:
@@ -39,7 +41,7 @@ class Runner:
                 cache.skip(piece)  # the middle of a long prompt
                 continue
             start = cache.length if isinstance(cache, FullCache) else 0
-            out = self._pass(cache, piece, min(scored, len(piece)) if kind == "last" else 0)
+            out = self._pass(cache, piece, min(scored, len(piece)) if kind == "last" else 0, features)
             if kind == "last":
                 logits = out
             if isinstance(cache, FullCache):
@@ -51,11 +53,18 @@ class Runner:
         assert logits is not None
         return logits
 
-    def _pass(self, cache: KVCache, tokens: list[int], scored: int) -> torch.Tensor:
-        segment = Segment(torch.tensor(tokens, dtype=torch.long, device=self.decoder.device), cache, scored)
+    def _pass(self, cache: KVCache, tokens: list[int], scored: int,
+              features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        segment = Segment(torch.tensor(tokens, dtype=torch.long, device=self.decoder.device), cache, scored,
+                          want_features=features is not None)
         if self.batcher is not None:
-            return self.batcher.submit(self.decoder, segment)
-        return self.decoder.forward([segment])[0]
+            logits = self.batcher.submit(self.decoder, segment)
+        else:
+            logits = self.decoder.forward([segment])[0]
+        if features is not None:
+            assert segment.features is not None
+            features.append(segment.features)
+        return logits
 
     # -- prompt caching ------------------------------------------------------------------------
     def _note_rows(self, full: FullCache, start: int, end: int, kernel: bool) -> None:

@@ -57,8 +57,9 @@ _INTEGERS = {
 class EngineSettings:
     """How an engine decodes. Every field is checked here, once; `replace` checks again.
 
-    draft: a loaded draft model (`triforce.load(...)`), "ngram" (prompt lookup, no model), or
-    None; the methods with a "draft" level need one.
+    draft: a loaded draft model (`triforce.load(...)`), a feature-level draft head loaded for the
+    target (`triforce.load_head(...)`), "ngram" (prompt lookup, no model), or None; the methods
+    with a "draft" level need one.
     gamma, draft_gamma: tokens gathered per full verification, and drafted by the bottom per
     middle-level step: a number, or "auto" (adaptive speculation: before each cycle a controller
     picks them, which levels run, and whether to speculate at all, from measured costs and
@@ -99,9 +100,11 @@ class EngineSettings:
         ):
             raise SettingError("max_context", f"must be an integer >= 2, got {self.max_context!r}")
         if isinstance(self.draft, str) and self.draft != "ngram":
-            raise SettingError("draft", f"must be a loaded model or 'ngram', got {self.draft!r}")
-        if self.draft is not None and not isinstance(self.draft, str) and not hasattr(self.draft, "decoder"):
-            raise SettingError("draft", f"must be a loaded model or 'ngram', got {type(self.draft).__name__}")
+            raise SettingError("draft", f"must be a loaded model, a draft head or 'ngram', got {self.draft!r}")
+        if self.draft is not None and not isinstance(self.draft, str) and not (
+                hasattr(self.draft, "decoder") or hasattr(self.draft, "token_map")):
+            kind = type(self.draft).__name__
+            raise SettingError("draft", f"must be a loaded model, a draft head or 'ngram', got {kind}")
         for name in ("retrieval_weights", "draft_weights"):
             value = getattr(self, name)
             if value != "model" and value not in FORMATS:
@@ -155,7 +158,7 @@ class EngineSettings:
 
     @property
     def draft_name(self) -> str | None:
-        """What the draft is, for reports: "ngram", the model's source, or None."""
+        """What the draft is, for reports: "ngram", the model's (or head's) source, or None."""
         if self.draft is None or isinstance(self.draft, str):
             return self.draft
         return self.draft.source

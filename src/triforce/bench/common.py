@@ -17,7 +17,7 @@ import torch
 
 from ..cache import FullCache
 from ..engine import Engine
-from ..loading import LoadedModel, load
+from ..loading import LoadedModel, load_draft
 from ..model import Decoder, Segment
 
 
@@ -76,9 +76,9 @@ def write_report(out: Path | None, name: str, report: dict[str, Any]) -> None:
     (out / f"{name}.md").write_text(report["markdown"] + "\n")
 
 
-def load_drafts(specs: list[str], target: LoadedModel) -> dict[str, LoadedModel | str]:
-    """Each --drafts entry loaded: "ngram" stays a name, anything else is a model path."""
-    return {d: "ngram" if d == "ngram" else load(d, dtype=target.decoder.dtype) for d in specs}
+def load_drafts(specs: list[str], target: LoadedModel) -> dict[str, Any]:
+    """Each --drafts entry loaded: "ngram" stays a name, anything else is a draft model or head path."""
+    return {d: load_draft(d, target) for d in specs}
 
 
 def prefill(engine: Engine, ids: list[int]) -> float:
