@@ -130,3 +130,17 @@ def test_prompt_longer_than_max_context():
 def test_kv_cache_that_cannot_fit_is_refused_before_allocation():
     result = run_cli("generate", "--prompt", "hello", "--max-new-tokens", "2000000000")
     assert_clean_error(result, "GiB")
+
+
+def test_a_draft_head_made_for_another_target_is_refused_in_one_line(tmp_path):
+    import torch
+
+    from triforce.config import ModelConfig
+    from triforce.head import random_head, save_head
+
+    other = ModelConfig("llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                        num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=64,
+                        tie_word_embeddings=True)
+    save_head(tmp_path / "head", other, random_head(other, torch.arange(10)))
+    result = run_cli("generate", "--prompt", "hi", "--draft", str(tmp_path / "head"), "--max-new-tokens", "2")
+    assert_clean_error(result, "was made for another target (hidden_size 32 vs 576")

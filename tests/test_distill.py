@@ -144,3 +144,17 @@ def test_teacher_cache_grows_with_more_sequences_and_resets_on_other_text(tmp_pa
     other[0, 0] += 1  # other text in a cached row: nothing may be reused
     reset = TeacherCache(tmp_path, other, k=2)
     assert reset.done.tolist() == [0, 0, 0, 0, 0]
+
+
+def test_distill_head_refuses_bad_arguments_in_one_line(setup):
+    tmp, target, corpus = setup
+    bad = run("--head", "--target", str(target), "--out", str(tmp / "h"), "--corpus", str(corpus), "--steps", "1",
+              "--coverage", "1.5")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    last = [line for line in bad.stderr.splitlines() if line.strip()][-1]
+    assert last.endswith("--coverage must be in (0, 1], got 1.5")
+    head = tmp / "h2"
+    head.mkdir()
+    (head / "head.json").write_text("{}")
+    taken = run("--head", "--target", str(target), "--out", str(head), "--corpus", str(corpus), "--steps", "1")
+    assert taken.returncode != 0 and "already holds a head" in taken.stderr and "Traceback" not in taken.stderr

@@ -95,6 +95,7 @@ class HeadModule(torch.nn.Module):
         hf = LlamaConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                          num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                          rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, vocab_size=cfg.vocab_size)
+        hf._attn_implementation = "sdpa"  # a standalone layer gets no dispatch from a model
         super().__init__()
         self.fc = torch.nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.layer = LlamaDecoderLayer(hf, 0)

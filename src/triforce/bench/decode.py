@@ -27,6 +27,7 @@ from ..corpus import document_tokens
 from ..engine import Engine
 from ..errors import TriforceError
 from ..formats import FORMATS, WEIGHTS
+from ..head import is_head_directory
 from ..loading import LoadedModel, load
 from ..rope import resolve_scaling
 from ..settings import METHODS, EngineSettings, method_needs_draft
@@ -86,7 +87,8 @@ def variants(methods: list[str], drafts: list[str], retrieval_weights: list[str]
 
 def label(method: str, draft: str | None, retrieval_weights: str = "model",
           fixed: tuple[int, int | None] | None = None, weights: str | None = None) -> str:
-    name = method if draft is None else f"{method}[{'ngram' if draft == 'ngram' else 'draft'}]"
+    kind = "ngram" if draft == "ngram" else ("head" if draft and is_head_directory(draft) else "draft")
+    name = method if draft is None else f"{method}[{kind}]"
     if retrieval_weights != "model":
         name += f" middle {retrieval_weights}"
     if fixed is not None:
