@@ -316,8 +316,10 @@ class HeadLevel(Level):
         """The first row to (re)compute for `context`, with the cache truncated to it."""
         n = len(context)
         changed = self.store.take_changes()
-        common = 0
         limit = min(self.exact, len(self.tokens), n - 1, changed + 1)
+        # a changed token rewrites its feature too, so `changed` already covers it; the tokens are compared
+        # as a check over the rows a window holds only (from the start, it would cost O(context) per draft)
+        common = min(limit, max(0, n - self.cache.window - self.cache.slack))
         while common < limit and self.tokens[common] == context[common]:
             common += 1
         # rows older than the window (or than the features held) are not recomputed: a head attends its window
