@@ -153,14 +153,19 @@ class TeacherCache:
             self.done[r] = 1
 
 
-def teacher_logits(teacher: LoadedModel, sequences: torch.Tensor) -> torch.Tensor:
-    """The target's logits [B, T, V] for every position of each sequence (one prefill each)."""
+def teacher_logits(teacher: LoadedModel, sequences: torch.Tensor,
+                   features: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The target's logits [B, T, V] for every position of each sequence (one prefill each).
+    features: if a list, its final hidden states [B, T, H] are appended (a draft head learns them)."""
     dec = teacher.decoder
     T = sequences.shape[1]
     dec.prepare(T)
-    segments = [Segment(row, FullCache(teacher.config, T, dtype=dec.dtype, device=dec.device), T)
-                for row in sequences]
-    return torch.stack(dec.forward(segments))
+    segments = [Segment(row, FullCache(teacher.config, T, dtype=dec.dtype, device=dec.device), T,
+                        want_features=features is not None) for row in sequences]
+    logits = torch.stack(dec.forward(segments))
+    if features is not None:
+        features.append(torch.stack([seg.features for seg in segments]))
+    return logits
 
 
 # -- the draft ------------------------------------------------------------------------------------
@@ -373,11 +378,22 @@ def kd_loss(student_logits: torch.Tensor, top_i: torch.Tensor, top_p: torch.Tens
     return (ce - ent).mean()
 
 
-def lr_at(step: int, total: int, cfg: DistillConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of `lr` at step `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def planned_steps(step: int, elapsed_s: float, steps: int | None, budget_s: float | None) -> int:
+    """The run's length in steps, for the schedule: `steps`, or what the time budget allows at the
+    pace so far (1000 before the first step is timed)."""
+    if steps:
+        return steps
+    if not step or budget_s is None:
+        return 1000
+    return max(step + 1, int(budget_s / max(1e-3, elapsed_s / step)))
 
 
 @torch.no_grad()
@@ -470,10 +486,8 @@ def distill(cfg: DistillConfig, resume: bool = False, log: Any = print) -> dict[
         teacher.fill(rows, train, target)
         x = train[rows, :-1]
         top_i, top_p = teacher.index[rows], teacher.probs[rows]
-        expected_total = total or max(step + 1, int(budget_s / max(1e-3, elapsed / max(1, step)))) if step else (
-            total or 1000)
         for group in optim.param_groups:
-            group["lr"] = lr_at(step, expected_total, cfg)
+            group["lr"] = lr_at(step, planned_steps(step, elapsed, total, budget_s), cfg.lr, cfg.warmup)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             hidden = student.model(x).last_hidden_state
         loss = HeadKD.apply(hidden.reshape(-1, hidden.shape[-1]), student.lm_head.weight,
@@ -516,7 +530,8 @@ def distill(cfg: DistillConfig, resume: bool = False, log: Any = print) -> dict[
     return report
 
 
-def save_checkpoint(path: Path, student: Any, optim: Any, state: dict, cfg: DistillConfig) -> None:
+def save_checkpoint(path: Path, student: Any, optim: Any, state: dict, cfg: Any) -> None:
+    """The model, optimiser, progress and configuration (a dataclass) of a training run."""
     tmp = path.with_suffix(".tmp")
     torch.save({"model": student.state_dict(), "optim": optim.state_dict(), "state": state, "config": asdict(cfg)},
                tmp)

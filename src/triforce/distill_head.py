@@ -14,8 +14,6 @@ teacher-forced: how often the head's first draft is the target's greedy token.
 
 from __future__ import annotations
 
-import math
-import os
 import random
 import sys
 import time
@@ -25,12 +23,10 @@ from typing import Any
 
 import torch
 
-from .cache import FullCache
-from .distill import DistillConfig, build_sequences
+from .distill import DistillConfig, build_sequences, lr_at, planned_steps, save_checkpoint, teacher_logits
 from .errors import TriforceError
 from .head import FeatureHead, save_head
 from .loading import LoadedModel, load
-from .model import Segment
 
 CHECKPOINT = "head-checkpoint.pt"
 
@@ -58,13 +54,9 @@ class HeadDistillConfig:
 
 def teacher_pass(target: LoadedModel, sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's final hidden states [B, T, H] and logits [B, T, V] at every position of each sequence."""
-    dec = target.decoder
-    T = sequences.shape[1]
-    dec.prepare(T)
-    segments = [Segment(row, FullCache(target.config, T, dtype=dec.dtype, device=dec.device), T, want_features=True)
-                for row in sequences]
-    logits = torch.stack(dec.forward(segments))
-    return torch.stack([s.features for s in segments]).float(), logits
+    features: list[torch.Tensor] = []
+    logits = teacher_logits(target, sequences, features)
+    return features[0].float(), logits
 
 
 def choose_tokens(target: LoadedModel, sequences: torch.Tensor, vocab: int | None, coverage: float,
@@ -72,7 +64,7 @@ def choose_tokens(target: LoadedModel, sequences: torch.Tensor, vocab: int | Non
     """The head's token map: the target's most frequent greedy outputs over `sequences`."""
     counts = torch.zeros(target.config.vocab_size, dtype=torch.long)
     for b in range(0, len(sequences), 4):
-        _, logits = teacher_pass(target, sequences[b : b + 4, :-1])
+        logits = teacher_logits(target, sequences[b : b + 4, :-1])
         counts += torch.bincount(logits.argmax(-1).flatten(), minlength=target.config.vocab_size)
     order = counts.argsort(descending=True)
     cumulative = counts[order].cumsum(0).double() / max(1, int(counts.sum()))
@@ -137,13 +129,6 @@ def head_losses(module: HeadModule, features: torch.Tensor, logits: torch.Tensor
     cls = -(target_probs * head_logits.log_softmax(-1)).sum(-1).mean()
     agree = (module.token_map[head_logits.argmax(-1)] == logits[:, 1:].argmax(-1)).float().mean()
     return reg, cls, agree
-
-
-def lr_at(step: int, total: int, cfg: HeadDistillConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @torch.no_grad()
@@ -216,10 +201,8 @@ def distill_head(cfg: HeadDistillConfig, resume: bool = False, log: Any = print)
         rows = torch.arange((step % per_epoch) * cfg.batch, (step % per_epoch + 1) * cfg.batch) % len(train)
         x = train[rows, :-1]
         features, logits = teacher_pass(target, x)
-        expected = cfg.steps or max(step + 1, int(budget_s / max(1e-3, elapsed / max(1, step)))) if step else (
-            cfg.steps or 1000)
         for group in optim.param_groups:
-            group["lr"] = lr_at(step, expected, cfg)
+            group["lr"] = lr_at(step, planned_steps(step, elapsed, cfg.steps, budget_s), cfg.lr, cfg.warmup)
         reg, cls, agree = head_losses(module, features, logits, x, cfg.noise)
         loss = reg + cfg.cls_weight * cls
         optim.zero_grad(set_to_none=True)
@@ -251,7 +234,3 @@ def distill_head(cfg: HeadDistillConfig, resume: bool = False, log: Any = print)
     return report
 
 
-def save_checkpoint(path: Path, module: HeadModule, optim: Any, state: dict, cfg: HeadDistillConfig) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": module.state_dict(), "optim": optim.state_dict(), "state": state, "config": asdict(cfg)}, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a broken checkpoint

@@ -146,11 +146,10 @@ class Engine:
         top = ModelLevel("target", Runner(target, s.prefill_chunk, self.batcher), full, params, self.progress)
         top.tokens = list(self._cached_tokens)
         below = [self._level(spec, full, top, params, capacity) for spec in s.levels]
-        for level in below[:1]:
-            if isinstance(level, HeadLevel):  # every model above a head leaves it the features it computes
-                for above in [*below[1:], top]:
-                    assert isinstance(above, ModelLevel)
-                    above.store = level.store
+        if below and isinstance(below[0], HeadLevel):  # every model above a head leaves it the features it computes
+            for above in [*below[1:], top]:
+                assert isinstance(above, ModelLevel)
+                above.store = below[0].store
         if not s.adaptive:
             return Chain([*below, top], s.gammas)
         names: list[str | tuple[str, ...]] = [level.name for level in below]

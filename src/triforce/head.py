@@ -24,7 +24,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import TriforceError
-from .model import Decoder, LayerWeights, Segment, projection, run_layer, segment_spans
+from .model import Decoder, LayerWeights, Segment, projection, run_layer, scored_rows, segment_spans, split_scored
 from .rope import RotaryTable
 
 HEAD_WEIGHTS = "head.safetensors"
@@ -148,17 +148,13 @@ class FeatureHead:
         for seg, (_, a, b, _) in zip(segments, spans):
             if seg.want_features:
                 seg.features = h[a:b]
-        picked = [h[b - seg.scored : b] for seg, (_, _, b, _) in zip(segments, spans) if seg.scored]
-        if not picked:
+        rows = scored_rows(h, segments, spans)
+        if rows is None:
             return [torch.empty(0, self.vocab_size) for _ in segments]
-        small = self.lm_head(torch.cat(picked), out_dtype=torch.float32)
+        small = self.lm_head(rows, out_dtype=torch.float32)
         logits = torch.full((small.shape[0], self.vocab_size), float("-inf"), device=small.device)
         logits[:, self.token_map] = small
-        out, at = [], 0
-        for seg in segments:
-            out.append(logits[at : at + seg.scored])
-            at += seg.scored
-        return out
+        return split_scored(logits, segments)
 
 
 def load_head(path: str | Path, target: Any) -> FeatureHead:

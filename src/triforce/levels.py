@@ -26,6 +26,17 @@ TAIL_CHECK = 256  # tokens compared when aligning a level's cache with the conte
 KeepGoing = Callable[[int, float], bool]
 
 
+def own_confidences(logits: torch.Tensor | None, probs: torch.Tensor, tokens: list[int]) -> list[float]:
+    """A level's probability of `tokens` at the first len(tokens) rows of its pass: with the raw
+    `logits` (greedy: one-hot rows say nothing) the softmax probability of the argmax, else the
+    warped probability of the token."""
+    n = len(tokens)
+    if logits is not None:
+        rows = logits[:n].float()
+        return (1.0 / torch.exp(rows - rows.max(-1, keepdim=True).values).sum(-1)).tolist()
+    return probs[torch.arange(n), torch.tensor(tokens)].tolist()
+
+
 class Level:
     """Interface of a level. Models implement score(); the bottom also implements propose()."""
 
@@ -139,11 +150,7 @@ class ModelLevel(Level):
         """The level's own probability of `tokens` at the rows of its last pass that gave `probs`
         (the first len(tokens) of them): the warped probability when sampling, and when greedy
         (one-hot rows, which say nothing) the plain softmax probability of the argmax."""
-        n = len(tokens)
-        if self.greedy and self._logits is not None:
-            rows = self._logits[:n].float()
-            return (1.0 / torch.exp(rows - rows.max(-1, keepdim=True).values).sum(-1)).tolist()
-        return probs[torch.arange(n), torch.tensor(tokens)].tolist()
+        return own_confidences(self._logits if self.greedy else None, probs, tokens)
 
     def propose(
         self, context: list[int], num_tokens: int, generator: torch.Generator | None,
@@ -361,15 +368,11 @@ class HeadLevel(Level):
         drafts: list[int] = []
         dists, confidence = [], []
         for k in range(1, num_tokens + 1):
-            probs = warp(logits, self.params)[0]
-            token = draw(probs, self.params, generator)
+            probs = warp(logits, self.params)
+            token = draw(probs[0], self.params, generator)
             drafts.append(token)
-            dists.append(probs)
-            if self.greedy:
-                row = logits[0]
-                confidence.append(float(1.0 / torch.exp(row - row.max()).sum()))
-            else:
-                confidence.append(float(probs[token]))
+            dists.append(probs[0])
+            confidence += own_confidences(logits if self.greedy else None, probs, [token])
             if k == num_tokens or (keep_going is not None and not keep_going(k, confidence[-1])):
                 break
             logits, feature = self._pass([token], feature, 1)

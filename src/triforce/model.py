@@ -313,16 +313,10 @@ class Decoder:
             if seg.want_features:
                 seg.features = rms_norm(h[a:b], self.norm, eps)
         # the hidden states whose logits are wanted, then one output projection for all
-        picked = [h[b - seg.scored : b] for seg, (_, _, b, _) in zip(segments, spans) if seg.scored]
-        if not picked:
+        rows = scored_rows(h, segments, spans)
+        if rows is None:
             return [torch.empty(0, cfg.vocab_size) for _ in segments]
-        rows = picked[0] if len(picked) == 1 else torch.cat(picked)
-        logits = self.lm_head(rms_norm(rows, self.norm, eps), out_dtype=torch.float32)
-        out, at = [], 0
-        for seg in segments:
-            out.append(logits[at : at + seg.scored])
-            at += seg.scored
-        return out
+        return split_scored(self.lm_head(rms_norm(rows, self.norm, eps), out_dtype=torch.float32), segments)
 
 
 Span = tuple[KVCache, int, int, torch.Tensor]  # a segment's cache, its rows [a, b) of the pass, positions
@@ -340,6 +334,23 @@ def segment_spans(segments: list[Segment], rope: RotaryTable | None) -> list[Spa
         spans.append((seg.cache, start, start + length, positions))
         start += length
     return spans
+
+
+def scored_rows(h: torch.Tensor, segments: list[Segment], spans: list[Span]) -> torch.Tensor | None:
+    """The rows of a pass's stacked hidden states whose logits its segments want (None if none)."""
+    picked = [h[b - seg.scored : b] for seg, (_, _, b, _) in zip(segments, spans) if seg.scored]
+    if not picked:
+        return None
+    return picked[0] if len(picked) == 1 else torch.cat(picked)
+
+
+def split_scored(logits: torch.Tensor, segments: list[Segment]) -> list[torch.Tensor]:
+    """Per segment, its `scored` rows of logits computed for all segments' scored rows together."""
+    out, at = [], 0
+    for seg in segments:
+        out.append(logits[at : at + seg.scored])
+        at += seg.scored
+    return out
 
 
 def run_layer(layer: LayerWeights, index: int, h: torch.Tensor, spans: list[Span], rope: RotaryTable,
