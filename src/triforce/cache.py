@@ -127,6 +127,11 @@ class FullCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    @property
+    def buffer_like(self) -> torch.Tensor:
+        """A layer's key buffer, for what depends only on its dtype and device."""
+        return self.k[0]
+
     def positions(self, num_tokens: int) -> torch.Tensor:
         if self.length + num_tokens > self.capacity:
             raise TriforceError(f"the KV cache holds {self.capacity} tokens; {self.length + num_tokens} would not fit")
@@ -322,14 +327,7 @@ class RetrievalView(SparseView):
             return
         self.update_means()
         q = torch.stack([x.float() for x in queries])  # [L, Hq, D]
-        q = q.view(cfg.num_layers, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
-        means = self.chunk_means[:, :, 1:n_old]  # [L, Hkv, C-1, D]; chunk 0 is always kept
-        logits = torch.einsum("lhgd,lhcd->lhgc", q, means) * cfg.head_dim**-0.5
-        mass = logits.softmax(-1).sum(2)  # [L, Hkv, C-1]
-        top = torch.topk(mass, keep - 1, dim=-1).indices + 1
-        zero = torch.zeros(cfg.num_layers, cfg.num_kv_heads, 1, dtype=top.dtype, device=top.device)
-        chosen = torch.cat([zero, top], dim=-1).sort(-1).values * cs
-        chosen = chosen.to(torch.int32)
+        chosen = (top_chunks(q, self.chunk_means[:, :, :n_old], keep, cfg) * cs).to(torch.int32)
         self.chunks = [chosen[i].contiguous() for i in range(cfg.num_layers)]
         self.dense_start = dense_start
 
@@ -339,6 +337,20 @@ class RetrievalView(SparseView):
     def restore(self, state: Any) -> None:
         view, self.selected_at = state
         super().restore(view)
+
+
+def top_chunks(q: torch.Tensor, means: torch.Tensor, keep: int, config: ModelConfig) -> torch.Tensor:
+    """The `keep` chunks (ascending indices [L, Hkv, keep]) a retrieval cache reads, given the
+    queries q [L, Hq, D] and the chunks' mean keys [L, Hkv, C, D]: chunk 0 (the attention sink)
+    and the keep - 1 others whose mean key receives the most attention mass, summed over the
+    query heads sharing the KV head."""
+    layers = q.shape[0]
+    q = q.view(layers, config.num_kv_heads, config.group_size, config.head_dim)
+    logits = torch.einsum("lhgd,lhcd->lhgc", q, means[:, :, 1:]) * config.head_dim**-0.5
+    mass = logits.softmax(-1).sum(2)  # [L, Hkv, C-1]
+    top = torch.topk(mass, keep - 1, dim=-1).indices + 1
+    zero = torch.zeros(layers, config.num_kv_heads, 1, dtype=top.dtype, device=top.device)
+    return torch.cat([zero, top], dim=-1).sort(-1).values
 
 
 class StreamingCache:

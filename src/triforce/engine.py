@@ -20,7 +20,15 @@ from typing import Any
 import torch
 
 from .batcher import ForwardBatcher
-from .cache import FullCache, RetrievalView, StreamingCache, StreamingView, check_fits
+from .cache import (
+    FullCache,
+    RetrievalView,
+    SparseView,
+    StreamingCache,
+    StreamingView,
+    available_memory_bytes,
+    check_fits,
+)
 from .chain import Chain
 from .controller import Controller
 from .errors import SettingError
@@ -29,6 +37,7 @@ from .levels import FeatureStore, HeadLevel, Level, ModelLevel, PromptLookup, Vi
 from .loading import LoadedModel
 from .metrics import LevelStats
 from .native import MAX_KERNEL_QUERIES
+from .offload import CompactRetrieval, CompactStreaming, CompactView, OffloadedCache, offload_plan
 from .rope import RotaryTable
 from .runner import Runner
 from .sampling import SamplingParams, draw
@@ -92,15 +101,45 @@ class Engine:
         """Cache rows a run reaching `total` tokens needs."""
         return total + self.settings.rows_past_context
 
+    def _views_bytes(self, capacity: int, offloaded: bool) -> int:
+        """Bytes the views of the target's cache that the levels below the top read take: in
+        place (an in-RAM cache) they hold only the retrieval chunks' mean keys; over an offloaded
+        cache, copies of the rows they read."""
+        s, cfg, dtype = self.settings, self.target.config, self.target.decoder.dtype
+        total = 0
+        for spec in s.levels:
+            if spec.model != "target":
+                continue
+            if spec.cache == "retrieval":
+                total += (CompactRetrieval.bytes_needed(cfg, capacity, s.budget, s.chunk_size, dtype) if offloaded
+                          else RetrievalView.bytes_for(cfg, capacity, s.chunk_size))
+            elif offloaded:
+                total += CompactStreaming.bytes_needed(cfg, s.sink, s.window, dtype)
+        return total
+
+    def _offload_plan(self, capacity: int) -> tuple[int, int] | None:
+        """(target layers the RAM budget holds whole, RAM tail rows) for a cache on disk, or None
+        when the settings keep it in RAM (no kv_offload, or it all fits in the budget)."""
+        s, cfg, dec = self.settings, self.target.config, self.target.decoder
+        if s.kv_offload is None:
+            return None
+        if dec.device.type != "cpu":
+            raise SettingError("kv_offload", "needs the model on the CPU")
+        budget = s.kv_ram_budget or (available_memory_bytes() or 2**33) // 2
+        if FullCache.bytes_for(cfg, capacity, dec.dtype) + self._views_bytes(capacity, False) <= budget:
+            return None
+        return offload_plan(cfg, capacity, dec.dtype, budget, self._views_bytes(capacity, True), s.prefill_chunk)
+
     def memory_needed(self, capacity: int) -> int:
         """Bytes a run of `capacity` tokens allocates (KV caches, selections, rotary tables),
         from each cache's own sizing, before allocating anything."""
-        s, cfg = self.settings, self.target.config
-        total = FullCache.bytes_for(cfg, capacity, self.target.decoder.dtype) + RotaryTable.bytes_for(cfg, capacity)
+        s, cfg, dtype = self.settings, self.target.config, self.target.decoder.dtype
+        plan = self._offload_plan(capacity)
+        full = FullCache.bytes_for(cfg, capacity, dtype) if plan is None else OffloadedCache.bytes_for(
+            cfg, capacity, dtype, *plan)
+        total = full + RotaryTable.bytes_for(cfg, capacity) + self._views_bytes(capacity, plan is not None)
         for spec in s.levels:
-            if spec.cache == "retrieval":
-                total += RetrievalView.bytes_for(cfg, capacity, s.chunk_size)
-            elif spec.model == "draft" and isinstance(s.draft, LoadedModel):
+            if spec.model == "draft" and isinstance(s.draft, LoadedModel):
                 dcfg, dtype = s.draft.config, s.draft.decoder.dtype
                 if spec.cache == "full":
                     total += FullCache.bytes_for(dcfg, capacity, dtype) + RotaryTable.bytes_for(dcfg, capacity)
@@ -131,6 +170,8 @@ class Engine:
 
     def release(self) -> None:
         """Free the caches (and forget the cached prompt)."""
+        if isinstance(self._full, OffloadedCache):
+            self._full.close()
         self._full = self._draft_cache = None
         self._cached_tokens, self._cached_rope = [], None
 
@@ -143,6 +184,8 @@ class Engine:
         full = self._full_cache(capacity)
         full.truncate(len(self._cached_tokens))
         full.record_queries = any(spec.cache == "retrieval" for spec in s.levels)
+        if isinstance(full, OffloadedCache):
+            full.visitors = []  # this chain's views register below
         top = ModelLevel("target", Runner(target, s.prefill_chunk, self.batcher), full, params, self.progress)
         top.tokens = list(self._cached_tokens)
         below = [self._level(spec, full, top, params, capacity) for spec in s.levels]
@@ -166,12 +209,22 @@ class Engine:
                capacity: int) -> Level:
         s = self.settings
         if spec.model == "target":
+            view: SparseView | CompactView
             if spec.cache == "retrieval":
                 runner = Runner(self.target.copy_in(s.retrieval_weights), s.prefill_chunk, self.batcher)
-                view = RetrievalView(full, s.budget, s.chunk_size)
+                if isinstance(full, OffloadedCache):
+                    view = CompactRetrieval(full, s.budget, s.chunk_size, rebuild_every=s.rebuild_every)
+                    full.visitors.append(view)
+                else:
+                    view = RetrievalView(full, s.budget, s.chunk_size)
                 return ViewLevel("target-retrieval", runner, view, top, params, s.rebuild_every)
             runner = Runner(self.target.decoder, s.prefill_chunk, self.batcher)
-            return ViewLevel("target-streaming", runner, StreamingView(full, s.sink, s.window), top, params)
+            if isinstance(full, OffloadedCache):
+                view = CompactStreaming(full, s.sink, s.window)
+                full.visitors.append(view)
+            else:
+                view = StreamingView(full, s.sink, s.window)
+            return ViewLevel("target-streaming", runner, view, top, params)
         if s.draft == "ngram":
             return PromptLookup(self.target.config.vocab_size)
         if isinstance(s.draft, FeatureHead):
@@ -203,12 +256,25 @@ class Engine:
     def _full_cache(self, capacity: int) -> FullCache:
         """The target's full cache, with room for `capacity` tokens; growing it keeps the cached
         prompt."""
-        target = self.target.decoder
-        if self._full is not None and self._full.k.dtype != target.dtype:
-            self._full, self._cached_tokens = None, []
+        target, s = self.target.decoder, self.settings
+        plan = self._offload_plan(capacity)
+        old = self._full
+        if old is not None:
+            if isinstance(old, OffloadedCache):  # it neither grows nor moves: a new one is made
+                keep = plan is not None and not old.broken and old.capacity >= capacity and \
+                    old.file.directory == s.kv_offload and old.tail_rows >= plan[1]
+            else:
+                keep = plan is None
+            if not keep or old.k.dtype != target.dtype:
+                self.release()
         if self._full is None:
             self._cached_tokens = []
-            self._full = FullCache(self.target.config, capacity, dtype=target.dtype, device=target.device)
+            if plan is None:
+                self._full = FullCache(self.target.config, capacity, dtype=target.dtype, device=target.device)
+            else:
+                assert s.kv_offload is not None
+                self._full = OffloadedCache(self.target.config, capacity, target.dtype, s.kv_offload, *plan,
+                                            keep_file=s.kv_offload_keep)
         elif self._full.capacity < capacity:
             self._full = self._full.grown(capacity, len(self._cached_tokens))
         return self._full

@@ -45,7 +45,7 @@ class Runner:
             if kind == "last":
                 logits = out
             if isinstance(cache, FullCache):
-                self._note_rows(cache, start, start + len(piece), kernel_runs(cache.k[0], len(piece)))
+                self._note_rows(cache, start, start + len(piece), kernel_runs(cache.buffer_like, len(piece)))
             if bar is not None:
                 bar.update(len(piece))
         if bar is not None:
@@ -88,7 +88,7 @@ class Runner:
         Without the kernel (another device, an older CPU) short passes run through SDPA too,
         whose rows depend on how many tokens share the pass: then only whole chunks match."""
         chunk = self.prefill_chunk
-        kernel_max = kernel_query_limit(full.k[0])
+        kernel_max = kernel_query_limit(full.buffer_like)
         if kernel_max >= prompt_len and full.kernel_from == 0:
             return common
         aligned = full.aligned_rows if full.aligned_chunk == chunk else 0

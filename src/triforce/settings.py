@@ -68,6 +68,9 @@ class EngineSettings:
     draft model read: "model" (the model's own) or a block format ("q4_0", ...) to run on a
     quantized copy. Lossless either way: these levels only draft, and the top level verifies
     with the target's own weights.
+    kv_offload: a directory for the target's full KV cache beyond `kv_ram_budget` bytes of RAM
+    (default: half the memory available when the cache is made); the file is removed when the
+    cache is freed unless `kv_offload_keep`. The levels below the top keep their rows in RAM.
     """
 
     method: str = "autoregressive"
@@ -83,6 +86,9 @@ class EngineSettings:
     max_context: int | None = None
     retrieval_weights: str = "model"
     draft_weights: str = "model"
+    kv_offload: str | None = None
+    kv_ram_budget: int | None = None
+    kv_offload_keep: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -109,6 +115,16 @@ class EngineSettings:
             value = getattr(self, name)
             if value != "model" and value not in FORMATS:
                 raise SettingError(name, f"must be 'model' or one of {', '.join(FORMATS)}, got {value!r}")
+        if self.kv_offload is not None and (not isinstance(self.kv_offload, str) or not self.kv_offload):
+            raise SettingError("kv_offload", f"must be a directory, got {self.kv_offload!r}")
+        if self.kv_ram_budget is not None:
+            budget = self.kv_ram_budget
+            if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+                raise SettingError("kv_ram_budget", f"must be a number of bytes >= 1, got {self.kv_ram_budget!r}")
+            if self.kv_offload is None:
+                raise SettingError("kv_ram_budget", "needs kv_offload: the directory for the rows beyond it")
+        if not isinstance(self.kv_offload_keep, bool):
+            raise SettingError("kv_offload_keep", f"must be true or false, got {self.kv_offload_keep!r}")
         if self.needs_draft and self.draft is None:
             raise SettingError("draft", f"is needed by method {self.method}: a draft model or 'ngram'")
 
