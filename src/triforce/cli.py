@@ -49,6 +49,23 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+          "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+
+
+def _size(text: str) -> int:
+    """Bytes from '256MB', '1.5GiB', '512M' (K/M/G and KiB/MiB/GiB are powers of 1024, KB/MB/GB of 1000)."""
+    number = text.strip().rstrip("BbIiKkMmGgTt")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or value <= 0 or int(value * _UNITS[unit]) < 1:
+        raise argparse.ArgumentTypeError(f"expected a size such as 256MB or 2GiB, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -91,6 +108,17 @@ def add_speculation_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights of the target-on-retrieval-cache level: the target's own, or a quantized copy")
     p.add_argument("--draft-weights", default="model", choices=["model", *FORMATS],
                    help="weights of the draft model: its own, or a quantized copy")
+    add_offload_arguments(p)
+
+
+def add_offload_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-offload", metavar="DIR",
+                   help="keep the target's KV cache beyond --kv-ram-budget in a file under DIR (direct I/O); the "
+                        "levels below the top stay in RAM")
+    p.add_argument("--kv-ram-budget", type=_size, metavar="SIZE",
+                   help="RAM for the KV cache with --kv-offload, e.g. 256MB or 2GiB (default: half the available "
+                        "memory)")
+    p.add_argument("--kv-offload-keep", action="store_true", help="leave the offload file in DIR after the run")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, top_p: float, seed: int | None,
@@ -348,7 +376,7 @@ def check_sampling_args(args: argparse.Namespace) -> None:
 
 
 KNOBS = ("gamma", "draft_gamma", "budget", "chunk_size", "sink", "window", "rebuild_every", "retrieval_weights",
-         "draft_weights")
+         "draft_weights", "kv_offload", "kv_ram_budget", "kv_offload_keep")
 
 
 def load_models(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -381,6 +381,8 @@ class Generation:
         first_probs = chain.prefill(ids)
         prompt_state = chain.snapshot() if self.num_samples > 1 else None
         prefill_s = time.perf_counter() - t0
+        offloaded = engine._full if isinstance(engine._full, OffloadedCache) else None
+        read_from = offloaded.file.read_bytes if offloaded is not None else 0
         for level in chain.levels:  # level figures cover decoding only
             level.stats = LevelStats(level.stats.name, is_top=level.stats.is_top)
         samples: list[list[int]] = []
@@ -422,6 +424,7 @@ class Generation:
             "levels": [level.stats.as_dict() for level in chain.levels],
             "weights_mb": {fmt: round(n / 1e6, 1) for fmt, n in decoder.weight_formats.items()},
             **({"controller": chain.controller.report()} if chain.controller is not None else {}),
+            **({"kv_offload": offloaded.report(read_from, new_tokens, decode_s)} if offloaded is not None else {}),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         }
         self.result = GenerationResult(

@@ -93,6 +93,11 @@ def summary(prompt_tokens: int, stats: dict[str, Any]) -> str:
             lines.append(f"  {level['name']:<18} {level['forward_calls']} forward passes | {level['time_s']:.2f} s")
     if "controller" in stats:
         lines.append("  " + controller_sentence(stats["controller"]))
+    if "kv_offload" in stats:
+        kv = stats["kv_offload"]
+        lines.append(f"  KV cache: {kv['ram_mb']:.0f} MB in RAM ({kv['layers_in_ram']} layers whole), "
+                     f"{kv['file_mb']:.0f} MB file | {kv['read_mb_per_token']:.0f} MB read per token at "
+                     f"{kv['read_gbs'] or 0:.2f} GB/s")
     return "\n".join(lines)
 
 

@@ -94,6 +94,7 @@ class KVFile:
         if not os.access(directory, os.W_OK | os.X_OK):
             raise SettingError("kv_offload", f"directory {directory} is not writable")
         self.directory = directory
+        self.read_bytes = self.written_bytes = 0  # traffic requested so far
         self.layers, self.heads, self.rows, self.row_bytes = layers, heads, rows, row_bytes
         align = BLOCK // math.gcd(BLOCK, row_bytes)
         self.piece_rows = max(align, IO_PIECE // row_bytes // align * align)
@@ -133,6 +134,11 @@ class KVFile:
         """Move rows [row0, row1) of a layer between the file and buffers (K, V) [heads, n, D], whose
         row `buffer_row0` holds file row `row0`; in pieces on the I/O threads."""
         step = self.piece_rows
+        moved = 2 * self.heads * (row1 - row0) * self.row_bytes
+        if write:
+            self.written_bytes += moved
+        else:
+            self.read_bytes += moved
         futures = []
         for kv, buf in enumerate(buffers):
             for head in range(self.heads):
@@ -345,6 +351,14 @@ class OffloadedCache(FullCache):
                 self._checked(current[2])
                 self.staged[b] = (current[0], new_start, [])
 
+    def report(self, read_from: int, new_tokens: int, seconds: float) -> dict[str, Any]:
+        """What the offloaded cache held where, and the file traffic of a decoding run that began
+        with `read_from` bytes read and produced `new_tokens` in `seconds`."""
+        read = self.file.read_bytes - read_from
+        return {"ram_mb": round(self.nbytes / 1e6, 1), "file_mb": round(self.file.size / 1e6, 1),
+                "layers_in_ram": self.ram_layers, "read_mb_per_token": round(read / 1e6 / max(1, new_tokens), 1),
+                "read_gbs": round(read / 1e9 / seconds, 2) if seconds > 0 else None}
+
     def grown(self, capacity: int, keep: int) -> FullCache:
         raise TriforceError("an offloaded KV cache cannot grow; the engine makes a new one")
 
@@ -479,11 +493,16 @@ class CompactRetrieval(CompactView):
 
     def __init__(self, full: OffloadedCache, budget: int, chunk_size: int = 8, recent: int = 64,
                  rebuild_every: int = 1) -> None:
-        super().__init__(full, round_up(budget, chunk_size), self.dense_rows_for(chunk_size, recent), rebuild_every)
+        super().__init__(full, self.chunk_rows_for(full.capacity, budget, chunk_size),
+                         self.dense_rows_for(chunk_size, recent), rebuild_every)
         cfg = full.config
         self.budget, self.chunk_size, self.recent = budget, chunk_size, recent
         self.means = torch.zeros(cfg.num_layers, cfg.num_kv_heads, full.capacity // chunk_size, cfg.head_dim)
         self.means_ready = 0
+
+    @staticmethod
+    def chunk_rows_for(capacity: int, budget: int, chunk_size: int) -> int:
+        return min(round_up(budget, chunk_size), round_up(capacity, chunk_size))
 
     @staticmethod
     def dense_rows_for(chunk_size: int, recent: int) -> int:
@@ -492,7 +511,7 @@ class CompactRetrieval(CompactView):
 
     @classmethod
     def bytes_needed(cls, config: ModelConfig, capacity: int, budget: int, chunk_size: int, dtype: torch.dtype) -> int:
-        rows = round_up(budget, chunk_size) + cls.dense_rows_for(chunk_size, 64)
+        rows = cls.chunk_rows_for(capacity, budget, chunk_size) + cls.dense_rows_for(chunk_size, 64)
         means = config.num_layers * config.num_kv_heads * (capacity // chunk_size) * config.head_dim * 4
         return cls.bytes_for(config, 0, rows, dtype) + means
 
