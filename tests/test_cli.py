@@ -110,10 +110,28 @@ def test_demo_refuses_bad_sampling_settings():
         (["--prompt", "hi", "--dtype", "int3"], "dtype"),
         (["--prompt", "hi", "--weights", "q3_x"], "--weights"),
         (["--prompt", "hi", "--retrieval-weights", "int8"], "--retrieval-weights"),
+        (["--prompt", "hi", "--kv-ram-budget", "12XB"], "--kv-ram-budget: expected a size such as 256MB"),
+        (["--prompt", "hi", "--kv-ram-budget", "1MB"], "--kv-ram-budget needs an offload directory"),
+        (["--prompt", "hi", "--kv-offload", "/nonexistent/dir"], "--kv-offload is not a directory"),
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(args, fragment):
     assert_clean_error(run_cli("generate", *args), fragment)
+
+
+def test_a_kv_ram_budget_too_small_for_the_offloaded_cache(tmp_path):
+    prompt = " ".join(f"word{i}" for i in range(600))
+    result = run_cli("generate", "--prompt", prompt, "--max-new-tokens", "2", "--kv-offload", str(tmp_path),
+                     "--kv-ram-budget", "1MiB", "--draft", "ngram")
+    assert_clean_error(result, "--kv-ram-budget is 1 MiB, but at")
+    assert os.listdir(tmp_path) == []
+
+
+def test_size_flags_read_decimal_and_binary_units():
+    from triforce.cli import _size
+
+    assert _size("256MB") == 256 * 10**6 and _size("2GiB") == 2 * 2**30 and _size("512M") == 512 * 2**20
+    assert _size("1.5GB") == 1_500_000_000 and _size("4096") == 4096
 
 
 def test_corrupt_model_file(tmp_path):

@@ -171,7 +171,7 @@ def test_bad_directories_are_clear_errors(small_vocab_models, tmp_path, monkeypa
         engine = Engine(target, EngineSettings(kv_offload=str(where)))
         with pytest.raises(SettingError, match=message):
             engine.generate(LONG_PROMPT, max_new_tokens=2)
-    with pytest.raises(SettingError, match="kv_ram_budget needs kv_offload"):
+    with pytest.raises(SettingError, match="kv_ram_budget needs an offload directory"):
         EngineSettings(kv_ram_budget=1 << 20)
     with pytest.raises(SettingError, match="kv_ram_budget must be a number of bytes"):
         EngineSettings(kv_offload=str(tmp_path), kv_ram_budget=0)

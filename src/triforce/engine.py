@@ -37,7 +37,7 @@ from .levels import FeatureStore, HeadLevel, Level, ModelLevel, PromptLookup, Vi
 from .loading import LoadedModel
 from .metrics import LevelStats
 from .native import MAX_KERNEL_QUERIES
-from .offload import CompactRetrieval, CompactStreaming, CompactView, OffloadedCache, offload_plan
+from .offload import CompactRetrieval, CompactStreaming, CompactView, OffloadedCache, check_directory, offload_plan
 from .rope import RotaryTable
 from .runner import Runner
 from .sampling import SamplingParams, draw
@@ -125,6 +125,7 @@ class Engine:
             return None
         if dec.device.type != "cpu":
             raise SettingError("kv_offload", "needs the model on the CPU")
+        check_directory(s.kv_offload)
         budget = s.kv_ram_budget or (available_memory_bytes() or 2**33) // 2
         if FullCache.bytes_for(cfg, capacity, dec.dtype) + self._views_bytes(capacity, False) <= budget:
             return None

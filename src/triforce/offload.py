@@ -66,6 +66,14 @@ def _memory(rows: torch.Tensor) -> Any:
     return rows.view(torch.uint8).numpy()
 
 
+def check_directory(directory: str) -> None:
+    """Refuse an offload directory that does not exist or cannot be written."""
+    if not os.path.isdir(directory):
+        raise SettingError("kv_offload", f"is not a directory: {directory}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise SettingError("kv_offload", f"directory {directory} is not writable")
+
+
 def offload_plan(config: ModelConfig, capacity: int, dtype: torch.dtype, budget: int, views_bytes: int,
                  prefill_chunk: int) -> tuple[int, int]:
     """(layers held whole in RAM, RAM tail rows) of an OffloadedCache of `capacity` rows within
@@ -89,10 +97,7 @@ class KVFile:
     removed when the cache is freed or the process exits (unlinked at once unless `keep`)."""
 
     def __init__(self, directory: str, layers: int, heads: int, rows: int, row_bytes: int, keep: bool = False) -> None:
-        if not os.path.isdir(directory):
-            raise SettingError("kv_offload", f"is not a directory: {directory}")
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise SettingError("kv_offload", f"directory {directory} is not writable")
+        check_directory(directory)
         self.directory = directory
         self.read_bytes = self.written_bytes = 0  # traffic requested so far
         self.layers, self.heads, self.rows, self.row_bytes = layers, heads, rows, row_bytes

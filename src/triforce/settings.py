@@ -122,7 +122,7 @@ class EngineSettings:
             if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
                 raise SettingError("kv_ram_budget", f"must be a number of bytes >= 1, got {self.kv_ram_budget!r}")
             if self.kv_offload is None:
-                raise SettingError("kv_ram_budget", "needs kv_offload: the directory for the rows beyond it")
+                raise SettingError("kv_ram_budget", "needs an offload directory for the rows beyond it")
         if not isinstance(self.kv_offload_keep, bool):
             raise SettingError("kv_offload_keep", f"must be true or false, got {self.kv_offload_keep!r}")
         if self.needs_draft and self.draft is None:
