@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sweep", help="fixed GAMMA/DRAFT_GAMMA pairs run beside each speculating method's adaptive "
                                    "default, e.g. 2/1,4/2,6/2,8/3; adds a table and heat maps of adaptive against "
                                    "plain decoding and the best of them")
+    d.add_argument("--kv-offload", metavar="DIR", help="also run every method with the target's KV cache on disk "
+                                                        "under DIR beyond --kv-ram-budget, side by side")
+    d.add_argument("--kv-ram-budget", type=_size, metavar="SIZE", help="RAM for the KV cache with --kv-offload")
     d.add_argument("--ppl-tokens", type=_nonneg_int,
                    help="score the target's perplexity on this many true next tokens per context (default 128; 0: off)")
     ac = bsub.add_parser("acceptance", help="acceptance of the target on sparse caches (retrieval, StreamingLLM, "
@@ -689,7 +692,8 @@ def _paper_bench(args: argparse.Namespace) -> int:
         settings["knobs"] = {**settings["knobs"], **{k: v for k, v in given if v is not None}}
     if args.bench == "decode":
         bench.validate(settings["contexts"], settings["methods"], settings["temperatures"], settings["peers"],
-                       settings["weights"], settings["retrieval_weights"], settings["sweep"])
+                       settings["weights"], settings["retrieval_weights"], settings["sweep"], settings["kv_offload"],
+                       settings["kv_ram_budget"])
     elif args.bench == "batch":
         bench.validate(settings["contexts"], settings["batch_sizes"], settings["methods"], settings["temperature"])
     elif args.bench == "serve":

@@ -263,7 +263,7 @@ class Engine:
         if old is not None:
             if isinstance(old, OffloadedCache):  # it neither grows nor moves: a new one is made
                 keep = plan is not None and not old.broken and old.capacity >= capacity and \
-                    old.file.directory == s.kv_offload and old.tail_rows >= plan[1]
+                    old.file.directory == s.kv_offload and old.ram_layers <= plan[0] and old.tail_rows >= plan[1]
             else:
                 keep = plan is None
             if not keep or old.k.dtype != target.dtype:

@@ -114,6 +114,7 @@ def measure(engine: Engine, ids: list[int], new_tokens: int, temperature: float,
         "acceptance": [lv.get("draft_acceptance_rate") for lv in s["levels"][:-1]],
         "time_per_level": time_per_level(s), "tokens": result.token_ids,
         "same_as_autoregressive": (result.token_ids == reference) if temperature == 0 and reference else None,
+        **({"kv_offload": s["kv_offload"]} if "kv_offload" in s else {}),
     }
 
 

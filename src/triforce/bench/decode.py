@@ -20,8 +20,11 @@ PNG plots of speedup against context length go to the output directory (matplotl
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..corpus import document_tokens
 from ..engine import Engine
@@ -29,6 +32,7 @@ from ..errors import TriforceError
 from ..formats import FORMATS, WEIGHTS
 from ..head import is_head_directory
 from ..loading import LoadedModel, load
+from ..offload import KVFile, aligned_zeros, check_directory, wait
 from ..rope import resolve_scaling
 from ..settings import METHODS, EngineSettings, method_needs_draft
 from . import peers as peer_engines
@@ -57,7 +61,7 @@ DEFAULTS: dict[str, Any] = dict(
     contexts=[16384, 32768], new_tokens=128, temperatures=[0.0, 0.6],
     methods=["autoregressive", "retrieval", "streaming", "speculative", "triforce"], drafts=["ngram"], repeats=1,
     document="vim", peers=["auto"], ppl_tokens=128, model=None, dtype="bf16", knobs={}, bandwidth_bytes=1 << 30,
-    weights=["auto"], retrieval_weights=["model"], sweep=None,
+    weights=["auto"], retrieval_weights=["model"], sweep=None, kv_offload=None, kv_ram_budget=None,
 )
 QUICK: dict[str, Any] = dict(contexts=[256, 512], new_tokens=16, drafts=["ngram", TINY_DRAFT], ppl_tokens=32,
                              model=TINY_TARGET, dtype="fp32", knobs={"budget": 128}, bandwidth_bytes=1 << 24)
@@ -115,9 +119,13 @@ def parse_sweep(text: str | None) -> list[tuple[int, int]]:
 
 def validate(contexts: list[int], methods: list[str], temperatures: list[float], peers: list[str],
              weights: list[str] | None = None, retrieval_weights: list[str] | None = None,
-             sweep: str | None = None) -> list[str]:
+             sweep: str | None = None, kv_offload: str | None = None, kv_ram_budget: int | None = None) -> list[str]:
     """Refuse bad settings before anything is loaded; returns the peers to run."""
     parse_sweep(sweep)
+    if kv_ram_budget is not None and kv_offload is None:
+        raise TriforceError("--kv-ram-budget needs --kv-offload DIR")
+    if kv_offload is not None:
+        check_directory(kv_offload)
     for w in weights or []:
         if w not in WEIGHTS:
             raise TriforceError(f"unknown --weights {w!r}; choose from {', '.join(WEIGHTS)}")
@@ -171,18 +179,27 @@ def run(
     weights: list[str] | None = None,
     retrieval_weights: list[str] | None = None,
     sweep: str | None = None,
+    kv_offload: str | None = None,
+    kv_ram_budget: int | None = None,
 ) -> dict[str, Any]:
     """Every method (and draft, retrieval weights, fixed gammas of the sweep) on each context
     of each document (`document` may list several, comma-separated); with several `weights`,
     each is its own target, prefilled apart, and speedups are over the first one's
     autoregressive decoding. With a sweep, a table and heat maps set each adaptive row against
-    plain decoding and the best fixed setting of the same method in the same cell."""
+    plain decoding and the best fixed setting of the same method in the same cell. With
+    `kv_offload`, every method runs again with the target's cache on disk beyond `kv_ram_budget`
+    (rows labelled "kv on disk", each method with its own cache planned for its own levels),
+    beside the same in RAM, and the notes give the disk traffic against the device's direct-I/O
+    read rate measured in the run."""
     temperatures = temperatures if temperatures is not None else [0.0, 0.6]
     methods = methods or list(LOSSLESS)
     drafts = drafts or ["ngram"]
     knobs = knobs or {}
     weights = weights or ["auto"]
-    peer_names = validate(contexts, methods, temperatures, peers or [], weights, retrieval_weights, sweep)
+    peer_names = validate(contexts, methods, temperatures, peers or [], weights, retrieval_weights, sweep,
+                          kv_offload, kv_ram_budget)
+    placements = ["ram", "disk"] if kv_offload else ["ram"]
+    offload = {"kv_offload": kv_offload, "kv_ram_budget": kv_ram_budget}
     documents = [d.strip() for d in document.split(",") if d.strip()]
     bandwidth = copy_bandwidth_gbs(bandwidth_bytes)
     targets = {w: load(model, dtype=dtype, weights=w) for w in weights} if target is None else {weights[0]: target}
@@ -197,10 +214,13 @@ def run(
     default_gammas = {"gamma": knobs.get("gamma", "auto"), "draft_gamma": knobs.get("draft_gamma", "auto")}
     suffix = len(targets) > 1
 
-    def name_of(combo: Combo, w: str) -> str:
-        return label(*combo, weights=w if suffix else None)
+    def name_of(combo: Combo, w: str, placement: str = "ram") -> str:
+        return label(*combo, weights=w if suffix else None) + (" kv on disk" if placement == "disk" else "")
 
-    names = [name_of(c, w) for w in targets for c in combos] + list(runners)
+    names = [name_of(c, w, p) for w in targets for p in placements for c in combos] + list(runners)
+    if kv_offload:
+        device_gbs = direct_read_gbs(kv_offload)
+        log(f"direct-I/O read rate of {kv_offload}: {device_gbs:.2f} GB/s")
     raw: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
     per_context: list[dict[str, Any]] = []
@@ -210,6 +230,8 @@ def run(
         scaling = resolve_scaling(target.config, target.decoder.rope_override, ctx + new_tokens)
         engines = {w: Engine(t, EngineSettings(**knobs)) for w, t in targets.items()}
         prefill_s = median([prefill(engine, ids) for engine in engines.values()])
+        on_disk: dict[tuple[str, str], Engine] = {}  # per weights and method: a cache planned for its levels
+
         per_context.append({"document": document, "context": ctx, "prefill_s": round(prefill_s, 2), **reading})
         log(f"context {ctx}: prefill {prefill_s:.1f} s" + (
             f", perplexity of the next {ppl_tokens} tokens {reading['perplexity']} (given only the last "
@@ -217,19 +239,25 @@ def run(
         results: dict[tuple[str, float], list[dict[str, Any]]] = {}
         for r in range(repeats):
             for temp in temperatures:
-                references: dict[str, list[int]] = {}  # each weights' own autoregressive tokens
-                for (method, draft, rw, fixed), w in ((c, w) for w in targets for c in combos):
-                    engine = engines[w]
+                references: dict[str, list[int]] = {}  # each weights' own autoregressive tokens (in RAM)
+                for (method, draft, rw, fixed), w, where in ((c, w, p) for w in targets for p in placements
+                                                             for c in combos):
+                    if where == "disk" and (w, method) not in on_disk:
+                        on_disk[w, method] = Engine(targets[w], EngineSettings(
+                            **knobs, **offload, method=method, draft=draft_models[draft] if draft else None))
+                        seconds = prefill(on_disk[w, method], ids)
+                        log(f"context {ctx}: prefill with the cache on disk ({method}) {seconds:.1f} s")
+                    engine = engines[w] if where == "ram" else on_disk[w, method]
                     gammas = default_gammas if fixed is None else {
                         "gamma": fixed[0], "draft_gamma": fixed[1] or default_gammas["draft_gamma"]}
                     engine.configure(method=method, draft=draft_models[draft] if draft else None, retrieval_weights=rw,
                                      **gammas)
                     entry = measure(engine, ids, new_tokens, temp, seed=1000 + r, reference=references.get(w))
-                    if method == "autoregressive":
+                    if method == "autoregressive" and where == "ram":
                         references[w] = entry["tokens"]
                         entry["same_as_autoregressive"] = True if temp == 0 else None
                     entry.update(document=document, context=ctx, repeat=r, temperature=temp,
-                                 method=name_of((method, draft, rw, fixed), w), engine="triforce", weights=w)
+                                 method=name_of((method, draft, rw, fixed), w, where), engine="triforce", weights=w)
                     raw.append(entry)
                     results.setdefault((entry["method"], temp), []).append(entry)
                     log(f"  ctx {ctx} T={temp} r{r} {entry['method']:<22} {entry['ms_per_token']:7.1f} ms/token  "
@@ -246,6 +274,10 @@ def run(
         for temp in temperatures:
             summary += summary_rows(results, names, temp, {"document": document, "context": ctx,
                                                            "prefill_s": round(prefill_s, 1), **reading})
+        for engine in on_disk.values():
+            engine.release()
+        if kv_offload:
+            notes += disk_notes(results, document, ctx, device_gbs)
     table = markdown(summary, per_context, ppl_tokens)
     grid = adaptive_grid(summary, combos, name_of, weights[0]) if sweep else []
     if grid:
@@ -270,6 +302,38 @@ def run(
     }
     write_report(out, "decode", report)
     return report
+
+
+def direct_read_gbs(directory: str, nbytes: int = 512 << 20) -> float:
+    """The device's sequential direct-I/O read rate under `directory` (GB/s), as the offloaded
+    cache reads: a file written and read back in IO_PIECE requests on IO_THREADS threads."""
+
+    rows = nbytes // 4096
+    file = KVFile(directory, 1, 1, rows // 2, 4096)
+    buffers = (aligned_zeros((1, rows // 2, 2048), torch.bfloat16), aligned_zeros((1, rows // 2, 2048), torch.bfloat16))
+    try:
+        wait(file.write(0, buffers, 0, rows // 2, 0))
+        t0 = time.perf_counter()
+        wait(file.read(0, buffers, 0, rows // 2))
+        return nbytes / 1e9 / (time.perf_counter() - t0)
+    finally:
+        file.close()
+
+
+def disk_notes(results: dict[tuple[str, float], list[dict[str, Any]]], document: str, ctx: int,
+               device_gbs: float) -> list[str]:
+    """Per method run with the cache on disk: MB read from the file per token and the rate achieved."""
+    notes = []
+    for (name, temp), entries in sorted(results.items()):
+        kv = [e["kv_offload"] for e in entries if e.get("kv_offload")]
+        if not kv:
+            continue
+        rate = median([k["read_gbs"] or 0.0 for k in kv])
+        notes.append(f"{document} {ctx} T {temp} {name}: {median([k['read_mb_per_token'] for k in kv]):.0f} MB read "
+                     f"from disk per token at {rate:.2f} GB/s ({rate / device_gbs:.0%} of the device's "
+                     f"{device_gbs:.2f} GB/s), {kv[0]['ram_mb']:.0f} MB of KV in RAM ({kv[0]['layers_in_ram']} "
+                     "layers whole)")
+    return notes
 
 
 def adaptive_grid(summary: list[dict[str, Any]], combos: list[Combo], name_of: Any,
