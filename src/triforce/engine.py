@@ -30,14 +30,22 @@ from .cache import (
     check_fits,
 )
 from .chain import Chain
-from .controller import Controller
+from .controller import Controller, default_prior_cost
 from .errors import SettingError
 from .head import FeatureHead
 from .levels import FeatureStore, HeadLevel, Level, ModelLevel, PromptLookup, ViewLevel
 from .loading import LoadedModel
 from .metrics import LevelStats
 from .native import MAX_KERNEL_QUERIES
-from .offload import CompactRetrieval, CompactStreaming, CompactView, OffloadedCache, check_directory, offload_plan
+from .offload import (
+    DISK_SLOWDOWN,
+    CompactRetrieval,
+    CompactStreaming,
+    CompactView,
+    OffloadedCache,
+    check_directory,
+    offload_plan,
+)
 from .rope import RotaryTable
 from .runner import Runner
 from .sampling import SamplingParams, draw
@@ -203,8 +211,23 @@ class Engine:
         # no forced warm-up: a short generation would spend a large part of itself trying every
         # structure; the budgeted probes try them instead
         # speculation must promise 5% over plain decoding: estimates err, and an error that way is a loss
-        controller = Controller(names, s.gamma_choices, s.draft_gamma_choices, warmup=False, plain_margin=0.05)
+        controller = Controller(names, s.gamma_choices, s.draft_gamma_choices, warmup=False, plain_margin=0.05,
+                                prior_cost=self._offloaded_view_prior(full))
         return Chain([*below, top], [], controller, self.clock)
+
+    def _offloaded_view_prior(self, full: FullCache) -> dict[str, tuple[float, float]] | None:
+        """Before a view of an offloaded cache has run, its pass is priced off the top's RAM traffic
+        alone (a view never reads the disk; disk bytes taken as DISK_SLOWDOWN times slower than RAM's):
+        with the default prior, a level that could gather many tokens per disk read looks as dear as
+        the top and is hardly ever tried."""
+        if not isinstance(full, OffloadedCache):
+            return None
+        layer = full.bytes_for(full.config, full.capacity, full.dtype, 1, 0) - full.bytes_for(
+            full.config, full.capacity, full.dtype, 0, 0)
+        ram = self.target.decoder.weight_bytes + full.ram_layers * layer
+        share = ram / (ram + DISK_SLOWDOWN * full.disk_layers * layer)
+        ratio, slope = default_prior_cost("target-retrieval")
+        return {name: (ratio * share, slope) for name in ("target-retrieval", "target-streaming")}
 
     def _level(self, spec: LevelSpec, full: FullCache, top: ModelLevel, params: SamplingParams,
                capacity: int) -> Level:

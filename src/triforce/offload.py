@@ -32,6 +32,7 @@ BLOCK = 4096  # direct I/O offsets, sizes and buffer addresses are multiples of 
 IO_PIECE = 4 << 20  # bytes per read request: several in flight keep the device's queue busy
 IO_THREADS = 4
 PASS_ROWS = 64  # most rows a decoding or verification pass adds; longer passes are prompt chunks
+DISK_SLOWDOWN = 12  # a byte from a local SSD by direct I/O against one from RAM, roughly (2 vs 25 GB/s)
 
 _pool: ThreadPoolExecutor | None = None
 

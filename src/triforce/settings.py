@@ -38,8 +38,10 @@ def method_needs_draft(method: str) -> bool:
     return any(spec.model == "draft" for spec in METHODS[method])
 
 
-# the values "auto" lets the controller choose from
+# the values "auto" lets the controller choose from; a top level reading its cache from disk makes
+# longer verifications pay
 AUTO_GAMMAS = range(1, 9)
+AUTO_GAMMAS_OFFLOAD = range(1, 17)
 AUTO_DRAFT_GAMMAS = range(1, 5)
 
 # (lowest value, what it is) of each integer knob
@@ -144,7 +146,9 @@ class EngineSettings:
 
     @property
     def gamma_choices(self) -> range | tuple[int]:
-        return AUTO_GAMMAS if self.gamma == "auto" else (int(self.gamma),)
+        if self.gamma != "auto":
+            return (int(self.gamma),)
+        return AUTO_GAMMAS if self.kv_offload is None else AUTO_GAMMAS_OFFLOAD
 
     @property
     def draft_gamma_choices(self) -> range | tuple[int]:

@@ -306,16 +306,20 @@ def run(
 
 def direct_read_gbs(directory: str, nbytes: int = 512 << 20) -> float:
     """The device's sequential direct-I/O read rate under `directory` (GB/s), as the offloaded
-    cache reads: a file written and read back in IO_PIECE requests on IO_THREADS threads."""
+    cache reads: a file written, then read back in IO_PIECE requests on IO_THREADS threads (the
+    best of three reads)."""
 
     rows = nbytes // 4096
     file = KVFile(directory, 1, 1, rows // 2, 4096)
     buffers = (aligned_zeros((1, rows // 2, 2048), torch.bfloat16), aligned_zeros((1, rows // 2, 2048), torch.bfloat16))
     try:
         wait(file.write(0, buffers, 0, rows // 2, 0))
-        t0 = time.perf_counter()
-        wait(file.read(0, buffers, 0, rows // 2))
-        return nbytes / 1e9 / (time.perf_counter() - t0)
+        best = math.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            wait(file.read(0, buffers, 0, rows // 2))
+            best = min(best, time.perf_counter() - t0)
+        return nbytes / 1e9 / best
     finally:
         file.close()
 
