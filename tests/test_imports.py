@@ -20,7 +20,7 @@ LAYERS = {
     "native": 2, "tokenizer": 2,
     "rope": 3, "attention": 3, "quant": 3,
     "cache": 4,
-    "model": 5,
+    "model": 5, "offload": 5,
     "head": 6, "batcher": 6,
     "loading": 7,
     "runner": 8,

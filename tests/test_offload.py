@@ -217,3 +217,22 @@ def test_a_file_cut_short_while_in_use(embedded_fp32, tmp_path, monkeypatch):
     with pytest.raises(TriforceError, match="the KV offload file was cut short while in use"):
         list(generation)
     assert engine._full.broken
+
+
+def test_a_view_of_an_offloaded_cache_is_first_priced_without_the_disk(small_vocab_models, tmp_path):
+    """Adaptive speculation's first guess of a view's pass cost: a fraction of the default that falls
+    as more of the top's cache is on disk (a view never reads it); the default for a cache in RAM."""
+    from triforce.controller import default_prior_cost
+
+    target, _ = small_vocab_models
+    engine = Engine(target, EngineSettings(method="retrieval", kv_offload=str(tmp_path)))
+    default = default_prior_cost("target-retrieval")
+    ratios = []
+    for ram_layers in (1, 0):
+        cache = OffloadedCache(target.config, 4096, torch.float32, str(tmp_path), ram_layers, tail_rows=64)
+        prior = engine._offloaded_view_prior(cache)
+        assert prior["target-retrieval"][1] == default[1]
+        ratios.append(prior["target-retrieval"][0])
+        cache.close()
+    assert default[0] > ratios[0] > ratios[1] > 0
+    assert engine._offloaded_view_prior(FullCache(target.config, 64, dtype=torch.float32)) is None

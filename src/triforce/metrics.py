@@ -95,7 +95,7 @@ def summary(prompt_tokens: int, stats: dict[str, Any]) -> str:
         lines.append("  " + controller_sentence(stats["controller"]))
     if "kv_offload" in stats:
         kv = stats["kv_offload"]
-        lines.append(f"  KV cache: {kv['ram_mb']:.0f} MB in RAM ({kv['layers_in_ram']} layers whole), "
+        lines.append(f"  KV cache: {kv['ram_mb']:.0f} MB in RAM (whole layers: {kv['layers_in_ram']}), "
                      f"{kv['file_mb']:.0f} MB file | {kv['read_mb_per_token']:.0f} MB read per token at "
                      f"{kv['read_gbs'] or 0:.2f} GB/s")
     return "\n".join(lines)

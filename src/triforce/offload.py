@@ -201,6 +201,8 @@ class OffloadedCache(FullCache):
         self.dtype = dtype
         self.ram_layers = ram_layers
         self.disk_layers = config.num_layers - ram_layers
+        if not 0 <= ram_layers < config.num_layers:
+            raise ValueError(f"an offloaded cache keeps 0 to {config.num_layers - 1} layers in RAM, not {ram_layers}")
         hkv, hd = config.num_kv_heads, config.head_dim
         self.tail_rows = round_up(tail_rows, self.align)
         check_fits(self.bytes_for(config, capacity, dtype, ram_layers, tail_rows), f"a KV cache of {capacity} tokens")

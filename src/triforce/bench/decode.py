@@ -335,8 +335,8 @@ def disk_notes(results: dict[tuple[str, float], list[dict[str, Any]]], document:
         rate = median([k["read_gbs"] or 0.0 for k in kv])
         notes.append(f"{document} {ctx} T {temp} {name}: {median([k['read_mb_per_token'] for k in kv]):.0f} MB read "
                      f"from disk per token at {rate:.2f} GB/s ({rate / device_gbs:.0%} of the device's "
-                     f"{device_gbs:.2f} GB/s), {kv[0]['ram_mb']:.0f} MB of KV in RAM ({kv[0]['layers_in_ram']} "
-                     "layers whole)")
+                     f"{device_gbs:.2f} GB/s), {kv[0]['ram_mb']:.0f} MB of its KV in RAM (whole layers: "
+                     f"{kv[0]['layers_in_ram']})")
     return notes
 
 
