@@ -111,6 +111,7 @@ def test_demo_refuses_bad_sampling_settings():
         (["--prompt", "hi", "--weights", "q3_x"], "--weights"),
         (["--prompt", "hi", "--retrieval-weights", "int8"], "--retrieval-weights"),
         (["--prompt", "hi", "--kv-ram-budget", "12XB"], "--kv-ram-budget: expected a size such as 256MB"),
+        (["--prompt", "hi", "--kv-ram-budget", "inf"], "--kv-ram-budget: expected a size such as 256MB"),
         (["--prompt", "hi", "--kv-ram-budget", "1MB"], "--kv-ram-budget needs an offload directory"),
         (["--prompt", "hi", "--kv-offload", "/nonexistent/dir"], "--kv-offload is not a directory"),
     ],

@@ -175,6 +175,8 @@ def test_bad_directories_are_clear_errors(small_vocab_models, tmp_path, monkeypa
         EngineSettings(kv_ram_budget=1 << 20)
     with pytest.raises(SettingError, match="kv_ram_budget must be a number of bytes"):
         EngineSettings(kv_offload=str(tmp_path), kv_ram_budget=0)
+    with pytest.raises(SettingError, match="gamma plus draft_gamma must be below 64 with kv_offload"):
+        EngineSettings(method="triforce", draft="ngram", gamma=60, draft_gamma=4, kv_offload=str(tmp_path))
 
 
 def test_a_budget_below_what_must_stay_in_ram(embedded_fp32, tmp_path):
@@ -197,7 +199,7 @@ def test_a_full_disk_is_a_clear_error_and_the_next_run_recovers(small_vocab_mode
 
     with monkeypatch.context() as m:  # the file cannot even be reserved
         m.setattr(os, "posix_fallocate", no_space)
-        with pytest.raises(TriforceError, match="cannot reserve .* for the KV offload file in .*: No space left"):
+        with pytest.raises(TriforceError, match="cannot make the .* KV offload file in .*: No space left"):
             Engine(target, settings).generate(LONG_PROMPT, max_new_tokens=8)
     assert os.listdir(tmp_path) == []
     engine = Engine(target, settings)
@@ -217,6 +219,21 @@ def test_a_file_cut_short_while_in_use(embedded_fp32, tmp_path, monkeypatch):
     with pytest.raises(TriforceError, match="the KV offload file was cut short while in use"):
         list(generation)
     assert engine._full.broken
+    again = engine.generate(list(range(5, 300)), max_new_tokens=6)  # on a new file
+    assert again.token_ids == Engine(embedded_fp32).generate(list(range(5, 300)), max_new_tokens=6).token_ids
+
+
+def test_several_samples_restore_the_views_of_an_offloaded_cache(embedded_fp32, tmp_path, monkeypatch):
+    """Each sample of one prompt starts from the views as they were after the prompt, even when
+    the first sample's windows moved far past it: greedy samples all equal decoding in RAM."""
+    fully_offloaded(monkeypatch)
+    prompt = list(range(5, 400))
+    for method, draft in (("streaming", None), ("triforce", "ngram")):
+        settings = EngineSettings(method=method, draft=draft, budget=96, window=48, prefill_chunk=64)
+        alone = Engine(embedded_fp32, settings).generate(prompt, max_new_tokens=100, ignore_eos=True)
+        engine = Engine(embedded_fp32, settings.replace(kv_offload=str(tmp_path)))
+        out = engine.generate(prompt, max_new_tokens=100, ignore_eos=True, num_samples=2)
+        assert out.samples == [alone.token_ids] * 2, method
 
 
 def test_a_view_of_an_offloaded_cache_is_first_priced_without_the_disk(small_vocab_models, tmp_path):

@@ -52,7 +52,10 @@ def run_batch(engines: list[Engine], requests: list[dict[str, Any]], release: bo
         totals.append(len(ids) + int(request.get("max_new_tokens", 128)))
     need = sum(engine.memory_needed(engine.capacity_for(total)) for engine, total in zip(engines, totals))
     held = sum(engine.memory_held() for engine in engines)  # already allocated: not needed again
-    check_fits(max(0, need - held), f"a batch of {len(requests)} sequences ({sum(totals)} tokens)")
+    advice = "use shorter contexts or fewer sequences" + (
+        "; with kv_offload, a kv_ram_budget per sequence (the default is half the memory for each)"
+        if engines and engines[0].settings.kv_offload else "")
+    check_fits(max(0, need - held), f"a batch of {len(requests)} sequences ({sum(totals)} tokens)", advice)
     prepare_shared(engines, totals)
     results: list[Any] = [None] * len(requests)
 

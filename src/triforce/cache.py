@@ -45,13 +45,13 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def check_fits(nbytes: int, what: str) -> None:
+def check_fits(nbytes: int, what: str, advice: str = "use a shorter context or fewer tokens") -> None:
     """Refuse an allocation that would not fit in available memory, before making it."""
     available = available_memory_bytes()
     if available is not None and nbytes > 0.9 * available:
         raise TriforceError(
             f"{what} needs {nbytes / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of memory is "
-            "available; use a shorter context or fewer tokens"
+            f"available; {advice}"
         )
 
 

@@ -61,7 +61,7 @@ def _size(text: str) -> int:
         value = float(number)
     except ValueError:
         value = -1.0
-    if unit not in _UNITS or value <= 0 or int(value * _UNITS[unit]) < 1:
+    if unit not in _UNITS or not 0 < value < 2**60 or int(value * _UNITS[unit]) < 1:
         raise argparse.ArgumentTypeError(f"expected a size such as 256MB or 2GiB, got {text!r}")
     return int(value * _UNITS[unit])
 

@@ -134,7 +134,8 @@ class Engine:
         if dec.device.type != "cpu":
             raise SettingError("kv_offload", "needs the model on the CPU")
         check_directory(s.kv_offload)
-        budget = s.kv_ram_budget or (available_memory_bytes() or 2**33) // 2
+        # by default half of what this engine could have: free memory plus the caches it holds
+        budget = s.kv_ram_budget or ((available_memory_bytes() or 2**34) + self.memory_held()) // 2
         if FullCache.bytes_for(cfg, capacity, dec.dtype) + self._views_bytes(capacity, False) <= budget:
             return None
         return offload_plan(cfg, capacity, dec.dtype, budget, self._views_bytes(capacity, True), s.prefill_chunk)

@@ -14,6 +14,7 @@ top's passes as they stream each layer (`visit`), which is also when it re-selec
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import tempfile
@@ -27,11 +28,12 @@ from .attention import KVSlot
 from .cache import FullCache, check_fits, top_chunks
 from .config import ModelConfig
 from .errors import SettingError, TriforceError
+from .settings import OFFLOAD_PASS_ROWS
 
 BLOCK = 4096  # direct I/O offsets, sizes and buffer addresses are multiples of this
 IO_PIECE = 4 << 20  # bytes per read request: several in flight keep the device's queue busy
 IO_THREADS = 4
-PASS_ROWS = 64  # most rows a decoding or verification pass adds; longer passes are prompt chunks
+PASS_ROWS = OFFLOAD_PASS_ROWS  # most rows a decoding or verification pass adds; longer passes are prompt chunks
 DISK_SLOWDOWN = 12  # a byte from a local SSD by direct I/O against one from RAM, roughly (2 vs 25 GB/s)
 
 _pool: ThreadPoolExecutor | None = None
@@ -110,21 +112,26 @@ class KVFile:
         if self.size > free:
             raise TriforceError(f"the KV offload file needs {self.size / 2**30:.2f} GiB but {directory} has "
                                 f"{free / 2**30:.2f} GiB free")
-        handle, self.path = tempfile.mkstemp(prefix="triforce-kv-", suffix=".bin", dir=directory)
-        os.close(handle)
         try:
+            handle, self.path = tempfile.mkstemp(prefix="triforce-kv-", suffix=".bin", dir=directory)
+        except OSError as exc:
+            raise SettingError("kv_offload", f"directory {directory} refused a new file: {exc.strerror}") from None
+        try:
+            try:  # reserved now, on the plain handle, so that a full disk fails here and not mid-generation
+                os.posix_fallocate(handle, 0, self.size)
+            except (AttributeError, OSError) as exc:
+                if getattr(exc, "errno", None) == errno.ENOSPC:
+                    raise
+                os.ftruncate(handle, self.size)  # no fallocate on this OS or filesystem
             self.fd = os.open(self.path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
         except OSError as exc:
             os.unlink(self.path)
-            raise SettingError("kv_offload", f"directory {directory} does not support direct I/O ({exc.strerror})") \
-                from None
-        try:
-            os.posix_fallocate(self.fd, 0, self.size)
-        except OSError as exc:
-            os.close(self.fd)
-            os.unlink(self.path)
-            raise TriforceError(f"cannot reserve {self.size / 2**30:.2f} GiB for the KV offload file in {directory}: "
+            if exc.errno == errno.EINVAL:
+                raise SettingError("kv_offload", f"directory {directory} does not support direct I/O") from None
+            raise TriforceError(f"cannot make the {self.size / 2**30:.2f} GiB KV offload file in {directory}: "
                                 f"{exc.strerror}") from None
+        finally:
+            os.close(handle)
         if not keep:
             os.unlink(self.path)  # the space is freed when the descriptor closes, even after a crash
         self._closer = weakref.finalize(self, os.close, self.fd)
@@ -246,6 +253,7 @@ class OffloadedCache(FullCache):
 
     # -- a pass ----------------------------------------------------------------------------------
     def positions(self, num_tokens: int) -> torch.Tensor:
+        self.open = None  # a pass that raised midway left its layer open: its rows were never committed
         positions = super().positions(num_tokens)
         if num_tokens > self.tail_rows - self.align:
             raise TriforceError(f"a pass of {num_tokens} tokens exceeds the offloaded cache's RAM tail")
@@ -303,7 +311,7 @@ class OffloadedCache(FullCache):
         if current is not None:
             if current[0] == layer and current[1] >= self.tail_start:
                 return
-            self.staged[b] = None
+            self.staged[b] = None  # before waiting: a failed read must not stay behind
             self._checked(current[2])
         futures = self.file.read(layer - self.ram_layers, self.stage[b], 0, self.tail_start) if self.tail_start else []
         self.staged[b] = (layer, self.tail_start, futures)
@@ -315,6 +323,7 @@ class OffloadedCache(FullCache):
             self._request(b, layer)
             current = self.staged[b]
         assert current is not None
+        self.staged[b] = None
         self._checked(current[2])
         rows = current[1]
         if rows < self.tail_start:  # the tail was written out since the read began
@@ -349,13 +358,15 @@ class OffloadedCache(FullCache):
             return
         # back below the rows the file holds: the tail takes them back from the file
         new_start = length // self.align * self.align
+        end = round_up(length, self.align)  # <= tail_start, which is aligned
         futures = []
         for d in range(self.disk_layers):
-            futures += self.file.read(d, (self.tail[0][d], self.tail[1][d]), new_start, self.tail_start, 0)
+            futures += self.file.read(d, (self.tail[0][d], self.tail[1][d]), new_start, end, 0)
         self._checked(futures)
         self.tail_start = new_start
         for b, current in enumerate(self.staged):
             if current is not None and current[1] > new_start:  # rows above will be written again
+                self.staged[b] = None
                 self._checked(current[2])
                 self.staged[b] = (current[0], new_start, [])
 
@@ -371,9 +382,9 @@ class OffloadedCache(FullCache):
         raise TriforceError("an offloaded KV cache cannot grow; the engine makes a new one")
 
     def close(self) -> None:
-        for current in self.staged:
-            if current is not None:
-                wait(current[2])
+        for current in self.staged:  # no read may land in freed buffers; their errors were reported
+            for future in current[2] if current is not None else []:
+                future.exception()
         self.staged = [None, None]
         self.file.close()
 
@@ -419,6 +430,8 @@ class CompactView:
         return self.front + row - self.dense_start
 
     def positions(self, num_tokens: int) -> torch.Tensor:
+        if self.length < self.dense_start:
+            raise TriforceError("a level's view of the offloaded KV cache lost its recent rows")
         if self._row(self.length + num_tokens) > self.chunk_rows + self.dense_rows:
             held = self.chunk_rows + self.dense_rows
             raise TriforceError(f"a level's view of the offloaded KV cache holds {held} rows; this pass needs more")
@@ -440,12 +453,13 @@ class CompactView:
         self.length = length
 
     def snapshot(self) -> Any:
-        return self.length
+        # later passes rewrite the buffers and the layout: keep them whole (once per prompt of several samples)
+        return self.k.clone(), self.v.clone(), self.length, self.front, self.dense_start, self.ready
 
     def restore(self, state: Any) -> None:
-        # later passes rewrote the buffers: the rows stay usable drafts' context, a re-selection fixes them
-        self.length = state
-        self.ready = False
+        k, v, self.length, self.front, self.dense_start, self.ready = state
+        self.k.copy_(k)
+        self.v.copy_(v)
 
     # -- fed by the top's passes -----------------------------------------------------------------
     def begin_pass(self, start: int, num_tokens: int) -> None:
@@ -549,9 +563,12 @@ class CompactRetrieval(CompactView):
             picked = top_chunks(q[None], self.means[layer : layer + 1, :, :old], chunks, cfg)[0]
         return (picked[:, :, None] * cs + offsets).reshape(cfg.num_kv_heads, -1)
 
+    def snapshot(self) -> Any:
+        return super().snapshot(), self.means_ready
+
     def restore(self, state: Any) -> None:
-        super().restore(state)
-        self.means_ready = min(self.means_ready, state // self.chunk_size)
+        view, self.means_ready = state  # means of chunks made final later are recomputed
+        super().restore(view)
 
 
 class CompactStreaming(CompactView):

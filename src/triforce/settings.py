@@ -42,6 +42,8 @@ def method_needs_draft(method: str) -> bool:
 # longer verifications pay
 AUTO_GAMMAS = range(1, 9)
 AUTO_GAMMAS_OFFLOAD = range(1, 17)
+# the most rows a decoding or verification pass of a cache on disk adds (longer passes are prompt chunks)
+OFFLOAD_PASS_ROWS = 64
 AUTO_DRAFT_GAMMAS = range(1, 5)
 
 # (lowest value, what it is) of each integer knob
@@ -125,6 +127,9 @@ class EngineSettings:
                 raise SettingError("kv_ram_budget", f"must be a number of bytes >= 1, got {self.kv_ram_budget!r}")
             if self.kv_offload is None:
                 raise SettingError("kv_ram_budget", "needs an offload directory for the rows beyond it")
+        if self.kv_offload is not None and sum(self.gammas) + 1 > OFFLOAD_PASS_ROWS:
+            raise SettingError("gamma", f"plus draft_gamma must be below {OFFLOAD_PASS_ROWS} with kv_offload, got "
+                                        f"{self.gamma} and {self.draft_gamma}")
         if not isinstance(self.kv_offload_keep, bool):
             raise SettingError("kv_offload_keep", f"must be true or false, got {self.kv_offload_keep!r}")
         if self.needs_draft and self.draft is None:

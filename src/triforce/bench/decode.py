@@ -122,8 +122,9 @@ def validate(contexts: list[int], methods: list[str], temperatures: list[float],
              sweep: str | None = None, kv_offload: str | None = None, kv_ram_budget: int | None = None) -> list[str]:
     """Refuse bad settings before anything is loaded; returns the peers to run."""
     parse_sweep(sweep)
-    if kv_ram_budget is not None and kv_offload is None:
-        raise TriforceError("--kv-ram-budget needs --kv-offload DIR")
+    if (kv_ram_budget is None) != (kv_offload is None):
+        raise TriforceError("--kv-offload DIR and --kv-ram-budget SIZE go together here: a cache within the "
+                            "default budget would stay in RAM")
     if kv_offload is not None:
         check_directory(kv_offload)
     for w in weights or []:
