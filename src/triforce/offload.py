@@ -511,7 +511,9 @@ class CompactView:
 class CompactRetrieval(CompactView):
     """TriForce's retrieval cache (as cache.RetrievalView chooses it) over an offloaded cache:
     the chunks whose mean key the query at the newest kept row weighs most, the first chunk, and
-    the `recent` last rows, `budget` rows in all."""
+    the `recent` last rows, `budget` rows in all. The mean keys are kept in the cache's dtype
+    (RetrievalView keeps float32): at 32K tokens of the embedded model that is 47 MB of RAM less,
+    and the choice only steers drafts."""
 
     def __init__(self, full: OffloadedCache, budget: int, chunk_size: int = 8, recent: int = 64,
                  rebuild_every: int = 1) -> None:
@@ -519,7 +521,8 @@ class CompactRetrieval(CompactView):
                          self.dense_rows_for(chunk_size, recent), rebuild_every)
         cfg = full.config
         self.budget, self.chunk_size, self.recent = budget, chunk_size, recent
-        self.means = torch.zeros(cfg.num_layers, cfg.num_kv_heads, full.capacity // chunk_size, cfg.head_dim)
+        self.means = torch.zeros(cfg.num_layers, cfg.num_kv_heads, full.capacity // chunk_size, cfg.head_dim,
+                                 dtype=full.dtype)
         self.means_ready = 0
 
     @staticmethod
@@ -534,7 +537,8 @@ class CompactRetrieval(CompactView):
     @classmethod
     def bytes_needed(cls, config: ModelConfig, capacity: int, budget: int, chunk_size: int, dtype: torch.dtype) -> int:
         rows = cls.chunk_rows_for(capacity, budget, chunk_size) + cls.dense_rows_for(chunk_size, 64)
-        means = config.num_layers * config.num_kv_heads * (capacity // chunk_size) * config.head_dim * 4
+        means = config.num_layers * config.num_kv_heads * (capacity // chunk_size) * config.head_dim * (
+            torch.finfo(dtype).bits // 8)
         return cls.bytes_for(config, 0, rows, dtype) + means
 
     def layout(self, kept: int) -> tuple[int, int]:
@@ -560,7 +564,7 @@ class CompactRetrieval(CompactView):
                     self.means_ready = old
             assert queries is not None, "a retrieval view needs the top's queries"
             q = queries[kept - 1 - self.copy_from].float()  # [Hq, D]
-            picked = top_chunks(q[None], self.means[layer : layer + 1, :, :old], chunks, cfg)[0]
+            picked = top_chunks(q[None], self.means[layer : layer + 1, :, :old].float(), chunks, cfg)[0]
         return (picked[:, :, None] * cs + offsets).reshape(cfg.num_kv_heads, -1)
 
     def snapshot(self) -> Any:
