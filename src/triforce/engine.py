@@ -223,8 +223,7 @@ class Engine:
         the top and is hardly ever tried."""
         if not isinstance(full, OffloadedCache):
             return None
-        layer = full.bytes_for(full.config, full.capacity, full.dtype, 1, 0) - full.bytes_for(
-            full.config, full.capacity, full.dtype, 0, 0)
+        layer = full.layer_bytes(full.config, full.capacity, full.dtype)
         ram = self.target.decoder.weight_bytes + full.ram_layers * layer
         share = ram / (ram + DISK_SLOWDOWN * full.disk_layers * layer)
         ratio, slope = default_prior_cost("target-retrieval")

@@ -87,9 +87,7 @@ def offload_plan(config: ModelConfig, capacity: int, dtype: torch.dtype, budget:
     if fixed > budget:
         raise SettingError("kv_ram_budget", f"is {budget / 2**20:.0f} MiB, but at {capacity} tokens the retrieval "
                            f"cache, staging buffers and newest rows need {fixed / 2**20:.0f} MiB of RAM")
-    per_layer = OffloadedCache.bytes_for(config, capacity, dtype, 1, 0) - OffloadedCache.bytes_for(
-        config, capacity, dtype, 0, 0)
-    ram_layers = min(config.num_layers - 1, (budget - fixed) // per_layer)
+    ram_layers = min(config.num_layers - 1, (budget - fixed) // OffloadedCache.layer_bytes(config, capacity, dtype))
     return ram_layers, tail_rows
 
 
@@ -234,14 +232,18 @@ class OffloadedCache(FullCache):
         self.record_queries = False
 
     @staticmethod
+    def layer_bytes(config: ModelConfig, rows: int, dtype: torch.dtype) -> int:
+        """One layer's K and V for `rows` rows, rounded up to whole I/O blocks."""
+        per_row = config.kv_bytes_per_token(torch.finfo(dtype).bits // 8) // config.num_layers
+        return per_row * round_up(rows, block_rows(config, dtype))
+
+    @staticmethod
     def bytes_for(config: ModelConfig, capacity: int, dtype: torch.dtype, ram_layers: int = 0,  # type: ignore[override]
                   tail_rows: int = 0) -> int:
         """RAM bytes: the layers held whole, two staging layers and the tail."""
-        align = block_rows(config, dtype)
-        per_row = config.kv_bytes_per_token(torch.finfo(dtype).bits // 8) // config.num_layers  # one layer's K+V
-        disk = config.num_layers - ram_layers
-        return per_row * (ram_layers * round_up(capacity, align) + 2 * round_up(capacity, align)
-                          + disk * round_up(tail_rows, align))
+        layer = OffloadedCache.layer_bytes
+        return (ram_layers + 2) * layer(config, capacity, dtype) + (
+            config.num_layers - ram_layers) * layer(config, tail_rows, dtype)
 
     @property
     def nbytes(self) -> int:
