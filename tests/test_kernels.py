@@ -10,7 +10,7 @@ from triforce import native
 from triforce.attention import attend_torch, gather_chunks
 from triforce.model import rms_norm
 
-pytestmark = pytest.mark.skipif(native.library() is None, reason="native kernels unavailable")
+pytestmark = [pytest.mark.skipif(native.library() is None, reason="native kernels unavailable"), pytest.mark.core]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

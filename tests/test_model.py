@@ -70,19 +70,24 @@ def our_logits(loaded, ids, chunks=None):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
-def test_logits_match_transformers(case_dir, use_native):
+@pytest.mark.core
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "none"])
+def test_logits_match_transformers(case_dir, isa):
+    """Every kernel path (and PyTorch's) computes the reference model's logits."""
+    if isa != "none" and isa not in native.cpu_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
     name, path = case_dir
     torch.manual_seed(1)
     ids = torch.randint(3, 300, (SEQ,)).tolist()
     expected = hf_logits(path, ids)
-    native.set_native(use_native)
     try:
+        ran = native.set_isa(isa)
         loaded = triforce.load(path, dtype="fp32")
-        assert loaded.decoder.fused == use_native
+        assert loaded.decoder.fused == (isa != "none")
+        assert loaded.decoder.kernels == ran == ("pytorch" if isa == "none" else isa)
         got = our_logits(loaded, ids)
     finally:
-        native.set_native(True)
+        native.set_isa(None)  # back to the environment's choice
     assert got.shape == expected.shape
     diff = (got - expected).abs().max().item()
     assert diff < 1e-4, f"{name}: max |logit difference| {diff}"
@@ -103,6 +108,7 @@ def test_auto_rope_scaling_is_yarn_past_trained_length_only(tmp_path, tokenizer_
     assert (our_logits(auto, long) - our_logits(plain, long)).abs().max() > 1e-2
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("dtype", ["fp32"])
 def test_prefill_in_chunks_and_token_by_token_agree(tmp_path, tokenizer_dir, dtype):
     path = make_hf_model(tmp_path / "m", tokenizer_dir, num_key_value_heads=1)
@@ -116,6 +122,7 @@ def test_prefill_in_chunks_and_token_by_token_agree(tmp_path, tokenizer_dir, dty
     assert (whole - one_by_one).abs().max() < 1e-5
 
 
+@pytest.mark.core
 def test_prefill_chunks_agree_long_prompt_native_kernel(embedded_fp32):
     # Over the kernel's limit of queries per call the PyTorch path takes over; both must agree.
     ids = embedded_fp32.tokenizer.encode("The history of the Roman empire spans many centuries. " * 16)
@@ -129,6 +136,7 @@ def test_prefill_chunks_agree_long_prompt_native_kernel(embedded_fp32):
     assert (whole - halves).abs().max() < 1e-4
 
 
+@pytest.mark.core
 def test_bf16_rows_do_not_depend_on_how_the_prompt_is_split():
     """Where the kernel runs passes of any length (bf16 caches, AVX512-BF16, no AMX), a row's
     logits are bit-identical however the prompt was cut into passes (so its cached keys and

@@ -14,7 +14,9 @@ from triforce import native  # noqa: E402
 from triforce.quant import FORMATS, QuantizedTensor, QuantLinear, kernel_supports, quantize  # noqa: E402
 
 NAMES = list(FORMATS)
-needs_kernel = pytest.mark.skipif(not kernel_supports("q8_0"), reason="no quantized kernel (needs AVX512-BF16)")
+needs_kernel = pytest.mark.skipif(not kernel_supports("q8_0"), reason="no quantized kernel (needs AVX512-BF16 or AVX2)")
+
+pytestmark = pytest.mark.core
 
 
 def random_blocks(fmt: str, N: int, K: int, seed: int = 0) -> QuantizedTensor:

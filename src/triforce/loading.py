@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import quant
+from . import native, quant
 from .config import ModelConfig, config_from_hf
 from .errors import SettingError, TriforceError
 from .formats import WEIGHTS
@@ -107,7 +107,8 @@ def load_draft(spec: str, target: LoadedModel) -> LoadedModel | FeatureHead | st
 
 
 def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
-    """bf16 where the hardware computes it natively, else fp32."""
+    """bf16 where the hardware computes it natively or the native kernels run (they widen bf16 to
+    float32 in registers: half the bytes of fp32 for the same sums), else fp32."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -117,7 +118,7 @@ def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     except OSError:
         flags = ""
     native_bf16 = any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16", "bf16"))
-    return torch.bfloat16 if native_bf16 else torch.float32
+    return torch.bfloat16 if native_bf16 or native.kernels() != "pytorch" else torch.float32
 
 
 def parse_dtype(name: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:

@@ -1,9 +1,12 @@
 """Build and load the native CPU kernels (kernels/*.c) on first use.
 
-The C files are compiled with the machine's C compiler for the machine's own instruction set and
-cached under the user's cache directory, keyed by source, flags and CPU. They link OpenMP by
-soname, so they share the libgomp thread pool PyTorch has already loaded. Anything that goes
-wrong (no compiler, another OS, TRIFORCE_NATIVE=0) leaves the PyTorch paths in charge.
+The C files are compiled with the machine's C compiler for one instruction set (ISA) and cached
+under the user's cache directory, keyed by source, flags and CPU. The ISA is the best the CPU has
+of "avx512" (AVX512 with BF16; AMX tiles too where present) and "avx2" (AVX2 + FMA + F16C), or
+the one TRIFORCE_ISA names (avx512|avx2|none, so each variant can be tested and measured on one
+machine). They link OpenMP by soname, so they share the libgomp thread pool PyTorch has already
+loaded. TRIFORCE_ISA=none (or TRIFORCE_NATIVE=0), another OS or CPU, or a failed build leave the
+PyTorch paths in charge; `kernels()` names the path that runs.
 
 - attention.c: decoding/verification attention over a cache buffer (dense or retrieval chunks)
 - linear.c:    bf16 projections from packed weights at memory bandwidth
@@ -27,12 +30,24 @@ from pathlib import Path
 
 import torch
 
+from .errors import TriforceError
+
 MAX_KERNEL_QUERIES = 64  # beyond this many new tokens (prefill chunks) SDPA is compute-efficient
 # ... except for bf16 caches on CPUs with AVX512-BF16 and no AMX, where the kernel beats
 # PyTorch's CPU flash attention even for 1024-token prefill chunks; see `prefill_on_kernel`.
 _SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.c"))
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+# Per ISA: the compiler flags and the CPU features (/proc/cpuinfo names) it needs.
+# AVX2 builds without contraction: its quantized decoding rounds each product as gguf-py does.
+ISA_FLAGS = {"avx512": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=native", "-ffp-contract=off"]}
+ISA_NEEDS = {
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"),
+    "avx2": ("avx2", "fma", "f16c"),
+}
+ISA_CHOICES = ("auto", *ISA_FLAGS, "none")
 _library: ctypes.CDLL | None | bool = False  # False: not tried yet
+_isa = "pytorch"  # the path that runs once library() has been called
+_ENV_ISA = os.environ.get("TRIFORCE_ISA")  # what set_isa(None) returns to
 
 
 def cache_dir() -> Path:
@@ -53,22 +68,48 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
-def _build() -> Path:
+def cpu_isas() -> list[str]:
+    """The kernel ISAs this CPU can run, best first."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    flags = set(_cpu_signature().split())
+    return [isa for isa, needs in ISA_NEEDS.items() if flags.issuperset(needs)]
+
+
+def requested_isa() -> str:
+    """The ISA to build for: TRIFORCE_ISA (validated here), else the best the CPU runs, else "none"."""
+    wanted = os.environ.get("TRIFORCE_ISA", "auto").strip().lower() or "auto"
+    if wanted not in ISA_CHOICES:
+        raise TriforceError(f"TRIFORCE_ISA must be one of {', '.join(ISA_CHOICES)}, got {wanted!r}")
+    if os.environ.get("TRIFORCE_NATIVE", "1") == "0" or wanted == "none":
+        return "none"
+    runs = cpu_isas()
+    if wanted == "auto":
+        return runs[0] if runs else "none"
+    if wanted not in runs:
+        missing = [f for f in ISA_NEEDS[wanted] if f not in _cpu_signature().split()]
+        raise TriforceError(f"TRIFORCE_ISA={wanted}, but this CPU lacks {', '.join(missing) or 'x86-64'}"
+                            f" (it runs: {', '.join(runs + ['none'])})")
+    return wanted
+
+
+def _build(isa: str) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found")
+    flags = [*_FLAGS, *ISA_FLAGS[isa]]
     source = b"".join(p.read_bytes() for p in sorted(_SOURCES[0].parent.glob("*.[ch]")))
     key = hashlib.sha256(
-        source + " ".join(_FLAGS).encode() + _cpu_signature().encode() + compiler.encode()
+        source + " ".join(flags).encode() + _cpu_signature().encode() + compiler.encode()
     ).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"triforce-{key}.so"
+    target = cache_dir() / "kernels" / f"triforce-{isa}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / "triforce.so"
         result = subprocess.run(
-            [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(built), "-lm"],
+            [compiler, *flags, *map(str, _SOURCES), "-o", str(built), "-lm"],
             capture_output=True,
             text=True,
             timeout=300,
@@ -106,27 +147,37 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built (PyTorch paths then run)."""
-    global _library
+    global _library, _isa
     if _library is False:
-        _library = None
-        if os.environ.get("TRIFORCE_NATIVE", "1") != "0" and sys.platform.startswith("linux"):
+        isa = requested_isa()  # a bad TRIFORCE_ISA raises here, every time until it is fixed
+        _library, _isa = None, "pytorch"
+        if isa != "none" and sys.platform.startswith("linux"):
             try:
-                _library = _declare(ctypes.CDLL(str(_build())))
+                _library, _isa = _declare(ctypes.CDLL(str(_build(isa)))), isa
             except Exception as exc:  # any build/load failure falls back, once, with a warning
                 warnings.warn(f"triforce: native kernels unavailable ({exc}); using PyTorch", stacklevel=2)
     return _library or None
 
 
-def set_native(enabled: bool) -> None:
-    """Force the kernels on or off (tests and benchmarks compare both paths). Affects models
-    loaded afterwards."""
+def kernels() -> str:
+    """The path the model's hot loops run on: "avx512", "avx2" or "pytorch"."""
+    library()
+    return _isa
+
+
+def set_isa(isa: str | None) -> str:
+    """Choose the kernels' ISA for models loaded afterwards: one of ISA_CHOICES, or None for the
+    environment's choice (tests and benchmarks compare the paths in one process). Returns the
+    path that now runs (see `kernels`)."""
     global _library
-    if enabled:
-        os.environ.pop("TRIFORCE_NATIVE", None)
-        _library = False
-        library()
+    isa = _ENV_ISA if isa is None else isa
+    if isa is None:
+        os.environ.pop("TRIFORCE_ISA", None)
     else:
-        _library = None
+        os.environ["TRIFORCE_ISA"] = isa
+    os.environ.pop("TRIFORCE_NATIVE", None)
+    _library = False
+    return kernels()
 
 
 def prefill_on_kernel(t: torch.Tensor) -> bool:
@@ -135,8 +186,9 @@ def prefill_on_kernel(t: torch.Tensor) -> bool:
     faster than PyTorch's flash attention (embedded shape and Llama-8B's), 3.1-3.6x since the
     score tiles stay in registers (`triforce bench kernels` re-measures it). Not on CPUs with
     AMX tiles, which PyTorch's bf16 matrix code can use (the two were not compared there), nor
-    for fp32 caches, where the kernel is 0.6-1.0x PyTorch's."""
-    return t.dtype == torch.bfloat16 and usable_for(t) and packed_linear_supported() and not _cpu_has_amx()
+    for fp32 caches, where the kernel is 0.6-1.0x PyTorch's, nor on the AVX2 kernels, whose
+    attention has no bf16 dot products."""
+    return t.dtype == torch.bfloat16 and usable_for(t) and kernels() == "avx512" and not _cpu_has_amx()
 
 
 @functools.cache
@@ -298,7 +350,7 @@ def bf16_dot_peak_gmacs(threads: int, seconds: float = 0.5, chains: int = 16) ->
     if chains not in DOT_CHAINS:
         raise ValueError(f"chains must be one of {DOT_CHAINS}, got {chains}")
     lib = library()
-    if lib is None or not lib.tf_has_bf16_linear():
+    if lib is None or kernels() != "avx512":
         return None
     iterations = 1 << 16
     while True:

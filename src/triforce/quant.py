@@ -46,7 +46,7 @@ def get_format(fmt: str | QuantFormat | int) -> QuantFormat:
 
 def kernel_supports(fmt: str | QuantFormat | int) -> bool:
     """Whether the native kernel runs this format on this machine (every format in FORMATS, on
-    CPUs with AVX512-BF16 where the native kernels build)."""
+    CPUs where the native kernels run: AVX512-BF16 or AVX2)."""
     try:
         get_format(fmt)
     except ValueError:
@@ -334,7 +334,7 @@ class QuantLinear:
             raise ValueError("QuantLinear needs at least one part")
         lib = native.library()
         if lib is None or not lib.tf_has_quant_linear():
-            raise RuntimeError("the quantized-projection kernel needs the native kernels and AVX512-BF16")
+            raise RuntimeError("the quantized-projection kernel needs the native kernels (AVX512-BF16 or AVX2)")
         self.lib = lib
         self.in_features = parts[0].shape[1]
         if any(p.shape[1] != self.in_features for p in parts):

@@ -57,7 +57,7 @@ def _projection_pass(projections: list[Any], inputs: list[torch.Tensor]) -> None
 def attention_paths(config: Any) -> list[str]:
     """The multi-row attention paths this CPU runs on bf16 caches of `config`'s shape: staged and
     grouped where the AVX512-BF16 kernel takes the head size, else the one there is ("-")."""
-    return ["staged", "grouped"] if native.packed_linear_supported() and config.head_dim % 32 == 0 else ["-"]
+    return ["staged", "grouped"] if native.kernels() == "avx512" and config.head_dim % 32 == 0 else ["-"]
 
 
 def attention_rows(config: Any, contexts: list[int], queries: list[int], layers: int, repeats: int,
@@ -156,7 +156,7 @@ def projection_rows(targets: dict[str, Any], rows_list: list[int], repeats: int,
         dec = target.decoder
         projections = [p for layer in dec.layers for p in layer.projections().values()] + [dec.lm_head]
         if any(isinstance(p, Linear) and p.native is None for p in projections):
-            raise TriforceError("the projection kernels need a CPU with AVX512-BF16 and bf16 weights")
+            raise TriforceError("the projection kernels need the native kernels (AVX512-BF16 or AVX2) and bf16 weights")
         passes[w] = (projections, sum(p.nbytes for p in projections), sum(p.in_features * p.out_features
                                                                            for p in projections))
     rows = []
@@ -211,7 +211,7 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
         prefill_queries: int = 1024, weights: list[str] | None = None, out: Path | None = None,
         log: Any = print) -> dict[str, Any]:
     if native.library() is None:
-        raise TriforceError("the native kernels are unavailable here (no C compiler, or TRIFORCE_NATIVE=0)")
+        raise TriforceError("the native kernels are unavailable here (no C compiler, or TRIFORCE_ISA=none)")
     contexts = contexts or DEFAULTS["contexts"]
     queries = queries or DEFAULTS["queries"]
     rows = rows or DEFAULTS["rows"]

@@ -21,8 +21,8 @@
 #endif
 #if defined(__AVX512F__)
 #include <immintrin.h>
-#include "simd.h"
 #endif
+#include "simd.h"
 
 #define BLOCK 16
 #define SUB 4 /* 16-key sub-blocks per block in the bf16 path */
@@ -74,6 +74,8 @@ static inline void load_row(float *dst, const void *base, long row, int D, int b
             __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16);
             _mm512_storeu_ps(dst + c, _mm512_castsi512_ps(wide));
         }
+#elif defined(TF_AVX2)
+        for (int c = 0; c < D; c += 8) _mm256_storeu_ps(dst + c, bf16x8(src + c));
 #else
         for (int c = 0; c < D; c++) {
             uint32_t bits = (uint32_t)src[c] << 16;
@@ -169,6 +171,19 @@ static void attend_range(const float *q, const void *k, const void *v, int bf16,
             __mmask16 visible = _mm512_cmple_epi32_mask(rowv, _mm512_set1_epi32((int)limit));
             sv = _mm512_mask_blend_ps(visible, _mm512_set1_ps(-INFINITY), sv);
             _mm512_storeu_ps(s, sv);
+#elif defined(TF_AVX2)
+            for (int half = 0; half < BLOCK; half += 8) {
+                __m256 a[8];
+                for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+                for (int c = 0; c < D; c += 8) {
+                    __m256 qv = _mm256_loadu_ps(qr + c);
+                    for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf + (half + j) * D + c), a[j]);
+                }
+                __m256 sv = _mm256_mul_ps(transpose_sum8(a), _mm256_set1_ps(scale));
+                __m256i rowv = _mm256_loadu_si256((const __m256i *)(rows + half));
+                __m256 hidden = _mm256_castsi256_ps(_mm256_cmpgt_epi32(rowv, _mm256_set1_epi32((int)limit)));
+                _mm256_storeu_ps(s + half, _mm256_blendv_ps(sv, _mm256_set1_ps(-INFINITY), hidden));
+            }
 #else
             for (int j = 0; j < BLOCK; j++) {
                 if (rows[j] > limit) {
@@ -206,6 +221,29 @@ static void attend_range(const float *q, const void *k, const void *v, int bf16,
                 for (int c = 0; c < nc; c++) o[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vf + j * D + 16 * c), o[c]);
             }
             for (int c = 0; c < nc; c++) _mm512_storeu_ps(ar + 16 * c, o[c]);
+#elif defined(TF_AVX2)
+            const __m256 ninf = _mm256_set1_ps(-INFINITY), mv = _mm256_set1_ps(mn);
+            float psum = 0.0f;
+            for (int half = 0; half < BLOCK; half += 8) {
+                __m256 sv = _mm256_loadu_ps(s + half);
+                __m256 live = _mm256_cmp_ps(sv, ninf, _CMP_NEQ_OQ);
+                __m256 p = _mm256_and_ps(live, exp256(_mm256_sub_ps(sv, mv)));
+                _mm256_storeu_ps(s + half, p);
+                psum += hsum256(p);
+            }
+            l[r] = l[r] * corr + psum;
+            /* up to 8 independent accumulators at a time (16 registers) */
+            const __m256 cv = _mm256_set1_ps(corr);
+            for (int c0 = 0; c0 < D; c0 += 64) {
+                const int nc = (D - c0) / 8 < 8 ? (D - c0) / 8 : 8;
+                __m256 o[8];
+                for (int c = 0; c < nc; c++) o[c] = _mm256_mul_ps(_mm256_loadu_ps(ar + c0 + 8 * c), cv);
+                for (int j = 0; j < nk; j++) {
+                    __m256 pj = _mm256_set1_ps(s[j]);
+                    for (int c = 0; c < nc; c++) o[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vf + j * D + c0 + 8 * c), o[c]);
+                }
+                for (int c = 0; c < nc; c++) _mm256_storeu_ps(ar + c0 + 8 * c, o[c]);
+            }
 #else
             float sum = 0.0f;
             for (int j = 0; j < nk; j++) {

@@ -7,6 +7,11 @@
  * pair-dot-product per vector (AVX512-BF16), the weights stream strictly sequentially, and no
  * horizontal sums are needed. Rows of x are taken in tiles so each weight block is read from
  * memory once per tile (once in total for up to TILE_M rows).
+ *
+ * On AVX2 (no bf16 dot products) the same packed weights are widened to float32 in registers and
+ * summed with multiply-adds in two chains per output (see simd.h's packed_tile_avx2); each block
+ * is taken by one thread for all rows, in tiles of up to three rows, so it is read from memory
+ * once and from cache for the other tiles.
  */
 #include <stdint.h>
 #include <string.h>
@@ -16,6 +21,7 @@
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
+#include "simd.h"
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -52,7 +58,7 @@ void tf_pack_weight(const uint16_t *w, uint16_t *packed, int N, int K) {
 }
 
 int tf_has_bf16_linear(void) {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(TF_AVX2)
     return 1;
 #else
     return 0;
@@ -219,7 +225,7 @@ static void linear_amx(const uint16_t *x, const uint16_t *packed, const uint16_t
 #endif
 
 /* x [M][K] bf16, packed weights, bias [N] bf16 or NULL; y [M][N] written as bf16 (y_is_f32 = 0)
- * or float32. Returns 0, or -1 when this build has no AVX512-BF16. */
+ * or float32. Returns 0, -1 when this build has neither AVX512-BF16 nor AVX2, -3 when out of memory. */
 int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bias, void *y, int y_is_f32, int M,
                    int N, int K, int n_threads) {
 #if defined(__AVX512BF16__)
@@ -253,6 +259,23 @@ int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bi
         }
     }
     (void)float_to_bf16;
+    return 0;
+#elif defined(TF_AVX2)
+    const int pairs = K / 2, blocks = (N + 15) / 16;
+    float *xf = widen_rows(x, (long)M * K);
+    if (!xf) return -3;
+    if (n_threads < 1) n_threads = 1;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        const uint16_t *wb = packed + (long)b * pairs * 32;
+        for (int m0 = 0; m0 < M; m0 += PACKED_TILE_M) {
+            const int mt = M - m0 < PACKED_TILE_M ? M - m0 : PACKED_TILE_M;
+            __m256 acc[4 * PACKED_TILE_M];
+            packed_tile_any(xf + (long)m0 * K, K, wb, pairs, mt, acc);
+            packed_store_avx2(acc, mt, m0, b * 16, N, N, bias, y, y_is_f32);
+        }
+    }
+    free(xf);
     return 0;
 #else
     (void)x; (void)packed; (void)bias; (void)y; (void)y_is_f32; (void)M; (void)N; (void)K; (void)n_threads;

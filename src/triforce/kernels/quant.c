@@ -33,6 +33,7 @@
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
+#include "simd.h"
 
 enum { QF_Q8_0, QF_Q4_0, QF_Q4_1, QF_Q4_K, QF_Q5_K, QF_Q6_K, QF_COUNT };
 static const int QF_BLOCK[QF_COUNT] = {32, 32, 32, 256, 256, 256};   /* weights per block */
@@ -53,6 +54,7 @@ static const int QF_BYTES[QF_COUNT] = {34, 18, 20, 144, 176, 210};   /* bytes pe
 static inline int elem_of(int r, int k) { return 16 * (r >> 3) + 2 * (r & 7) + (k & 1); }
 
 static long kblock_bytes(int fmt) { return 16L * QF_BYTES[fmt]; }
+static inline int chunks_of(int fmt) { return QF_BLOCK[fmt] / 32; } /* 32-K chunks per K block */
 
 /* Groups are stored in quads: the K blocks of 4 consecutive groups interleave (K block 0 of groups
  * 0-3, then K block 1 of groups 0-3, ...), so a pass over four groups reads one sequential stream.
@@ -336,8 +338,6 @@ static inline __attribute__((always_inline)) __m512bh q_decode(const int FMT, co
     return _mm512_cvtne2ps_pbh(a, b); /* elements 0-15 from b, 16-31 from a; RNE */
 }
 
-static inline int chunks_of(int fmt) { return QF_BLOCK[fmt] / 32; }
-
 /* In registers: mt rows of x against NB groups of one quad (group s's K block kb at
  * base + kb * kstride + s * kbb); group s's row i sums into acc[s * mt + i]. */
 #define QTILE_M 8
@@ -498,6 +498,212 @@ static __m512i *scratch(long vectors) {
 }
 #endif
 
+#if defined(TF_AVX2)
+/* AVX2: each group of 16 rows is decoded, K block by K block, into float32 vectors of 8 elements
+ * of a pair (element order as above: rows 4v..4v+3 of vector v, even and odd input each), with
+ * gguf-py's operations in its order as in the AVX512 path (explicit multiplies: this variant is
+ * compiled without contraction), rounded to bf16 to nearest even and stored in linear.c's packed
+ * layout in a per-thread scratch; simd.h's packed tile then runs every row over it. The bits are
+ * therefore those of tf_linear_bf16 on the dequantized bf16 weights, on this ISA. */
+
+/* Four rows' values (a float32 [4]) spread to the eight lanes of their elements. */
+static inline __m256 dup4(__m128 x) {
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(x), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+}
+static inline __m128 f16x4(const uint8_t *p) { return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p)); }
+static inline __m128i u8x4(const uint8_t *p) { int v; memcpy(&v, p, 4); return _mm_cvtepu8_epi32(_mm_cvtsi32_si128(v)); }
+static inline __m128i i8x4(const uint8_t *p) { int v; memcpy(&v, p, 4); return _mm_cvtepi8_epi32(_mm_cvtsi32_si128(v)); }
+
+/* Per vector v (rows 4v..4v+3): scale s and offset o (Q6_K: the two sub-blocks' scales). */
+typedef struct {
+    __m256 s[4], o[4];
+} QState2;
+
+static inline void q_setup2(int fmt, const uint8_t *blk, int c, QState2 *st) {
+    for (int v = 0; v < 4; v++) {
+        switch (fmt) {
+        case QF_Q8_0:
+        case QF_Q4_0:
+            st->s[v] = dup4(f16x4(blk + 8 * v));
+            break;
+        case QF_Q4_1:
+            st->s[v] = dup4(f16x4(blk + 8 * v));
+            st->o[v] = dup4(f16x4(blk + 32 + 8 * v));
+            break;
+        case QF_Q4_K:
+        case QF_Q5_K: {
+            const uint8_t *S = blk + 64 + 4 * v;
+            const __m128i c63 = _mm_set1_epi32(63), c15 = _mm_set1_epi32(15), c48 = _mm_set1_epi32(0x30);
+            __m128i sc, m;
+            if (c < 4) {
+                sc = _mm_and_si128(u8x4(S + 16 * c), c63);
+                m = _mm_and_si128(u8x4(S + 16 * (4 + c)), c63);
+            } else {
+                __m128i md = u8x4(S + 16 * (8 + c - 4));
+                sc = _mm_or_si128(_mm_and_si128(md, c15), _mm_and_si128(_mm_srli_epi32(u8x4(S + 16 * (c - 4)), 2), c48));
+                m = _mm_or_si128(_mm_srli_epi32(md, 4), _mm_and_si128(_mm_srli_epi32(u8x4(S + 16 * c), 2), c48));
+            }
+            st->s[v] = dup4(_mm_mul_ps(f16x4(blk + 8 * v), _mm_cvtepi32_ps(sc)));
+            st->o[v] = dup4(_mm_mul_ps(f16x4(blk + 32 + 8 * v), _mm_cvtepi32_ps(m)));
+            break;
+        }
+        case QF_Q6_K: {
+            __m128 d = f16x4(blk + 8 * v);
+            st->s[v] = dup4(_mm_mul_ps(d, _mm_cvtepi32_ps(i8x4(blk + 32 + 16 * (2 * c) + 4 * v))));
+            st->o[v] = dup4(_mm_mul_ps(d, _mm_cvtepi32_ps(i8x4(blk + 32 + 16 * (2 * c + 1) + 4 * v))));
+            break;
+        }
+        }
+    }
+}
+
+/* Lanes j of bit (first + j) of a 16-bit mask, as 0 or 1. */
+static inline __m256i mask_bits(const uint8_t *p, int first) {
+    __m256i m = _mm256_set1_epi32(rd16(p));
+    return _mm256_and_si256(_mm256_srlv_epi32(m, _mm256_add_epi32(_mm256_set1_epi32(first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))),
+                            _mm256_set1_epi32(1));
+}
+
+/* Pair p of chunk c: its 32 float32 weights (gguf-py's values) in w[0..4). */
+static inline __attribute__((always_inline)) void q_decode2(const int fmt, const QState2 *st, const uint8_t *blk, int c,
+                                                            int p, __m256 *w) {
+    const __m256i c15 = _mm256_set1_epi32(15);
+    for (int v = 0; v < 4; v++) {
+        const int low = v < 2, at = 8 * (v & 1); /* nibble bytes at..at+7: low halves for v < 2 */
+        __m256i L, q;
+        switch (fmt) {
+        case QF_Q8_0:
+            w[v] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 32 + 32 * p + 8 * v)))), st->s[v]);
+            break;
+        case QF_Q4_0:
+            L = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 32 + 16 * p + at)));
+            q = low ? _mm256_and_si256(L, c15) : _mm256_srli_epi32(L, 4);
+            w[v] = _mm256_mul_ps(st->s[v], _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(8))));
+            break;
+        case QF_Q4_1: /* fused: the product is exact (see affine_add) */
+            L = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 64 + 16 * p + at)));
+            q = low ? _mm256_and_si256(L, c15) : _mm256_srli_epi32(L, 4);
+            w[v] = _mm256_fmadd_ps(st->s[v], _mm256_cvtepi32_ps(q), st->o[v]);
+            break;
+        case QF_Q4_K:
+            L = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 256 + 256 * c + 16 * p + at)));
+            q = low ? _mm256_and_si256(L, c15) : _mm256_srli_epi32(L, 4);
+            w[v] = _mm256_fmsub_ps(st->s[v], _mm256_cvtepi32_ps(q), st->o[v]);
+            break;
+        case QF_Q5_K: {
+            const uint8_t *ch = blk + 256 + 320 * c;
+            L = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ch + 16 * p + at)));
+            q = low ? _mm256_and_si256(L, c15) : _mm256_srli_epi32(L, 4);
+            q = _mm256_or_si256(q, _mm256_slli_epi32(mask_bits(ch + 256 + 4 * p + (low ? 0 : 2), at), 4));
+            w[v] = _mm256_fmsub_ps(st->s[v], _mm256_cvtepi32_ps(q), st->o[v]);
+            break;
+        }
+        case QF_Q6_K: {
+            const uint8_t *ch = blk + 288 + 384 * c, *hm = ch + 256 + 8 * p;
+            L = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ch + 16 * p + at)));
+            q = low ? _mm256_and_si256(L, c15) : _mm256_srli_epi32(L, 4);
+            q = _mm256_or_si256(q, _mm256_slli_epi32(mask_bits(hm + (low ? 0 : 2), at), 4));
+            q = _mm256_or_si256(q, _mm256_slli_epi32(mask_bits(hm + (low ? 4 : 6), at), 5));
+            q = _mm256_sub_epi32(q, _mm256_set1_epi32(32));
+            w[v] = _mm256_mul_ps(p < 8 ? st->s[v] : st->o[v], _mm256_cvtepi32_ps(q));
+            break;
+        }
+        }
+    }
+}
+
+/* Group g's weights (all K) -> bf16 in the packed layout [pairs][32] at out. */
+static void qdecode_group2(int fmt, const uint8_t *base, long kstride, int nkb, uint16_t *out) {
+    const int CH = chunks_of(fmt);
+    for (int kb = 0; kb < nkb; kb++) {
+        const uint8_t *blk = base + kb * kstride;
+        for (int c = 0; c < CH; c++) {
+            QState2 st;
+            q_setup2(fmt, blk, c, &st);
+            uint16_t *o = out + (long)(kb * CH + c) * 16 * 32;
+            for (int p = 0; p < 16; p++) {
+                __m256 w[4];
+                switch (fmt) { /* a constant format per loop, so the switch inside folds away */
+                case QF_Q8_0: q_decode2(QF_Q8_0, &st, blk, c, p, w); break;
+                case QF_Q4_0: q_decode2(QF_Q4_0, &st, blk, c, p, w); break;
+                case QF_Q4_1: q_decode2(QF_Q4_1, &st, blk, c, p, w); break;
+                case QF_Q4_K: q_decode2(QF_Q4_K, &st, blk, c, p, w); break;
+                case QF_Q5_K: q_decode2(QF_Q5_K, &st, blk, c, p, w); break;
+                default: q_decode2(QF_Q6_K, &st, blk, c, p, w); break;
+                }
+                for (int h = 0; h < 2; h++) {
+                    __m256i a = _mm256_srli_epi32(_mm256_castps_si256(round_bf16x8(w[2 * h])), 16);
+                    __m256i b = _mm256_srli_epi32(_mm256_castps_si256(round_bf16x8(w[2 * h + 1])), 16);
+                    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+                    _mm256_storeu_si256((__m256i *)(o + 32 * p + 16 * h), packed);
+                }
+            }
+        }
+    }
+}
+
+static int quant_linear_avx2(const uint16_t *x, const uint8_t *packed, int fmt, const uint16_t *bias, void *y,
+                             int y_is_f32, long ldy, int M, int N, int K, int n_threads) {
+    const int pairs = K / 2, groups = (N + 15) / 16, nkb = K / QF_BLOCK[fmt];
+    const long kbb = kblock_bytes(fmt);
+    float *xf = widen_rows(x, (long)M * K);
+    if (!xf) return -3;
+    int failed = 0;
+    if (n_threads < 1) n_threads = 1;
+#pragma omp parallel num_threads(n_threads)
+    {
+        uint16_t *w = (uint16_t *)aligned_alloc(64, (size_t)pairs * 64);
+        if (!w) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups; g++) {
+            if (!w) continue;
+            long kstride;
+            const uint8_t *base = group_at(packed, g, groups, nkb, kbb, &kstride);
+            qdecode_group2(fmt, base, kstride, nkb, w);
+            for (int m0 = 0; m0 < M; m0 += PACKED_TILE_M) {
+                const int mt = M - m0 < PACKED_TILE_M ? M - m0 : PACKED_TILE_M;
+                __m256 acc[4 * PACKED_TILE_M];
+                packed_tile_any(xf + (long)m0 * K, K, w, pairs, mt, acc);
+                packed_store_avx2(acc, mt, m0, g * 16, N, ldy, bias, y, y_is_f32);
+            }
+        }
+        free(w);
+    }
+    free(xf);
+    return failed ? -3 : 0;
+}
+
+static void quant_row_avx2(const uint8_t *g, long kstride, int fmt, int nkb, int r, void *out, int out_is_f32) {
+    const int CH = chunks_of(fmt), e0 = 16 * (r >> 3) + 2 * (r & 7);
+    for (int kb = 0; kb < nkb; kb++) {
+        const uint8_t *blk = g + kb * kstride;
+        for (int c = 0; c < CH; c++) {
+            QState2 st;
+            q_setup2(fmt, blk, c, &st);
+            for (int p = 0; p < 16; p++) {
+                __m256 w[4];
+                float v[32];
+                q_decode2(fmt, &st, blk, c, p, w);
+                for (int i = 0; i < 4; i++) _mm256_storeu_ps(v + 8 * i, out_is_f32 ? w[i] : round_bf16x8(w[i]));
+                const long k = ((long)(kb * CH + c) * 16 + p) * 2;
+                for (int e = 0; e < 2; e++) {
+                    if (out_is_f32) {
+                        ((float *)out)[k + e] = v[e0 + e];
+                    } else {
+                        uint32_t bits;
+                        memcpy(&bits, v + e0 + e, 4);
+                        ((uint16_t *)out)[k + e] = (uint16_t)(bits >> 16);
+                    }
+                }
+            }
+        }
+    }
+}
+#endif
+
 /* Rows at or below this count decode in registers; more rows decode each group once into scratch. */
 #ifndef REGISTER_MAX_ROWS
 #define REGISTER_MAX_ROWS 8
@@ -508,7 +714,7 @@ static __m512i *scratch(long vectors) {
 #endif
 
 /* x [M][K] bf16; packed: tf_quant_repack's groups; bias [N] bf16 or NULL; y row i at y + i * ldy
- * (elements), bf16 (y_is_f32 = 0) or float32. Returns 0; -1 without AVX512-BF16; -2 for a bad
+ * (elements), bf16 (y_is_f32 = 0) or float32. Returns 0; -1 without AVX512-BF16 or AVX2; -2 for a bad
  * format or K; -3 when scratch could not be allocated. */
 int tf_quant_linear(const uint16_t *x, const uint8_t *packed, int fmt, const uint16_t *bias, void *y, int y_is_f32,
                     long ldy, int M, int N, int K, int n_threads) {
@@ -585,6 +791,9 @@ int tf_quant_linear(const uint16_t *x, const uint8_t *packed, int fmt, const uin
         }
     }
     return failed ? -3 : 0;
+#elif defined(TF_AVX2)
+    if (!tf_quant_format_ok(fmt, K)) return -2;
+    return quant_linear_avx2(x, packed, fmt, bias, y, y_is_f32, ldy, M, N, K, n_threads);
 #else
     (void)x; (void)packed; (void)fmt; (void)bias; (void)y; (void)y_is_f32; (void)ldy; (void)M; (void)N; (void)K;
     (void)n_threads;
@@ -641,6 +850,20 @@ int tf_quant_rows(const uint8_t *packed, int fmt, int N, int K, const int64_t *i
         }
     }
     return 0;
+#elif defined(TF_AVX2)
+    if (!tf_quant_format_ok(fmt, K)) return -2;
+    const int nkb = K / QF_BLOCK[fmt], groups = (N + 15) / 16;
+    const long kbb = kblock_bytes(fmt), elt = out_is_f32 ? 4 : 2;
+    for (int i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= N) return -4;
+    }
+#pragma omp parallel for schedule(static) if (n > 8)
+    for (int i = 0; i < n; i++) {
+        long kstride;
+        const uint8_t *g = group_at(packed, (int)(ids[i] >> 4), groups, nkb, kbb, &kstride);
+        quant_row_avx2(g, kstride, fmt, nkb, (int)(ids[i] & 15), (char *)out + (long)i * K * elt, out_is_f32);
+    }
+    return 0;
 #else
     (void)packed; (void)fmt; (void)N; (void)K; (void)ids; (void)n; (void)out; (void)out_is_f32;
     return -1;
@@ -648,7 +871,7 @@ int tf_quant_rows(const uint8_t *packed, int fmt, int N, int K, const int64_t *i
 }
 
 int tf_has_quant_linear(void) {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(TF_AVX2)
     return 1;
 #else
     return 0;

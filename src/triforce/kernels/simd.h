@@ -1,5 +1,8 @@
 /* Vector helpers shared by the kernels (included; hashed with them by native.py). */
 #pragma once
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -19,5 +22,138 @@ static inline __m512 exp512(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#define TF_AVX2 1
+
+/* exp(x) for x <= 0, as exp512: degree-6 Taylor for e^r, 2^n built in the exponent bits; inputs
+ * below -87 (where 2^n would leave the normal range) give 0. */
+static inline __m256 exp256(__m256 x) {
+    const __m256 low = _mm256_set1_ps(-87.0f);
+    __m256 tiny = _mm256_cmp_ps(x, low, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, low);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+/* Lane j of the result is the sum of the 8 lanes of a[j]. */
+static inline __m256 transpose_sum8(const __m256 *a) {
+    __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    /* lanes: [0 1 2 3 | 0 1 2 3] of s0123 and the same of s4567, halves to be added */
+    __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+    return _mm256_add_ps(lo, hi);
+}
+
+static inline float hsum256(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Eight bf16 (uint16) to float32, exactly. */
+static inline __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* float32 rounded to the nearest even bf16, kept as float32 (the bf16 in the high half). */
+static inline __m256 round_bf16x8(__m256 x) {
+    __m256i b = _mm256_castps_si256(x);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    b = _mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    return _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* The projections' inner loop on AVX2 (linear.c, and quant.c over decoded groups). Weights are
+ * in the packed layout [pairs][32] bf16: element 2j + e of pair p is output j's weight for input
+ * 2p + e. Rows of x come as float32 [mt][K]. Output j of row i sums in two chains, lanes 2j % 8
+ * (even inputs) and 2j % 8 + 1 (odd inputs) of acc[4 i + j / 4], each one multiply-add per pair
+ * in order from zero: the same sequence whatever mt is and whoever decoded the weights, so a
+ * row's result does not depend on the rows beside it. */
+static inline __attribute__((always_inline)) void packed_tile_avx2(const float *x, long K, const uint16_t *w,
+                                                                   int pairs, const int mt, __m256 *acc) {
+    __m256 a[12];
+    for (int i = 0; i < 4 * mt; i++) a[i] = _mm256_setzero_ps();
+    for (int p = 0; p < pairs; p++) {
+        __m256 xp[3];
+        for (int i = 0; i < mt; i++) xp[i] = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(x + i * K + 2 * p)));
+        for (int v = 0; v < 4; v++) {
+            __m256 wv = bf16x8(w + 32L * p + 8 * v);
+            for (int i = 0; i < mt; i++) a[4 * i + v] = _mm256_fmadd_ps(wv, xp[i], a[4 * i + v]);
+        }
+    }
+    for (int i = 0; i < 4 * mt; i++) acc[i] = a[i];
+}
+
+#define PACKED_TILE_M 3 /* 12 accumulators, a weight vector and 3 broadcasts fill the 16 registers */
+
+static inline void packed_tile_any(const float *x, long K, const uint16_t *w, int pairs, int mt, __m256 *acc) {
+    switch (mt) { /* constant trip counts keep the accumulators in registers */
+    case 1: packed_tile_avx2(x, K, w, pairs, 1, acc); break;
+    case 2: packed_tile_avx2(x, K, w, pairs, 2, acc); break;
+    default: packed_tile_avx2(x, K, w, pairs, 3, acc); break;
+    }
+}
+
+/* Rows m0..m0+mt of outputs n0..n0+16 (clipped to N) from a tile's chains: the two chains added,
+ * then the bias (float32), stored as float32 or bf16 (nearest even), row i at y + i * ldy. */
+static inline void packed_store_avx2(const __m256 *acc, int mt, int m0, int n0, int N, long ldy,
+                                     const uint16_t *bias, void *y, int y_is_f32) {
+    const int nv = N - n0 < 16 ? N - n0 : 16;
+    float b[16] = {0};
+    if (bias) {
+        for (int j = 0; j < nv; j++) {
+            uint32_t bits = (uint32_t)bias[n0 + j] << 16;
+            memcpy(b + j, &bits, 4);
+        }
+    }
+    for (int i = 0; i < mt; i++) {
+        float out[16];
+        for (int h = 0; h < 2; h++) { /* hadd pairs lanes (2j, 2j + 1); the permute restores order */
+            __m256 s = _mm256_hadd_ps(acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
+            s = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), 0xD8));
+            _mm256_storeu_ps(out + 8 * h, _mm256_add_ps(s, _mm256_loadu_ps(b + 8 * h)));
+        }
+        if (y_is_f32) {
+            memcpy((float *)y + (long)(m0 + i) * ldy + n0, out, sizeof(float) * nv);
+        } else {
+            uint16_t *dst = (uint16_t *)y + (long)(m0 + i) * ldy + n0;
+            for (int j = 0; j < nv; j++) {
+                uint32_t bits;
+                memcpy(&bits, out + j, 4);
+                bits += 0x7fff + ((bits >> 16) & 1);
+                dst[j] = (uint16_t)(bits >> 16);
+            }
+        }
+    }
+}
+
+/* x [M][K] bf16 -> float32 (exact), into a buffer the caller frees. */
+static inline float *widen_rows(const uint16_t *x, long n) {
+    float *f = (float *)aligned_alloc(64, ((size_t)n * 4 + 63) / 64 * 64);
+    if (!f) return NULL;
+    long i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, bf16x8(x + i));
+    for (; i < n; i++) {
+        uint32_t bits = (uint32_t)x[i] << 16;
+        memcpy(f + i, &bits, 4);
+    }
+    return f;
 }
 #endif
