@@ -42,6 +42,7 @@ def alone(target, draft, method, request):
     return Engine(target, settings(method, draft)).generate(**request)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("method", PRESETS)
 def test_batch_equals_alone_greedy(models, method):
     target, draft = models

@@ -123,7 +123,7 @@ PROMPT = [1] + [3 + (i * 7) % (VOCAB - 3) for i in range(29)] + [4, 5, 6, 4, 5]
 
 
 @pytest.mark.parametrize("setting", [(0.6, 0.9), (1.0, 1.0)], ids=["t0.6-p0.9", "t1.0"])
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.core) if p == "triforce" else p for p in PRESETS])
 def test_sampling_distribution_is_the_targets(small_vocab_models, preset, setting):
     """10^4 seeded samples of the first 3 tokens vs the exact joint distribution.
 
@@ -236,6 +236,7 @@ def test_batched_distribution_test_catches_the_reference_bug(small_vocab_models,
     assert stat > chi2.ppf(1 - ALPHA, df)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p != "autoregressive"])
 def test_greedy_equals_autoregressive_small_vocab(small_vocab_models, preset):
     target, draft = small_vocab_models
@@ -325,6 +326,7 @@ def test_streaming_draft_on_a_long_prompt_stays_in_its_position_range(small_voca
 @pytest.mark.parametrize("method, retrieval_weights", [("speculative", "model"), ("retrieval", "model"),
                                                        ("streaming", "model"), ("triforce", "model"),
                                                        ("retrieval", "q4_0"), ("triforce", "q4_0")])
+@pytest.mark.core
 def test_bf16_greedy_equals_autoregressive_on_a_real_document(embedded_bf16, method, retrieval_weights):
     """Exact in bf16 too, not only fp32, on the embedded model's own 4-bit blocks: a
     verification of several tokens rounds each row exactly as a one-token decoding step does

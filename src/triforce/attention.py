@@ -119,6 +119,12 @@ def attend(
     out_dtype = out_dtype or k.dtype
     if kernel_runs(k, q.shape[0]):
         return native.attention(q, k, v, num_rows, first_row, chunks, chunk_size, dense_start, out_dtype)
+    T = q.shape[0]
+    if 1 < T <= native.MAX_KERNEL_QUERIES and first_row == num_rows - T:
+        # PyTorch's attention rounds a row differently with other rows beside it: a verification
+        # row is attended alone, as the step decoding it would (exact; T reads of the cache).
+        return torch.cat([attend(q[i : i + 1], k, v, first_row + i + 1, first_row + i, chunks, chunk_size,
+                                 dense_start, out_dtype) for i in range(T)])
     if chunks is not None:
         k, v, first_row, num_rows = gather_chunks(k, v, chunks, chunk_size, dense_start, num_rows, first_row)
     return attend_torch(q.to(k.dtype), k, v, num_rows, first_row).to(out_dtype)

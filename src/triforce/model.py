@@ -89,8 +89,29 @@ class Linear:
     def __call__(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.native is not None:
             return self.native(x, out_dtype or torch.bfloat16)
-        y = F.linear(x, self.weight, self.bias)
+        y = row_exact_linear(x, self.weight, self.bias)
         return y if out_dtype is None else y.to(out_dtype)
+
+
+ROW_BLOCK = 8  # rows per F.linear call in passes of up to native.MAX_KERNEL_QUERIES rows
+
+
+def row_exact_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear whose rows do not depend on the rows beside them, in passes of up to
+    MAX_KERNEL_QUERIES rows (decoding, verification, batches): BLAS picks its kernel and summation
+    order by the row count, so the rows go in zero-padded blocks of ROW_BLOCK, one shape for every
+    such pass (a row's bits were then found the same in every position of the block). Longer
+    passes (prefill) take one call."""
+    shape = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    M = x2.shape[0]
+    if M > native.MAX_KERNEL_QUERIES:
+        return F.linear(x, weight, bias)
+    pad = -M % ROW_BLOCK
+    if pad:
+        x2 = torch.cat([x2, x2.new_zeros(pad, x2.shape[1])])
+    y = torch.cat([F.linear(x2[i : i + ROW_BLOCK], weight, bias) for i in range(0, M + pad, ROW_BLOCK)])
+    return y[:M].view(*shape, -1)
 
 
 Projection = Linear | QuantLinear
@@ -160,6 +181,9 @@ class Decoder:
         self._copies: dict[str, Decoder] = {}
         # Native glue kernels on CPU (see native.py); the PyTorch path stays for other devices.
         self.fused = self.device.type == "cpu" and native.library() is not None
+        # Which kernels this model's passes run on, for the statistics: "avx512", "avx2" or
+        # "pytorch" (also any non-CPU device, where PyTorch's own kernels run).
+        self.kernels = native.kernels() if self.fused else "pytorch"
 
         def dense(name: str) -> torch.Tensor:
             w = weights.pop(name)
