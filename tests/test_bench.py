@@ -12,7 +12,9 @@ import sys
 
 import pytest
 
+from triforce import native
 from triforce.cli import main
+from triforce.errors import TriforceError
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -96,8 +98,25 @@ def test_engine_bench_prefills_afresh_every_repeat(tmp_path):
     from triforce.bench import engine
 
     report = engine.run([96], new_tokens=3, repeats=2, with_transformers=False, out=tmp_path, log=lambda *_: None)
-    ours = [m for m in report["raw"] if m["engine"] == "triforce"]
-    assert len(ours) == 2 and all(m["cached_prompt_tokens"] == 0 for m in ours)
+    plain = [m for m in report["raw"] if m["engine"] == "triforce" and m["method"] == "autoregressive"]
+    assert len(plain) == 2 and all(m["cached_prompt_tokens"] == 0 for m in plain)
+    assert [r["kernels"] for r in report["rows"]] == [native.kernels()] and report["rows"][0]["identical"]
+
+
+def test_engine_bench_compares_kernel_paths_side_by_side(tmp_path):
+    """--isa runs plain decoding and triforce on each path in one process; each path's triforce
+    output equals its own plain decoding, and the run leaves the environment's path in place."""
+    from triforce.bench import engine
+
+    before = native.kernels()
+    isas = [*native.cpu_isas(), "none"]
+    report = engine.run([96], new_tokens=4, repeats=1, with_transformers=False, out=tmp_path, log=lambda *_: None,
+                        isas=isas)
+    assert [r["kernels"] for r in report["rows"]] == [*native.cpu_isas(), "pytorch"]
+    assert all(r["identical"] and r["triforce_ms"] > 0 for r in report["rows"])
+    assert native.kernels() == before
+    with pytest.raises(TriforceError, match="unknown --isa 'sse'"):
+        engine.run([96], isas=["sse"], with_transformers=False, log=lambda *_: None)
 
 
 def test_acceptance_quick(tmp_path):

@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--repeats", type=_positive_int, default=3)
     e.add_argument("--document", default="vim")
     e.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    e.add_argument("--isa", type=_name_list, help="kernel paths side by side: avx512, avx2, none (PyTorch) "
+                                                  "(default: the best this CPU runs)")
     e.add_argument("--out", default="bench-out", help="directory for JSON and Markdown results")
     d = bsub.add_parser("decode", help="every method side by side on long real documents, with peers and plots")
     d.add_argument("--contexts", type=_int_list, help="prompt lengths (default 16384,32768)")
@@ -250,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--kv-offload", metavar="DIR", help="also run every method with the target's KV cache on disk "
                                                         "under DIR beyond --kv-ram-budget, side by side")
     d.add_argument("--kv-ram-budget", type=_size, metavar="SIZE", help="RAM for the KV cache with --kv-offload")
+    d.add_argument("--isa", help="the kernels of the whole run: avx512, avx2 or none (PyTorch) (default: the best "
+                                 "this CPU runs; same as TRIFORCE_ISA)")
     d.add_argument("--ppl-tokens", type=_nonneg_int,
                    help="score the target's perplexity on this many true next tokens per context (default 128; 0: off)")
     ac = bsub.add_parser("acceptance", help="acceptance of the target on sparse caches (retrieval, StreamingLLM, "
@@ -642,7 +646,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench import engine
 
         engine.run(args.contexts, args.new_tokens, args.repeats, args.document, not args.no_transformers,
-                   Path(args.out))
+                   Path(args.out), isas=args.isa)
     elif args.bench in ("decode", "acceptance", "gamma", "batch", "serve"):
         return _paper_bench(args)
     elif args.bench == "draft":
@@ -686,6 +690,10 @@ def _paper_bench(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(1)  # tiny models: thread hand-offs would cost more than the work
+    if getattr(args, "isa", None):
+        from . import native
+
+        native.set_isa(args.isa)  # before anything is loaded: the whole run on these kernels
     if args.bench in ("decode", "batch"):
         given = (("gamma", args.gamma), ("draft_gamma", args.draft_gamma), ("budget", args.budget),
                  ("chunk_size", args.chunk_size))

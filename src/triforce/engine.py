@@ -447,6 +447,7 @@ class Generation:
             "tokens_per_s": round(new_tokens / decode_s, 3) if decode_s > 0 else None,
             "levels": [level.stats.as_dict() for level in chain.levels],
             "weights_mb": {fmt: round(n / 1e6, 1) for fmt, n in decoder.weight_formats.items()},
+            "kernels": decoder.kernels,
             **({"controller": chain.controller.report()} if chain.controller is not None else {}),
             **({"kv_offload": offloaded.report(read_from, new_tokens, decode_s)} if offloaded is not None else {}),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

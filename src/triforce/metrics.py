@@ -81,6 +81,7 @@ def summary(prompt_tokens: int, stats: dict[str, Any]) -> str:
         f"prompt {prompt_tokens} tokens | prefill {stats['prefill_s']:.2f} s | "
         f"decode {stats['ms_per_token']:.1f} ms/token "
         f"({stats['tokens_per_s'] or 0:.1f} tokens/s) | {stats['new_tokens']} new tokens | method {stats['method']}"
+        + (f" | kernels {stats['kernels']}" if "kernels" in stats else "")
     ]
     for level in stats["levels"]:
         if "draft_acceptance_rate" in level and level["num_drafts"]:

@@ -1,8 +1,8 @@
-"""`triforce bench engine`: our decoder against transformers' generate on the embedded model.
+"""`triforce bench engine`: our decoder on each kernel path against transformers' generate.
 
-Same prompts (real text), same dtype, in one process; repeats interleaved across engines and
-medians reported. Also reports the machine's copy bandwidth and each engine's achieved
-bandwidth: (weight bytes + KV bytes at that context) / time per token.
+The embedded model, the same prompts (real text) and dtype, in one process; repeats interleaved
+across kernel paths and engines, medians reported. Also reports the machine's copy bandwidth
+and each path's achieved bandwidth: (weight bytes + KV bytes at that context) / time per token.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ from typing import Any
 
 import torch
 
+from .. import native
 from ..corpus import document_tokens
 from ..engine import Engine
-from ..loading import embedded_model_path, load
+from ..errors import TriforceError
+from ..loading import default_draft, embedded_model_path, load
+from ..settings import EngineSettings
 from .common import copy_bandwidth_gbs, machine, markdown_table, median, peak_rss_mb, write_report
 from .peers import hf_model
 
@@ -51,11 +54,12 @@ def measure_transformers(model: Any, ids: list[int], new_tokens: int) -> dict[st
     return {"prefill_s": clock.times[0] - start, "ms_per_token": 1000 * decode / (new_tokens - 1 + 1e-9)}
 
 
-def measure_ours(engine: Engine, ids: list[int], new_tokens: int) -> dict[str, float]:
-    engine.release()  # every repeat prefills afresh, as transformers does: the prompt cache would keep it all
+def measure_ours(engine: Engine, ids: list[int], new_tokens: int, fresh: bool = True) -> dict[str, float]:
+    if fresh:  # prefill afresh, as transformers does: the prompt cache would keep it all
+        engine.release()
     result = engine.generate(ids, max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     return {"prefill_s": result.stats["prefill_s"], "ms_per_token": result.stats["ms_per_token"],
-            "cached_prompt_tokens": result.stats["cached_prompt_tokens"]}
+            "cached_prompt_tokens": result.stats["cached_prompt_tokens"], "tokens": result.token_ids}
 
 
 def run(
@@ -66,50 +70,76 @@ def run(
     with_transformers: bool = True,
     out: Path | None = None,
     log: Any = print,
+    isas: list[str] | None = None,
 ) -> dict[str, Any]:
+    """Plain decoding and `triforce` (its default draft) on each kernel path in `isas` (default:
+    the one that runs; see native.ISA_CHOICES), and transformers' generate, repeats interleaved.
+    Each repeat prefills plain decoding afresh; `triforce` then reuses that prompt cache."""
     dtype = torch.bfloat16
+    isas = isas or [native.kernels()]
+    runs_on = {"pytorch": "none"}
+    for isa in isas:
+        if runs_on.get(isa, isa) not in native.ISA_CHOICES[1:]:
+            raise TriforceError(f"unknown --isa {isa!r}; choose from {', '.join(native.ISA_CHOICES[1:])}")
     bandwidth = copy_bandwidth_gbs()
     log(f"copy bandwidth (read+write): {bandwidth:.1f} GB/s")
-    target = load(None, dtype=dtype)
-    engine = Engine(target)
-    hf = transformers_model(dtype) if with_transformers else None
-    weight_bytes = target.decoder.weight_bytes
-    kv_per_token = target.decoder.kv_bytes_per_token()
-    raw: list[dict[str, Any]] = []
-    rows = []
-    for ctx in contexts:
-        ids = document_tokens(target.tokenizer, document, ctx)
-        runs: dict[str, list[dict[str, float]]] = {"triforce": [], "transformers": []}
-        for r in range(repeats):
-            for name in runs:
-                if name == "transformers" and hf is None:
+    paths: dict[str, Engine] = {}
+    try:
+        for isa in isas:
+            kernels = native.set_isa(runs_on.get(isa, isa))
+            target = load(None, dtype=dtype)
+            draft_name = default_draft(target)
+            draft = "ngram" if draft_name == "ngram" else load(draft_name, dtype=dtype)
+            paths[kernels] = Engine(target, EngineSettings(method="autoregressive", draft=draft))
+            log(f"kernels {kernels}: {target.source}, draft {paths[kernels].settings.draft_name}")
+        first = next(iter(paths.values()))
+        hf = transformers_model(dtype) if with_transformers else None
+        weight_bytes = first.target.decoder.weight_bytes
+        kv_per_token = first.target.decoder.kv_bytes_per_token()
+        raw: list[dict[str, Any]] = []
+        rows = []
+        for ctx in contexts:
+            ids = document_tokens(first.target.tokenizer, document, ctx)
+            runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for r in range(repeats):
+                for kernels, engine in paths.items():
+                    native.set_isa(runs_on.get(kernels, kernels))
+                    for method in ("autoregressive", "triforce"):
+                        engine.configure(method=method)
+                        m = measure_ours(engine, ids, new_tokens, fresh=method == "autoregressive")
+                        runs.setdefault((kernels, method), []).append(m)
+                        raw.append({**m, "engine": "triforce", "kernels": kernels, "method": method, "context": ctx,
+                                    "repeat": r})
+                        log(f"  ctx {ctx} repeat {r} {kernels} {method}: prefill {m['prefill_s']:.2f} s, "
+                            f"{m['ms_per_token']:.1f} ms/token")
+                if hf is not None:
+                    m = measure_transformers(hf, ids, new_tokens)
+                    runs.setdefault(("transformers", "autoregressive"), []).append(m)
+                    raw.append({**m, "engine": "transformers", "context": ctx, "repeat": r})
+                    log(f"  ctx {ctx} repeat {r} transformers: prefill {m['prefill_s']:.2f} s, "
+                        f"{m['ms_per_token']:.1f} ms/token")
+            bytes_per_token = weight_bytes + kv_per_token * (ctx + new_tokens // 2)
+            floor_ms = 1000 * bytes_per_token / (bandwidth * 1e9)
+            base = median([m["ms_per_token"] for m in runs[next(iter(paths)), "autoregressive"]])
+            for kernels in [*paths, "transformers"]:
+                if (kernels, "autoregressive") not in runs:
                     continue
-                m = measure_ours(engine, ids, new_tokens) if name == "triforce" else measure_transformers(
-                    hf, ids, new_tokens)
-                m.update(engine=name, context=ctx, repeat=r)
-                raw.append(m)
-                runs[name].append(m)
-                log(f"  ctx {ctx} repeat {r} {name}: prefill {m['prefill_s']:.2f} s, {m['ms_per_token']:.1f} ms/token")
-        bytes_per_token = weight_bytes + kv_per_token * (ctx + new_tokens // 2)
-        floor_ms = 1000 * bytes_per_token / (bandwidth * 1e9)
-        ours = median([m["ms_per_token"] for m in runs["triforce"]])
-        row = {
-            "context": ctx,
-            "ours_ms": round(ours, 2),
-            "ours_prefill_s": round(median([m["prefill_s"] for m in runs["triforce"]]), 2),
-            "floor_ms": round(floor_ms, 2),
-            "ours_vs_floor": round(ours / floor_ms, 2),
-            "ours_gbs": round(bytes_per_token / ours / 1e6, 1),
-        }
-        if runs["transformers"]:
-            theirs = median([m["ms_per_token"] for m in runs["transformers"]])
-            row.update(
-                hf_ms=round(theirs, 2),
-                hf_prefill_s=round(median([m["prefill_s"] for m in runs["transformers"]]), 2),
-                speedup_vs_hf=round(theirs / ours, 2),
-                hf_gbs=round(bytes_per_token / theirs / 1e6, 1),
-            )
-        rows.append(row)
+                plain = runs[kernels, "autoregressive"]
+                ms = median([m["ms_per_token"] for m in plain])
+                row = {"context": ctx, "kernels": kernels, "ms": round(ms, 2),
+                       "prefill_s": round(median([m["prefill_s"] for m in plain]), 2),
+                       "vs_first": round(ms / base, 2), "vs_floor": round(ms / floor_ms, 2),
+                       "gbs": round(bytes_per_token / ms / 1e6, 1), "floor_ms": round(floor_ms, 2)}
+                if (kernels, "triforce") in runs:
+                    spec = runs[kernels, "triforce"]
+                    tf_ms = median([m["ms_per_token"] for m in spec])
+                    row.update(triforce_ms=round(tf_ms, 2), triforce_speedup=round(ms / tf_ms, 2),
+                               identical=all(a["tokens"] == b["tokens"] for a, b in zip(plain, spec)))
+                rows.append(row)
+    finally:
+        native.set_isa(None)
+    for m in raw:
+        m.pop("tokens", None)
     report = {
         "machine": machine(),
         "copy_bandwidth_gbs": round(bandwidth, 1),
@@ -122,16 +152,14 @@ def run(
         "rows": rows,
         "raw": raw,
     }
-    header = ["context", "ours ms/token", "floor ms", "ours/floor", "ours GB/s", "ours prefill s"]
-    if with_transformers:
-        header += ["transformers ms/token", "speedup", "transformers prefill s"]
-    table_rows = []
-    for r in rows:
-        line = [r["context"], r["ours_ms"], r["floor_ms"], r["ours_vs_floor"], r["ours_gbs"], r["ours_prefill_s"]]
-        if with_transformers:
-            line += [r.get("hf_ms"), r.get("speedup_vs_hf"), r.get("hf_prefill_s")]
-        table_rows.append(line)
-    report["markdown"] = markdown_table(header, table_rows)
+    report["markdown"] = markdown_table(
+        ["context", "kernels", "plain ms/token", "x first", "plain GB/s", "of floor", "prefill s",
+         "triforce ms/token", "speedup", "identical"],
+        [[r["context"], r["kernels"], r["ms"], r["vs_first"], r["gbs"], r["vs_floor"], r["prefill_s"],
+          r.get("triforce_ms", "-"), r.get("triforce_speedup", "-"), r.get("identical", "-")] for r in rows])
+    report["markdown"] += (f"\n\n- plain decoding's floor: (weights + KV at the context) / copy bandwidth "
+                           f"{bandwidth:.1f} GB/s; 'x first' is plain decoding's time against the first row's; "
+                           f"triforce uses its default draft and prompt lookup, greedy, {new_tokens} tokens")
     log(report["markdown"])
     write_report(out, "engine", report)
     return report
