@@ -499,12 +499,14 @@ static __m512i *scratch(long vectors) {
 #endif
 
 #if defined(TF_AVX2)
-/* AVX2: each group of 16 rows is decoded, K block by K block, into float32 vectors of 8 elements
- * of a pair (element order as above: rows 4v..4v+3 of vector v, even and odd input each), with
- * gguf-py's operations in its order as in the AVX512 path (explicit multiplies: this variant is
- * compiled without contraction), rounded to bf16 to nearest even and stored in linear.c's packed
- * layout in a per-thread scratch; simd.h's packed tile then runs every row over it. The bits are
- * therefore those of tf_linear_bf16 on the dequantized bf16 weights, on this ISA. */
+/* AVX2: the weights are decoded, in registers, to gguf-py's float32 values (its operations in
+ * its order, as in the AVX512 path; this variant is compiled without contraction) in vectors of
+ * 8 elements of a pair (rows 4v..4v+3 of vector v, even and odd input each) and multiplied by x
+ * at once: output j of a row sums in two chains, even and odd inputs, one multiply-add per pair
+ * in order from zero, whatever the tile (simd.h's packed tile has the same structure). Unlike
+ * the AVX512 path the weights are not rounded to bf16 first: on 2 cores that rounding cost as
+ * much as the rest of the decoding. Up to PACKED_TILE_M rows decode each group once per tile in
+ * registers; more rows decode each group once into a float32 scratch that every tile reads. */
 
 /* Four rows' values (a float32 [4]) spread to the eight lanes of their elements. */
 static inline __m256 dup4(__m128 x) {
@@ -612,33 +614,100 @@ static inline __attribute__((always_inline)) void q_decode2(const int fmt, const
     }
 }
 
-/* Group g's weights (all K) -> bf16 in the packed layout [pairs][32] at out. */
-static void qdecode_group2(int fmt, const uint8_t *base, long kstride, int nkb, uint16_t *out) {
+#define QDECODE2_SWITCH(fmt, ...)                                                                       \
+    switch (fmt) { /* a constant format per call, so the switch inside q_decode2 folds away */          \
+    case QF_Q8_0: q_decode2(QF_Q8_0, __VA_ARGS__); break;                                              \
+    case QF_Q4_0: q_decode2(QF_Q4_0, __VA_ARGS__); break;                                              \
+    case QF_Q4_1: q_decode2(QF_Q4_1, __VA_ARGS__); break;                                              \
+    case QF_Q4_K: q_decode2(QF_Q4_K, __VA_ARGS__); break;                                              \
+    case QF_Q5_K: q_decode2(QF_Q5_K, __VA_ARGS__); break;                                              \
+    default: q_decode2(QF_Q6_K, __VA_ARGS__); break;                                                   \
+    }
+
+/* mt rows of x (float32 [mt][K]) against one group, decoding in registers. */
+static inline __attribute__((always_inline)) void qtile2_body(const int FMT, const uint8_t *base, long kstride,
+                                                              int nkb, const float *x, long K, const int mt,
+                                                              __m256 *acc) {
+    const int CH = FMT >= QF_Q4_K ? 8 : 1;
+    __m256 a[4 * PACKED_TILE_M];
+    for (int i = 0; i < 4 * mt; i++) a[i] = _mm256_setzero_ps();
+    for (int kb = 0; kb < nkb; kb++) {
+        const uint8_t *blk = base + kb * kstride;
+        for (int c = 0; c < CH; c++) {
+            QState2 st;
+            q_setup2(FMT, blk, c, &st);
+            const float *xc = x + (long)(kb * CH + c) * 32;
+            for (int p = 0; p < 16; p++) {
+                __m256 w[4];
+                q_decode2(FMT, &st, blk, c, p, w);
+                for (int i = 0; i < mt; i++) {
+                    __m256 xp = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(xc + i * K + 2 * p)));
+                    for (int v = 0; v < 4; v++) a[4 * i + v] = _mm256_fmadd_ps(w[v], xp, a[4 * i + v]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < 4 * mt; i++) acc[i] = a[i];
+}
+
+#define QTILE2_FN(F)                                                                                     \
+    static void qtile2_##F(const uint8_t *base, long kstride, int nkb, const float *x, long K, int mt,   \
+                           __m256 *acc) {                                                                \
+        switch (mt) {                                                                                    \
+        case 1: qtile2_body(F, base, kstride, nkb, x, K, 1, acc); break;                                 \
+        case 2: qtile2_body(F, base, kstride, nkb, x, K, 2, acc); break;                                 \
+        default: qtile2_body(F, base, kstride, nkb, x, K, 3, acc); break;                                \
+        }                                                                                                \
+    }
+QTILE2_FN(QF_Q8_0)
+QTILE2_FN(QF_Q4_0)
+QTILE2_FN(QF_Q4_1)
+QTILE2_FN(QF_Q4_K)
+QTILE2_FN(QF_Q5_K)
+QTILE2_FN(QF_Q6_K)
+typedef void (*QTile2Fn)(const uint8_t *, long, int, const float *, long, int, __m256 *);
+static const QTile2Fn QTILES2[QF_COUNT] = {qtile2_QF_Q8_0, qtile2_QF_Q4_0, qtile2_QF_Q4_1,
+                                           qtile2_QF_Q4_K, qtile2_QF_Q5_K, qtile2_QF_Q6_K};
+
+/* Group g's weights (all K) -> float32 [pairs][32] at out. */
+static void qdecode_group2(int fmt, const uint8_t *base, long kstride, int nkb, float *out) {
     const int CH = chunks_of(fmt);
     for (int kb = 0; kb < nkb; kb++) {
         const uint8_t *blk = base + kb * kstride;
         for (int c = 0; c < CH; c++) {
             QState2 st;
             q_setup2(fmt, blk, c, &st);
-            uint16_t *o = out + (long)(kb * CH + c) * 16 * 32;
+            float *o = out + (long)(kb * CH + c) * 16 * 32;
             for (int p = 0; p < 16; p++) {
                 __m256 w[4];
-                switch (fmt) { /* a constant format per loop, so the switch inside folds away */
-                case QF_Q8_0: q_decode2(QF_Q8_0, &st, blk, c, p, w); break;
-                case QF_Q4_0: q_decode2(QF_Q4_0, &st, blk, c, p, w); break;
-                case QF_Q4_1: q_decode2(QF_Q4_1, &st, blk, c, p, w); break;
-                case QF_Q4_K: q_decode2(QF_Q4_K, &st, blk, c, p, w); break;
-                case QF_Q5_K: q_decode2(QF_Q5_K, &st, blk, c, p, w); break;
-                default: q_decode2(QF_Q6_K, &st, blk, c, p, w); break;
-                }
-                for (int h = 0; h < 2; h++) {
-                    __m256i a = _mm256_srli_epi32(_mm256_castps_si256(round_bf16x8(w[2 * h])), 16);
-                    __m256i b = _mm256_srli_epi32(_mm256_castps_si256(round_bf16x8(w[2 * h + 1])), 16);
-                    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
-                    _mm256_storeu_si256((__m256i *)(o + 32 * p + 16 * h), packed);
-                }
+                QDECODE2_SWITCH(fmt, &st, blk, c, p, w)
+                for (int v = 0; v < 4; v++) _mm256_storeu_ps(o + 32 * p + 8 * v, w[v]);
             }
         }
+    }
+}
+
+/* mt rows of x against decoded float32 weights: the same chains as qtile2_body. */
+static inline __attribute__((always_inline)) void ftile2_body(const float *x, long K, const float *w, int pairs,
+                                                              const int mt, __m256 *acc) {
+    __m256 a[4 * PACKED_TILE_M];
+    for (int i = 0; i < 4 * mt; i++) a[i] = _mm256_setzero_ps();
+    for (int p = 0; p < pairs; p++) {
+        __m256 xp[PACKED_TILE_M];
+        for (int i = 0; i < mt; i++) xp[i] = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(x + i * K + 2 * p)));
+        for (int v = 0; v < 4; v++) {
+            __m256 wv = _mm256_loadu_ps(w + 32L * p + 8 * v);
+            for (int i = 0; i < mt; i++) a[4 * i + v] = _mm256_fmadd_ps(wv, xp[i], a[4 * i + v]);
+        }
+    }
+    for (int i = 0; i < 4 * mt; i++) acc[i] = a[i];
+}
+
+static void ftile2(const float *x, long K, const float *w, int pairs, int mt, __m256 *acc) {
+    switch (mt) {
+    case 1: ftile2_body(x, K, w, pairs, 1, acc); break;
+    case 2: ftile2_body(x, K, w, pairs, 2, acc); break;
+    default: ftile2_body(x, K, w, pairs, 3, acc); break;
     }
 }
 
@@ -650,23 +719,29 @@ static int quant_linear_avx2(const uint16_t *x, const uint8_t *packed, int fmt, 
     if (!xf) return -3;
     int failed = 0;
     if (n_threads < 1) n_threads = 1;
+    const int in_registers = M <= PACKED_TILE_M;
 #pragma omp parallel num_threads(n_threads)
     {
-        uint16_t *w = (uint16_t *)aligned_alloc(64, (size_t)pairs * 64);
-        if (!w) {
+        float *w = in_registers ? NULL : (float *)aligned_alloc(64, (size_t)pairs * 128);
+        if (!in_registers && !w) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int g = 0; g < groups; g++) {
-            if (!w) continue;
             long kstride;
             const uint8_t *base = group_at(packed, g, groups, nkb, kbb, &kstride);
+            __m256 acc[4 * PACKED_TILE_M];
+            if (in_registers) {
+                QTILES2[fmt](base, kstride, nkb, xf, K, M, acc);
+                packed_store_avx2(acc, M, 0, g * 16, N, ldy, bias, y, y_is_f32);
+                continue;
+            }
+            if (!w) continue;
             qdecode_group2(fmt, base, kstride, nkb, w);
             for (int m0 = 0; m0 < M; m0 += PACKED_TILE_M) {
                 const int mt = M - m0 < PACKED_TILE_M ? M - m0 : PACKED_TILE_M;
-                __m256 acc[4 * PACKED_TILE_M];
-                packed_tile_any(xf + (long)m0 * K, K, w, pairs, mt, acc);
+                ftile2(xf + (long)m0 * K, K, w, pairs, mt, acc);
                 packed_store_avx2(acc, mt, m0, g * 16, N, ldy, bias, y, y_is_f32);
             }
         }
