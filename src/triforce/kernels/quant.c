@@ -614,49 +614,47 @@ static inline __attribute__((always_inline)) void q_decode2(const int fmt, const
     }
 }
 
-#define QDECODE2_SWITCH(fmt, ...)                                                                       \
-    switch (fmt) { /* a constant format per call, so the switch inside q_decode2 folds away */          \
-    case QF_Q8_0: q_decode2(QF_Q8_0, __VA_ARGS__); break;                                              \
-    case QF_Q4_0: q_decode2(QF_Q4_0, __VA_ARGS__); break;                                              \
-    case QF_Q4_1: q_decode2(QF_Q4_1, __VA_ARGS__); break;                                              \
-    case QF_Q4_K: q_decode2(QF_Q4_K, __VA_ARGS__); break;                                              \
-    case QF_Q5_K: q_decode2(QF_Q5_K, __VA_ARGS__); break;                                              \
-    default: q_decode2(QF_Q6_K, __VA_ARGS__); break;                                                   \
-    }
-
-/* mt rows of x (float32 [mt][K]) against one group, decoding in registers. */
+/* mt rows of x (float32 [mt][K]) against the nb (1-4) groups of one quad, decoding in registers:
+ * within each K block the groups' blocks follow one another, so the pass reads one sequential
+ * stream (one group at a time would read a quarter of every span, four times over). Group s's
+ * row i sums into acc[(s * PACKED_TILE_M + i) * 4 ..]. */
 static inline __attribute__((always_inline)) void qtile2_body(const int FMT, const uint8_t *base, long kstride,
-                                                              int nkb, const float *x, long K, const int mt,
+                                                              int nkb, int nb, const float *x, long K, const int mt,
                                                               __m256 *acc) {
     const int CH = FMT >= QF_Q4_K ? 8 : 1;
-    __m256 a[4 * PACKED_TILE_M];
-    for (int i = 0; i < 4 * mt; i++) a[i] = _mm256_setzero_ps();
+    const long kbb = 16L * (FMT == QF_Q8_0 ? 34 : FMT == QF_Q4_0 ? 18 : FMT == QF_Q4_1 ? 20 : FMT == QF_Q4_K ? 144
+                                                   : FMT == QF_Q5_K ? 176 : 210);
+    for (int i = 0; i < 4 * 4 * PACKED_TILE_M; i++) acc[i] = _mm256_setzero_ps();
     for (int kb = 0; kb < nkb; kb++) {
-        const uint8_t *blk = base + kb * kstride;
         for (int c = 0; c < CH; c++) {
-            QState2 st;
-            q_setup2(FMT, blk, c, &st);
             const float *xc = x + (long)(kb * CH + c) * 32;
-            for (int p = 0; p < 16; p++) {
-                __m256 w[4];
-                q_decode2(FMT, &st, blk, c, p, w);
-                for (int i = 0; i < mt; i++) {
-                    __m256 xp = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(xc + i * K + 2 * p)));
-                    for (int v = 0; v < 4; v++) a[4 * i + v] = _mm256_fmadd_ps(w[v], xp, a[4 * i + v]);
+            for (int s = 0; s < nb; s++) {
+                const uint8_t *blk = base + kb * kstride + s * kbb;
+                __m256 *as = acc + s * 4 * PACKED_TILE_M, a[4 * PACKED_TILE_M];
+                for (int i = 0; i < 4 * mt; i++) a[i] = as[i];
+                QState2 st;
+                q_setup2(FMT, blk, c, &st);
+                for (int p = 0; p < 16; p++) {
+                    __m256 w[4];
+                    q_decode2(FMT, &st, blk, c, p, w);
+                    for (int i = 0; i < mt; i++) {
+                        __m256 xp = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(xc + i * K + 2 * p)));
+                        for (int v = 0; v < 4; v++) a[4 * i + v] = _mm256_fmadd_ps(w[v], xp, a[4 * i + v]);
+                    }
                 }
+                for (int i = 0; i < 4 * mt; i++) as[i] = a[i];
             }
         }
     }
-    for (int i = 0; i < 4 * mt; i++) acc[i] = a[i];
 }
 
 #define QTILE2_FN(F)                                                                                     \
-    static void qtile2_##F(const uint8_t *base, long kstride, int nkb, const float *x, long K, int mt,   \
-                           __m256 *acc) {                                                                \
+    static void qtile2_##F(const uint8_t *base, long kstride, int nkb, int nb, const float *x, long K,   \
+                           int mt, __m256 *acc) {                                                        \
         switch (mt) {                                                                                    \
-        case 1: qtile2_body(F, base, kstride, nkb, x, K, 1, acc); break;                                 \
-        case 2: qtile2_body(F, base, kstride, nkb, x, K, 2, acc); break;                                 \
-        default: qtile2_body(F, base, kstride, nkb, x, K, 3, acc); break;                                \
+        case 1: qtile2_body(F, base, kstride, nkb, nb, x, K, 1, acc); break;                             \
+        case 2: qtile2_body(F, base, kstride, nkb, nb, x, K, 2, acc); break;                             \
+        default: qtile2_body(F, base, kstride, nkb, nb, x, K, 3, acc); break;                            \
         }                                                                                                \
     }
 QTILE2_FN(QF_Q8_0)
@@ -665,25 +663,40 @@ QTILE2_FN(QF_Q4_1)
 QTILE2_FN(QF_Q4_K)
 QTILE2_FN(QF_Q5_K)
 QTILE2_FN(QF_Q6_K)
-typedef void (*QTile2Fn)(const uint8_t *, long, int, const float *, long, int, __m256 *);
+typedef void (*QTile2Fn)(const uint8_t *, long, int, int, const float *, long, int, __m256 *);
 static const QTile2Fn QTILES2[QF_COUNT] = {qtile2_QF_Q8_0, qtile2_QF_Q4_0, qtile2_QF_Q4_1,
                                            qtile2_QF_Q4_K, qtile2_QF_Q5_K, qtile2_QF_Q6_K};
 
-/* Group g's weights (all K) -> float32 [pairs][32] at out. */
-static void qdecode_group2(int fmt, const uint8_t *base, long kstride, int nkb, float *out) {
-    const int CH = chunks_of(fmt);
+/* The nb groups of one quad -> float32 [nb][pairs][32] at out, read in the quad's stream order. */
+static inline __attribute__((always_inline)) void qdecode_quad2_body(const int FMT, const uint8_t *base, long kstride,
+                                                                     int nkb, int nb, long pairs, float *out) {
+    const int CH = FMT >= QF_Q4_K ? 8 : 1;
+    const long kbb = kblock_bytes(FMT);
     for (int kb = 0; kb < nkb; kb++) {
-        const uint8_t *blk = base + kb * kstride;
         for (int c = 0; c < CH; c++) {
-            QState2 st;
-            q_setup2(fmt, blk, c, &st);
-            float *o = out + (long)(kb * CH + c) * 16 * 32;
-            for (int p = 0; p < 16; p++) {
-                __m256 w[4];
-                QDECODE2_SWITCH(fmt, &st, blk, c, p, w)
-                for (int v = 0; v < 4; v++) _mm256_storeu_ps(o + 32 * p + 8 * v, w[v]);
+            for (int s = 0; s < nb; s++) {
+                const uint8_t *blk = base + kb * kstride + s * kbb;
+                QState2 st;
+                q_setup2(FMT, blk, c, &st);
+                float *o = out + s * pairs * 32 + (long)(kb * CH + c) * 16 * 32;
+                for (int p = 0; p < 16; p++) {
+                    __m256 w[4];
+                    q_decode2(FMT, &st, blk, c, p, w);
+                    for (int v = 0; v < 4; v++) _mm256_storeu_ps(o + 32 * p + 8 * v, w[v]);
+                }
             }
         }
+    }
+}
+
+static void qdecode_quad2(int fmt, const uint8_t *base, long kstride, int nkb, int nb, long pairs, float *out) {
+    switch (fmt) { /* one body per format, the format's switches folded away */
+    case QF_Q8_0: qdecode_quad2_body(QF_Q8_0, base, kstride, nkb, nb, pairs, out); break;
+    case QF_Q4_0: qdecode_quad2_body(QF_Q4_0, base, kstride, nkb, nb, pairs, out); break;
+    case QF_Q4_1: qdecode_quad2_body(QF_Q4_1, base, kstride, nkb, nb, pairs, out); break;
+    case QF_Q4_K: qdecode_quad2_body(QF_Q4_K, base, kstride, nkb, nb, pairs, out); break;
+    case QF_Q5_K: qdecode_quad2_body(QF_Q5_K, base, kstride, nkb, nb, pairs, out); break;
+    default: qdecode_quad2_body(QF_Q6_K, base, kstride, nkb, nb, pairs, out); break;
     }
 }
 
@@ -711,6 +724,20 @@ static void ftile2(const float *x, long K, const float *w, int pairs, int mt, __
     }
 }
 
+/* Per-thread scratch for decoded quads (64-byte aligned), grown on demand and kept: a fresh
+ * mapping per call would fault in every page of it again. */
+static __thread float *scratch2_buf;
+static __thread long scratch2_len;
+
+static float *scratch2(long floats) {
+    if (floats > scratch2_len) {
+        free(scratch2_buf);
+        scratch2_buf = aligned_alloc(64, ((size_t)floats * 4 + 63) / 64 * 64);
+        scratch2_len = scratch2_buf ? floats : 0;
+    }
+    return scratch2_buf;
+}
+
 static int quant_linear_avx2(const uint16_t *x, const uint8_t *packed, int fmt, const uint16_t *bias, void *y,
                              int y_is_f32, long ldy, int M, int N, int K, int n_threads) {
     const int pairs = K / 2, groups = (N + 15) / 16, nkb = K / QF_BLOCK[fmt];
@@ -720,32 +747,45 @@ static int quant_linear_avx2(const uint16_t *x, const uint8_t *packed, int fmt, 
     int failed = 0;
     if (n_threads < 1) n_threads = 1;
     const int in_registers = M <= PACKED_TILE_M;
+    if (in_registers) {
+        const int quads = (groups + QUAD - 1) / QUAD;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int q = 0; q < quads; q++) {
+            const int nb = groups - q * QUAD < QUAD ? groups - q * QUAD : QUAD;
+            long kstride;
+            const uint8_t *base = group_at(packed, q * QUAD, groups, nkb, kbb, &kstride);
+            __m256 acc[4 * 4 * PACKED_TILE_M];
+            QTILES2[fmt](base, kstride, nkb, nb, xf, K, M, acc);
+            for (int s = 0; s < nb; s++)
+                packed_store_avx2(acc + s * 4 * PACKED_TILE_M, M, 0, (q * QUAD + s) * 16, N, ldy, bias, y, y_is_f32);
+        }
+        free(xf);
+        return 0;
+    }
+    const int quads = (groups + QUAD - 1) / QUAD;
 #pragma omp parallel num_threads(n_threads)
     {
-        float *w = in_registers ? NULL : (float *)aligned_alloc(64, (size_t)pairs * 128);
-        if (!in_registers && !w) {
+        float *w = scratch2((long)QUAD * pairs * 32);
+        if (!w) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int g = 0; g < groups; g++) {
-            long kstride;
-            const uint8_t *base = group_at(packed, g, groups, nkb, kbb, &kstride);
-            __m256 acc[4 * PACKED_TILE_M];
-            if (in_registers) {
-                QTILES2[fmt](base, kstride, nkb, xf, K, M, acc);
-                packed_store_avx2(acc, M, 0, g * 16, N, ldy, bias, y, y_is_f32);
-                continue;
-            }
+        for (int q = 0; q < quads; q++) {
             if (!w) continue;
-            qdecode_group2(fmt, base, kstride, nkb, w);
-            for (int m0 = 0; m0 < M; m0 += PACKED_TILE_M) {
-                const int mt = M - m0 < PACKED_TILE_M ? M - m0 : PACKED_TILE_M;
-                ftile2(xf + (long)m0 * K, K, w, pairs, mt, acc);
-                packed_store_avx2(acc, mt, m0, g * 16, N, ldy, bias, y, y_is_f32);
+            const int nb = groups - q * QUAD < QUAD ? groups - q * QUAD : QUAD;
+            long kstride;
+            const uint8_t *base = group_at(packed, q * QUAD, groups, nkb, kbb, &kstride);
+            __m256 acc[4 * PACKED_TILE_M];
+            qdecode_quad2(fmt, base, kstride, nkb, nb, pairs, w);
+            for (int s = 0; s < nb; s++) {
+                for (int m0 = 0; m0 < M; m0 += PACKED_TILE_M) {
+                    const int mt = M - m0 < PACKED_TILE_M ? M - m0 : PACKED_TILE_M;
+                    ftile2(xf + (long)m0 * K, K, w + (long)s * pairs * 32, pairs, mt, acc);
+                    packed_store_avx2(acc, mt, m0, (q * QUAD + s) * 16, N, ldy, bias, y, y_is_f32);
+                }
             }
         }
-        free(w);
     }
     free(xf);
     return failed ? -3 : 0;
