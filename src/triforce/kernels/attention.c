@@ -131,6 +131,20 @@ static inline void transpose16x16_epi32(const __m512i *r, __m512i *out) {
 }
 #endif
 
+#if defined(TF_AVX2)
+/* ar[0..8 NC) = ar * corr + sum_j s[j] v_j[0..8 NC), in j order per column. */
+static inline __attribute__((always_inline)) void pv_avx2(float *ar, const float *vf, const float *s, int nk, int D,
+                                                          __m256 cv, const int NC) {
+    __m256 o[8];
+    for (int c = 0; c < NC; c++) o[c] = _mm256_mul_ps(_mm256_loadu_ps(ar + 8 * c), cv);
+    for (int j = 0; j < nk; j++) {
+        __m256 pj = _mm256_broadcast_ss(s + j);
+        for (int c = 0; c < NC; c++) o[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vf + (long)j * D + 8 * c), o[c]);
+    }
+    for (int c = 0; c < NC; c++) _mm256_storeu_ps(ar + 8 * c, o[c]);
+}
+#endif
+
 /* One task: keys [lo, hi) of KV head g, for its R = G*T query rows. Leaves per-row running
  * max m, normaliser l and unnormalised output acc. */
 static void attend_range(const float *q, const void *k, const void *v, int bf16, int T, int Hq, int G,
@@ -201,7 +215,16 @@ static void attend_range(const float *q, const void *k, const void *v, int bf16,
         for (int r = 0; r < R; r++) {
             float *s = scores + r * BLOCK;
             float bm = -INFINITY;
+#if defined(TF_AVX2) /* the same maximum, without a serial chain of 16 compares */
+            {
+                __m256 mx = _mm256_max_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(s + 8)); /* masked keys are -inf */
+                __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+                bm = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+            }
+#else
             for (int j = 0; j < nk; j++) bm = s[j] > bm ? s[j] : bm;
+#endif
             if (bm == -INFINITY) continue;
             float mn = m[r] > bm ? m[r] : bm;
             float corr = expf(m[r] - mn);
@@ -232,17 +255,14 @@ static void attend_range(const float *q, const void *k, const void *v, int bf16,
                 psum += hsum256(p);
             }
             l[r] = l[r] * corr + psum;
-            /* up to 8 independent accumulators at a time (16 registers) */
+            /* 64 columns (8 independent accumulators, 16 registers) at a time */
             const __m256 cv = _mm256_set1_ps(corr);
             for (int c0 = 0; c0 < D; c0 += 64) {
-                const int nc = (D - c0) / 8 < 8 ? (D - c0) / 8 : 8;
-                __m256 o[8];
-                for (int c = 0; c < nc; c++) o[c] = _mm256_mul_ps(_mm256_loadu_ps(ar + c0 + 8 * c), cv);
-                for (int j = 0; j < nk; j++) {
-                    __m256 pj = _mm256_set1_ps(s[j]);
-                    for (int c = 0; c < nc; c++) o[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vf + j * D + c0 + 8 * c), o[c]);
+                if (D - c0 >= 64) {
+                    pv_avx2(ar + c0, vf + c0, s, nk, D, cv, 8);
+                } else {
+                    pv_avx2(ar + c0, vf + c0, s, nk, D, cv, (D - c0) / 8);
                 }
-                for (int c = 0; c < nc; c++) _mm256_storeu_ps(ar + c0 + 8 * c, o[c]);
             }
 #else
             float sum = 0.0f;
