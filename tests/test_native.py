@@ -52,7 +52,7 @@ def test_triforce_isa_forces_a_level_or_says_why_not(cpu, monkeypatch):
     assert native.requested_isa() == "avx2"
     cpu(HASWELL)
     monkeypatch.setenv("TRIFORCE_ISA", "avx512")
-    with pytest.raises(TriforceError, match=r"TRIFORCE_ISA=avx512, but this CPU lacks avx512f, .*avx512_bf16 "
+    with pytest.raises(TriforceError, match=r"the avx512 kernels need avx512f, .*avx512_bf16, which this CPU lacks "
                                             r"\(it runs: avx2, none\)"):
         native.requested_isa()
     monkeypatch.setenv("TRIFORCE_ISA", "sse")
@@ -92,6 +92,11 @@ def test_generate_names_the_kernels_that_ran(isa, monkeypatch):
 
 
 def test_a_bad_isa_is_one_line(monkeypatch):
+    with pytest.raises(TriforceError, match="isa must be one of auto, avx512, avx2, none, got 'sse'"):
+        native.set_isa("sse")
+    assert native.kernels() != "sse"  # nothing changed
+    assert_clean_error(run_cli("bench", "decode", "--isa", "sse", "--quick"),
+                       "isa must be one of auto, avx512, avx2, none, got 'sse'")
     monkeypatch.setenv("TRIFORCE_ISA", "neon")
     assert_clean_error(run_cli("generate", "--prompt", "Hi", "--max-new-tokens", "2"),
                        "TRIFORCE_ISA must be one of auto, avx512, avx2, none, got 'neon'")

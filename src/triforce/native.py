@@ -88,8 +88,8 @@ def requested_isa() -> str:
         return runs[0] if runs else "none"
     if wanted not in runs:
         missing = [f for f in ISA_NEEDS[wanted] if f not in _cpu_signature().split()]
-        raise TriforceError(f"TRIFORCE_ISA={wanted}, but this CPU lacks {', '.join(missing) or 'x86-64'}"
-                            f" (it runs: {', '.join(runs + ['none'])})")
+        raise TriforceError(f"the {wanted} kernels need {', '.join(missing) or 'an x86-64 CPU'}, which this CPU "
+                            f"lacks (it runs: {', '.join(runs + ['none'])})")
     return wanted
 
 
@@ -171,6 +171,8 @@ def set_isa(isa: str | None) -> str:
     path that now runs (see `kernels`)."""
     global _library
     isa = _ENV_ISA if isa is None else isa
+    if isa is not None and isa.strip().lower() not in ISA_CHOICES:
+        raise TriforceError(f"isa must be one of {', '.join(ISA_CHOICES)}, got {isa!r}")
     if isa is None:
         os.environ.pop("TRIFORCE_ISA", None)
     else:
