@@ -35,6 +35,7 @@ def in_unit_interval(values) -> bool:
 
 def test_decode_quick(tmp_path):
     report = quick("decode", tmp_path)
+    assert report["kernels"] == native.kernels()
     ours = [r for r in report["summary"] if r["engine"] == "triforce"]
     assert {r["context"] for r in ours} == {256, 512}
     assert {r["method"] for r in ours} == {

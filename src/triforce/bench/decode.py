@@ -294,7 +294,8 @@ def run(
         table += "\n\n" + "\n".join(f"- {n}" for n in notes)
     log(table)
     report = {
-        "machine": machine(), "copy_bandwidth_gbs": round(bandwidth, 1), "model": target.source, "document": document,
+        "machine": machine(), "kernels": target.decoder.kernels, "copy_bandwidth_gbs": round(bandwidth, 1),
+        "model": target.source, "document": document,
         "grid": grid,
         "dtype": str(target.decoder.dtype).removeprefix("torch."), "new_tokens": new_tokens, "repeats": repeats,
         "knobs": knobs, "ppl_tokens": ppl_tokens, "peers": list(runners), "notes": notes,
