@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp (llama-cpp-python) for AVX2 only, into DIR (default /tmp/llamacpp-avx2), for the
 # AVX2 comparison in README.md: PYTHONPATH=DIR makes `bench decode --peers llamacpp` use it.
-# A source build: about 10 minutes on 2 cores.
+# A source build: minutes on 2 cores.
 set -euo pipefail
 dir=${1:-/tmp/llamacpp-avx2}
 off="AVX512 AVX512_VBMI AVX512_VNNI AVX512_BF16 AVX_VNNI AMX_TILE AMX_INT8 AMX_BF16"
