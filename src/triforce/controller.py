@@ -104,15 +104,16 @@ def default_prior_acceptance(level: str) -> float:
     return 0.8 if level.startswith("target") else 0.6
 
 
-def default_prior_cost(level: str) -> tuple[float, float]:
+def default_prior_cost(level: str, row_slope: float = 0.1) -> tuple[float, float]:
     """(cost of a one-row pass relative to the top's, slope per extra row relative to the intercept) assumed
     before `level`'s first pass: a view of the target reads all weights (~0.6 of a full step at 16K on this
-    CPU); a small draft model ~0.15; lookup almost nothing. A slope of 0.1: 7 rows cost 1.4-2.3 steps here."""
+    CPU); a small draft model ~0.15; lookup almost nothing. The slope is the kernels' (see Controller):
+    0.1 means 7 rows cost 1.6 steps."""
     if level == LOOKUP:
         return 0.01, 0.0
     if level == TOP:
-        return 1.0, 0.1
-    return (0.6, 0.1) if level.startswith("target") else (0.15, 0.1)
+        return 1.0, row_slope
+    return (0.6, row_slope) if level.startswith("target") else (0.15, row_slope)
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,8 @@ class Controller:
     probe_every: fewest cycles between scheduled probes; probe_budget: fraction of time probes may lose;
     probe_gamma: largest gamma of a warm-up or scheduled probe.
     prior_acceptance, prior_cost: overrides of default_prior_acceptance / default_prior_cost per level name.
+    row_slope: the prior cost of each extra row of a pass relative to one row, until a level's own passes of
+    several row counts show it (it differs by an order of magnitude between kernels).
     warmup: run every structure once first (else start from the priors' best and leave the others to the
     budgeted probes, which try a structure never run before any other). hysteresis: keep the last cycle's
     option while its expected tokens per second is within this fraction of the best's. plain_margin: the
@@ -280,6 +283,7 @@ class Controller:
         lookup: str = LOOKUP,
         prior_acceptance: dict[str, float] | None = None,
         prior_cost: dict[str, tuple[float, float]] | None = None,
+        row_slope: float = 0.1,
         cost_decay: float = 0.97,
         acceptance_decay: float = 0.98,
         stale_decay: float = 0.98,
@@ -297,6 +301,8 @@ class Controller:
             raise ValueError("probe_every >= 1 and probe_budget in [0, 1)")
         if not 0 <= plain_margin < 1:
             raise ValueError("plain_margin in [0, 1)")
+        if row_slope < 0:
+            raise ValueError("row_slope >= 0")
         self.plain_margin = plain_margin
         self.top, self.lookup = top, lookup
         self.probe_every, self.probe_budget, self.probe_gamma = probe_every, probe_budget, probe_gamma
@@ -323,7 +329,7 @@ class Controller:
         positions = self.gammas[-1] + self.draft_gammas[-1]
         prior_acceptance, prior_cost = prior_acceptance or {}, prior_cost or {}
         self._costs = {
-            n: PassCost(*prior_cost.get(n, default_prior_cost(n)), decay=cost_decay) for n in names
+            n: PassCost(*prior_cost.get(n, default_prior_cost(n, row_slope)), decay=cost_decay) for n in names
         }
         self._overhead = dict.fromkeys(names, 0.0)
         # seconds per cycle outside passes and overheads: decayed sums of seconds and of weights, per structure

@@ -213,8 +213,16 @@ class Engine:
         # structure; the budgeted probes try them instead
         # speculation must promise 5% over plain decoding: estimates err, and an error that way is a loss
         controller = Controller(names, s.gamma_choices, s.draft_gamma_choices, warmup=False, plain_margin=0.05,
-                                prior_cost=self._offloaded_view_prior(full))
+                                prior_cost=self._offloaded_view_prior(full), row_slope=self._row_slope())
         return Chain([*below, top], [], controller, self.clock)
+
+    def _row_slope(self) -> float:
+        """The controller's prior cost per extra row of a pass (relative to one row) on the kernels the
+        target runs on. `triforce bench kernels --contexts 16384 --queries 1,7 --rows 1,7 --weights auto`
+        on the embedded model: 7 rows cost 1.3-1.5 one-row passes on AVX512-BF16 (the bf16 dot products
+        keep multi-row passes memory-bound) but 4.2 on AVX2 (bound by float32 multiply-adds); on
+        PyTorch a verified row attends alone, so at long contexts a row costs nearly a step."""
+        return {"avx512": 0.1, "avx2": 0.5}.get(self.target.decoder.kernels, 0.8)
 
     def _offloaded_view_prior(self, full: FullCache) -> dict[str, tuple[float, float]] | None:
         """Before a view of an offloaded cache has run, its pass is priced off the top's RAM traffic
@@ -226,7 +234,7 @@ class Engine:
         layer = full.layer_bytes(full.config, full.capacity, full.dtype)
         ram = self.target.decoder.weight_bytes + full.ram_layers * layer
         share = ram / (ram + DISK_SLOWDOWN * full.disk_layers * layer)
-        ratio, slope = default_prior_cost("target-retrieval")
+        ratio, slope = default_prior_cost("target-retrieval", self._row_slope())
         return {name: (ratio * share, slope) for name in ("target-retrieval", "target-streaming")}
 
     def _level(self, spec: LevelSpec, full: FullCache, top: ModelLevel, params: SamplingParams,
