@@ -665,3 +665,16 @@ def test_hysteresis_keeps_a_choice_within_the_margin():
         return flips
 
     assert run(0.05) < run(0.0)
+
+
+def test_a_dearer_row_prior_plans_shorter_verifications_until_passes_say_otherwise():
+    """row_slope is the prior cost per extra row (kernels differ: 0.1 of a step on AVX512-BF16,
+    0.5 on AVX2): before any pass, a dearer row makes the first plan gather fewer tokens per
+    verification, or decode plainly; bad values are refused."""
+    cheap = Controller(("ngram", "target-retrieval"), warmup=False, row_slope=0.1).plan(1000, lookup_has_match=True)
+    dear = Controller(("ngram", "target-retrieval"), warmup=False, row_slope=0.5).plan(1000, lookup_has_match=True)
+    assert cheap.levels and cheap.gamma > 1
+    assert dear.plain or dear.gamma < cheap.gamma
+    assert Controller(("ngram",), row_slope=0.5)._costs[TOP].rho == 0.5
+    with pytest.raises(ValueError, match="row_slope"):
+        Controller(("ngram",), row_slope=-0.1)

@@ -137,3 +137,22 @@ def test_memory_estimate_covers_what_a_run_allocates(embedded_fp32, method):
     capacity = engine.capacity_for(result.prompt_tokens + 12)
     assert engine.memory_held() == FullCache.bytes_for(embedded_fp32.config, capacity, embedded_fp32.decoder.dtype)
     assert engine.memory_held() <= engine.memory_needed(capacity)
+
+
+@pytest.mark.parametrize("kernels, slope", [("avx512", 0.1), ("avx2", 0.5), ("pytorch", 0.8)])
+def test_the_controller_prices_extra_rows_by_the_kernels(small_vocab_models, monkeypatch, kernels, slope):
+    """The adaptive controller's prior cost per extra row follows the kernels the target runs on."""
+    import triforce.engine
+
+    target, _ = small_vocab_models
+    monkeypatch.setattr(target.decoder, "kernels", kernels)
+    made, real = [], triforce.engine.Controller
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(triforce.engine, "Controller", spy)
+    Engine(target, EngineSettings(method="triforce", draft="ngram")).generate([1, 5, 6, 7, 5, 6], max_new_tokens=2,
+                                                                            ignore_eos=True)
+    assert made and all(c._costs["target"].rho == slope for c in made)
