@@ -271,7 +271,7 @@ int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bi
         for (int m0 = 0; m0 < M; m0 += PACKED_TILE_M) {
             const int mt = M - m0 < PACKED_TILE_M ? M - m0 : PACKED_TILE_M;
             __m256 acc[4 * PACKED_TILE_M];
-            packed_tile_any(xf + (long)m0 * K, K, wb, pairs, mt, acc);
+            packed_tile_any(xf + (long)m0 * K, K, wb, pairs, mt, acc, 0);
             packed_store_avx2(acc, mt, m0, b * 16, N, N, bias, y, y_is_f32);
         }
     }

@@ -505,8 +505,9 @@ static __m512i *scratch(long vectors) {
  * at once: output j of a row sums in two chains, even and odd inputs, one multiply-add per pair
  * in order from zero, whatever the tile (simd.h's packed tile has the same structure). Unlike
  * the AVX512 path the weights are not rounded to bf16 first: on 2 cores that rounding cost as
- * much as the rest of the decoding. Up to PACKED_TILE_M rows decode each group once per tile in
- * registers; more rows decode each group once into a float32 scratch that every tile reads. */
+ * much as the rest of the decoding. Up to PACKED_TILE_M rows decode each quad in registers as
+ * they use it; more rows decode each quad once into a float32 scratch that simd.h's packed tile
+ * then reads for every tile of rows. */
 
 /* Four rows' values (a float32 [4]) spread to the eight lanes of their elements. */
 static inline __m256 dup4(__m128 x) {
@@ -621,9 +622,8 @@ static inline __attribute__((always_inline)) void q_decode2(const int fmt, const
 static inline __attribute__((always_inline)) void qtile2_body(const int FMT, const uint8_t *base, long kstride,
                                                               int nkb, int nb, const float *x, long K, const int mt,
                                                               __m256 *acc) {
-    const int CH = FMT >= QF_Q4_K ? 8 : 1;
-    const long kbb = 16L * (FMT == QF_Q8_0 ? 34 : FMT == QF_Q4_0 ? 18 : FMT == QF_Q4_1 ? 20 : FMT == QF_Q4_K ? 144
-                                                   : FMT == QF_Q5_K ? 176 : 210);
+    const int CH = chunks_of(FMT);
+    const long kbb = kblock_bytes(FMT);
     for (int i = 0; i < 4 * 4 * PACKED_TILE_M; i++) acc[i] = _mm256_setzero_ps();
     for (int kb = 0; kb < nkb; kb++) {
         for (int c = 0; c < CH; c++) {
@@ -670,7 +670,7 @@ static const QTile2Fn QTILES2[QF_COUNT] = {qtile2_QF_Q8_0, qtile2_QF_Q4_0, qtile
 /* The nb groups of one quad -> float32 [nb][pairs][32] at out, read in the quad's stream order. */
 static inline __attribute__((always_inline)) void qdecode_quad2_body(const int FMT, const uint8_t *base, long kstride,
                                                                      int nkb, int nb, long pairs, float *out) {
-    const int CH = FMT >= QF_Q4_K ? 8 : 1;
+    const int CH = chunks_of(FMT);
     const long kbb = kblock_bytes(FMT);
     for (int kb = 0; kb < nkb; kb++) {
         for (int c = 0; c < CH; c++) {
@@ -700,30 +700,6 @@ static void qdecode_quad2(int fmt, const uint8_t *base, long kstride, int nkb, i
     }
 }
 
-/* mt rows of x against decoded float32 weights: the same chains as qtile2_body. */
-static inline __attribute__((always_inline)) void ftile2_body(const float *x, long K, const float *w, int pairs,
-                                                              const int mt, __m256 *acc) {
-    __m256 a[4 * PACKED_TILE_M];
-    for (int i = 0; i < 4 * mt; i++) a[i] = _mm256_setzero_ps();
-    for (int p = 0; p < pairs; p++) {
-        __m256 xp[PACKED_TILE_M];
-        for (int i = 0; i < mt; i++) xp[i] = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(x + i * K + 2 * p)));
-        for (int v = 0; v < 4; v++) {
-            __m256 wv = _mm256_loadu_ps(w + 32L * p + 8 * v);
-            for (int i = 0; i < mt; i++) a[4 * i + v] = _mm256_fmadd_ps(wv, xp[i], a[4 * i + v]);
-        }
-    }
-    for (int i = 0; i < 4 * mt; i++) acc[i] = a[i];
-}
-
-static void ftile2(const float *x, long K, const float *w, int pairs, int mt, __m256 *acc) {
-    switch (mt) {
-    case 1: ftile2_body(x, K, w, pairs, 1, acc); break;
-    case 2: ftile2_body(x, K, w, pairs, 2, acc); break;
-    default: ftile2_body(x, K, w, pairs, 3, acc); break;
-    }
-}
-
 /* Per-thread scratch for decoded quads (64-byte aligned), grown on demand and kept: a fresh
  * mapping per call would fault in every page of it again. */
 static __thread float *scratch2_buf;
@@ -746,9 +722,8 @@ static int quant_linear_avx2(const uint16_t *x, const uint8_t *packed, int fmt, 
     if (!xf) return -3;
     int failed = 0;
     if (n_threads < 1) n_threads = 1;
-    const int in_registers = M <= PACKED_TILE_M;
-    if (in_registers) {
-        const int quads = (groups + QUAD - 1) / QUAD;
+    const int quads = (groups + QUAD - 1) / QUAD;
+    if (M <= PACKED_TILE_M) {
 #pragma omp parallel for num_threads(n_threads) schedule(static)
         for (int q = 0; q < quads; q++) {
             const int nb = groups - q * QUAD < QUAD ? groups - q * QUAD : QUAD;
@@ -762,7 +737,6 @@ static int quant_linear_avx2(const uint16_t *x, const uint8_t *packed, int fmt, 
         free(xf);
         return 0;
     }
-    const int quads = (groups + QUAD - 1) / QUAD;
 #pragma omp parallel num_threads(n_threads)
     {
         float *w = scratch2((long)QUAD * pairs * 32);
@@ -781,7 +755,7 @@ static int quant_linear_avx2(const uint16_t *x, const uint8_t *packed, int fmt, 
             for (int s = 0; s < nb; s++) {
                 for (int m0 = 0; m0 < M; m0 += PACKED_TILE_M) {
                     const int mt = M - m0 < PACKED_TILE_M ? M - m0 : PACKED_TILE_M;
-                    ftile2(xf + (long)m0 * K, K, w + (long)s * pairs * 32, pairs, mt, acc);
+                    packed_tile_any(xf + (long)m0 * K, K, w + (long)s * pairs * 32, pairs, mt, acc, 1);
                     packed_store_avx2(acc, mt, m0, (q * QUAD + s) * 16, N, ldy, bias, y, y_is_f32);
                 }
             }

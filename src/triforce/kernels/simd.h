@@ -80,21 +80,22 @@ static inline __m256 round_bf16x8(__m256 x) {
     return _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
-/* The projections' inner loop on AVX2 (linear.c, and quant.c over decoded groups). Weights are
- * in the packed layout [pairs][32] bf16: element 2j + e of pair p is output j's weight for input
- * 2p + e. Rows of x come as float32 [mt][K]. Output j of row i sums in two chains, lanes 2j % 8
- * (even inputs) and 2j % 8 + 1 (odd inputs) of acc[4 i + j / 4], each one multiply-add per pair
- * in order from zero: the same sequence whatever mt is and whoever decoded the weights, so a
- * row's result does not depend on the rows beside it. */
-static inline __attribute__((always_inline)) void packed_tile_avx2(const float *x, long K, const uint16_t *w,
-                                                                   int pairs, const int mt, __m256 *acc) {
+/* The projections' inner loop on AVX2 (linear.c over bf16 weights, quant.c over decoded float32
+ * ones: W32). Weights are in the packed layout [pairs][32]: element 2j + e of pair p is output
+ * j's weight for input 2p + e. Rows of x come as float32 [mt][K]. Output j of row i sums in two
+ * chains, lanes 2j % 8 (even inputs) and 2j % 8 + 1 (odd inputs) of acc[4 i + j / 4], each one
+ * multiply-add per pair in order from zero: the same sequence whatever mt is and whoever decoded
+ * the weights, so a row's result does not depend on the rows beside it. */
+static inline __attribute__((always_inline)) void packed_tile_avx2(const float *x, long K, const void *w, int pairs,
+                                                                   const int mt, __m256 *acc, const int W32) {
     __m256 a[12];
     for (int i = 0; i < 4 * mt; i++) a[i] = _mm256_setzero_ps();
     for (int p = 0; p < pairs; p++) {
         __m256 xp[3];
         for (int i = 0; i < mt; i++) xp[i] = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(x + i * K + 2 * p)));
         for (int v = 0; v < 4; v++) {
-            __m256 wv = bf16x8(w + 32L * p + 8 * v);
+            __m256 wv = W32 ? _mm256_loadu_ps((const float *)w + 32L * p + 8 * v)
+                            : bf16x8((const uint16_t *)w + 32L * p + 8 * v);
             for (int i = 0; i < mt; i++) a[4 * i + v] = _mm256_fmadd_ps(wv, xp[i], a[4 * i + v]);
         }
     }
@@ -103,11 +104,15 @@ static inline __attribute__((always_inline)) void packed_tile_avx2(const float *
 
 #define PACKED_TILE_M 3 /* 12 accumulators, a weight vector and 3 broadcasts fill the 16 registers */
 
-static inline void packed_tile_any(const float *x, long K, const uint16_t *w, int pairs, int mt, __m256 *acc) {
-    switch (mt) { /* constant trip counts keep the accumulators in registers */
-    case 1: packed_tile_avx2(x, K, w, pairs, 1, acc); break;
-    case 2: packed_tile_avx2(x, K, w, pairs, 2, acc); break;
-    default: packed_tile_avx2(x, K, w, pairs, 3, acc); break;
+/* w: bf16 weights (w32 = 0) or float32 ones (w32 = 1). */
+static inline void packed_tile_any(const float *x, long K, const void *w, int pairs, int mt, __m256 *acc, int w32) {
+    switch (2 * mt + (w32 != 0)) { /* constant trip counts keep the accumulators in registers */
+    case 2: packed_tile_avx2(x, K, w, pairs, 1, acc, 0); break;
+    case 3: packed_tile_avx2(x, K, w, pairs, 1, acc, 1); break;
+    case 4: packed_tile_avx2(x, K, w, pairs, 2, acc, 0); break;
+    case 5: packed_tile_avx2(x, K, w, pairs, 2, acc, 1); break;
+    case 6: packed_tile_avx2(x, K, w, pairs, 3, acc, 0); break;
+    default: packed_tile_avx2(x, K, w, pairs, 3, acc, 1); break;
     }
 }
 
