@@ -76,11 +76,17 @@ def cpu_isas() -> list[str]:
     return [isa for isa, needs in ISA_NEEDS.items() if flags.issuperset(needs)]
 
 
+def _checked_isa(value: str, name: str) -> str:
+    """value, normalised, if it is one of ISA_CHOICES; else an error naming the setting."""
+    isa = value.strip().lower() or "auto"
+    if isa not in ISA_CHOICES:
+        raise TriforceError(f"{name} must be one of {', '.join(ISA_CHOICES)}, got {isa!r}")
+    return isa
+
+
 def requested_isa() -> str:
     """The ISA to build for: TRIFORCE_ISA (validated here), else the best the CPU runs, else "none"."""
-    wanted = os.environ.get("TRIFORCE_ISA", "auto").strip().lower() or "auto"
-    if wanted not in ISA_CHOICES:
-        raise TriforceError(f"TRIFORCE_ISA must be one of {', '.join(ISA_CHOICES)}, got {wanted!r}")
+    wanted = _checked_isa(os.environ.get("TRIFORCE_ISA", "auto"), "TRIFORCE_ISA")
     if os.environ.get("TRIFORCE_NATIVE", "1") == "0" or wanted == "none":
         return "none"
     runs = cpu_isas()
@@ -170,9 +176,7 @@ def set_isa(isa: str | None) -> str:
     environment's choice (tests and benchmarks compare the paths in one process). Returns the
     path that now runs (see `kernels`)."""
     global _library
-    isa = _ENV_ISA if isa is None else isa
-    if isa is not None and isa.strip().lower() not in ISA_CHOICES:
-        raise TriforceError(f"isa must be one of {', '.join(ISA_CHOICES)}, got {isa!r}")
+    isa = _ENV_ISA if isa is None else _checked_isa(isa, "isa")
     if isa is None:
         os.environ.pop("TRIFORCE_ISA", None)
     else:
@@ -351,9 +355,10 @@ def bf16_dot_peak_gmacs(threads: int, seconds: float = 0.5, chains: int = 16) ->
     with enough chains, the compute ceiling of the bf16 kernels. None without AVX512-BF16."""
     if chains not in DOT_CHAINS:
         raise ValueError(f"chains must be one of {DOT_CHAINS}, got {chains}")
-    lib = library()
-    if lib is None or kernels() != "avx512":
+    if kernels() != "avx512":
         return None
+    lib = library()
+    assert lib is not None
     iterations = 1 << 16
     while True:
         t0 = time.perf_counter()

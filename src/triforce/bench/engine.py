@@ -76,23 +76,21 @@ def run(
     the one that runs; see native.ISA_CHOICES), and transformers' generate, repeats interleaved.
     Each repeat prefills plain decoding afresh; `triforce` then reuses that prompt cache."""
     dtype = torch.bfloat16
-    isas = isas or [native.kernels()]
-    runs_on = {"pytorch": "none"}
-    for isa in isas:
-        if runs_on.get(isa, isa) not in native.ISA_CHOICES[1:]:
+    for isa in isas or []:
+        if isa not in native.ISA_CHOICES[1:]:
             raise TriforceError(f"unknown --isa {isa!r}; choose from {', '.join(native.ISA_CHOICES[1:])}")
     bandwidth = copy_bandwidth_gbs()
     log(f"copy bandwidth (read+write): {bandwidth:.1f} GB/s")
-    paths: dict[str, Engine] = {}
+    paths: dict[str, tuple[str | None, Engine]] = {}  # by the kernels that run: (the ISA chosen, its engine)
     try:
-        for isa in isas:
-            kernels = native.set_isa(runs_on.get(isa, isa))
+        for isa in isas or [None]:  # None: the environment's choice
+            kernels = native.set_isa(isa)
             target = load(None, dtype=dtype)
             draft_name = default_draft(target)
             draft = "ngram" if draft_name == "ngram" else load(draft_name, dtype=dtype)
-            paths[kernels] = Engine(target, EngineSettings(method="autoregressive", draft=draft))
-            log(f"kernels {kernels}: {target.source}, draft {paths[kernels].settings.draft_name}")
-        first = next(iter(paths.values()))
+            paths[kernels] = isa, Engine(target, EngineSettings(method="autoregressive", draft=draft))
+            log(f"kernels {kernels}: {target.source}, draft {paths[kernels][1].settings.draft_name}")
+        first = next(iter(paths.values()))[1]
         hf = transformers_model(dtype) if with_transformers else None
         weight_bytes = first.target.decoder.weight_bytes
         kv_per_token = first.target.decoder.kv_bytes_per_token()
@@ -102,8 +100,8 @@ def run(
             ids = document_tokens(first.target.tokenizer, document, ctx)
             runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
             for r in range(repeats):
-                for kernels, engine in paths.items():
-                    native.set_isa(runs_on.get(kernels, kernels))
+                for kernels, (isa, engine) in paths.items():
+                    native.set_isa(isa)
                     for method in ("autoregressive", "triforce"):
                         engine.configure(method=method)
                         m = measure_ours(engine, ids, new_tokens, fresh=method == "autoregressive")
