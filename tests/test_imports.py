@@ -19,7 +19,7 @@ LAYERS = {
     "config": 1, "corpus": 1, "sampling": 1, "settings": 1, "metrics": 1, "stopping": 1,
     "native": 2, "tokenizer": 2,
     "rope": 3, "attention": 3, "quant": 3,
-    "cache": 4,
+    "cache": 4, "parallel": 4,
     "model": 5, "offload": 5,
     "head": 6, "batcher": 6,
     "loading": 7,
@@ -27,7 +27,7 @@ LAYERS = {
     "levels": 9,
     "chain": 10,
     "engine": 11,
-    "batch": 12,
+    "batch": 12, "tp_worker": 12,
 }
 FACE = 13
 

@@ -44,6 +44,8 @@ def run_batch(engines: list[Engine], requests: list[dict[str, Any]], release: bo
     batcher = engines[0].batcher if engines else None
     if batcher is None or any(engine.batcher is not batcher for engine in engines):
         raise ValueError("the engines of a batch share one ForwardBatcher")
+    if len(engines) > 1 and engines[0].group is not None:
+        raise SettingError("tensor_parallel", "decodes one sequence at a time: batches of several do not run on it")
     totals = []
     for engine, request in zip(engines, requests):
         if "prompt" not in request:

@@ -86,6 +86,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: PyTorch's choice)")
 
 
+def add_parallel_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel", type=_positive_int, default=1, metavar="N",
+                   help="split the target over N processes (attention heads, MLP, output head; gloo), started here "
+                        "or by torchrun; at most the model's KV heads")
+
+
 def add_speculation_arguments(p: argparse.ArgumentParser) -> None:
     from .settings import METHODS
 
@@ -139,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
     g = sub.add_parser("generate", help="generate text from a prompt")
     add_model_arguments(g)
+    add_parallel_argument(g)
     add_speculation_arguments(g)
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text")
@@ -206,12 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_model_arguments(sv)
+    add_parallel_argument(sv)
     add_speculation_arguments(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-queue", type=_positive_int, default=16, help="requests allowed to wait (then 429)")
-    sv.add_argument("--max-batch", type=_positive_int, default=4,
-                    help="requests decoded together (continuous batching); 1 runs them one at a time")
+    sv.add_argument("--max-batch", type=_positive_int,
+                    help="requests decoded together (continuous batching; default 4, and 1 with --tensor-parallel, "
+                         "which decodes one at a time); 1 runs them one at a time")
     sv.add_argument("--max-context", type=_positive_int,
                     help="longest prompt + completion (default: the model's trained length)")
     sv.add_argument("--served-model-name", help="model id clients use (default: derived from the model)")
@@ -330,6 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("--model", help="target: HF directory or GGUF (default: the embedded SmolLM2-135M-Instruct)")
     kn.add_argument("--quick", action="store_true", help="seconds-long smoke run: one short context, two layers")
     kn.add_argument("--out", default="bench-out")
+    pl = bsub.add_parser("parallel", help="ms/token and memory per rank for 1 and N tensor-parallel ranks")
+    pl.add_argument("--contexts", type=_int_list, default=[8192, 32768], help="prompt tokens (default 8192,32768)")
+    pl.add_argument("--ranks", type=_int_list, default=[1, 2], help="rank counts compared (default 1,2)")
+    pl.add_argument("--methods", type=_name_list, default=["autoregressive", "triforce"],
+                    help="comma-separated (default autoregressive,triforce)")
+    pl.add_argument("--draft", default="ngram", help="draft of speculative/triforce (default ngram)")
+    pl.add_argument("--new-tokens", type=_positive_int, default=64)
+    pl.add_argument("--repeats", type=_positive_int, default=2, help="interleaved repeats; medians reported")
+    pl.add_argument("--document", default="vim", help="corpus document (default vim)")
+    pl.add_argument("--out", default="bench-out")
     r = bsub.add_parser("rope", help="perplexity past the trained length for each RoPE scaling")
     r.add_argument("--contexts", type=_int_list, default=[8192, 16384, 32768])
     r.add_argument("--last", type=_positive_int, default=512, help="tokens scored at the end of each context")
@@ -393,7 +412,8 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     from .loading import default_draft, load, load_draft
     from .settings import EngineSettings, method_needs_draft
 
-    target = load(args.model, dtype=args.dtype, rope_scaling="auto", weights=args.weights)
+    target = load(args.model, dtype=args.dtype, rope_scaling="auto", weights=args.weights,
+                  tensor_parallel=getattr(args, "tensor_parallel", 1))
     target.decoder.rope_override = parse_rope_scaling(args.rope_scaling, target.config.max_position_embeddings)
     shipped = default_draft(target)
     method = args.method or ("triforce" if args.draft or shipped != "ngram" else "autoregressive")
@@ -406,6 +426,18 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     return target, settings
 
 
+def follows(target: Any) -> bool:
+    """On a tensor-parallel rank other than 0 (under torchrun): follow rank 0 until it exits."""
+    group = target.group
+    if group is None or group.leader:
+        return False
+    from .tp_worker import follow
+
+    follow(target)
+    group.close()
+    return True
+
+
 def flag_for(setting: str) -> str:
     """A setting's command-line flag."""
     return "--" + setting.replace("_", "-")
@@ -414,6 +446,9 @@ def flag_for(setting: str) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     check_sampling_args(args)
     if args.batch_file:
+        if args.tensor_parallel > 1:
+            raise TriforceError("--batch-file does not combine with --tensor-parallel, which decodes one sequence "
+                                "at a time")
         return generate_batch_file(args)
     prompt = read_prompt(args)
     if not prompt.strip():
@@ -422,6 +457,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .metrics import summary
 
     target, settings = load_models(args)
+    if follows(target):
+        return 0
     engine = Engine(target, settings, progress=not args.quiet)
     generation = engine.stream(
         prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -535,15 +572,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             probe.bind((args.host, args.port))
         except OSError as exc:
             raise TriforceError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    if args.tensor_parallel > 1 and (args.max_batch or 1) > 1:
+        raise TriforceError("--max-batch above 1 does not combine with --tensor-parallel, which decodes one "
+                            "request at a time")
+    max_batch = args.max_batch or (1 if args.tensor_parallel > 1 else 4)
     target, settings = load_models(args)
+    if follows(target):
+        return 0
     max_context = args.max_context or target.config.max_position_embeddings
     settings = settings.replace(max_context=None)  # the server's context is checked per request
     name = args.served_model_name or ("smollm2-135m-instruct" if target.is_embedded else
                                       Path(target.source).name.removesuffix(".gguf"))
-    server = Server(target, settings, args.max_queue, max_context, name, args.max_batch)
+    server = Server(target, settings, args.max_queue, max_context, name, max_batch)
     server.start()
     print(f"triforce: serving {name} ({settings.method}) on http://{args.host}:{args.port}/v1 | context "
-          f"{max_context} | batch {args.max_batch} | queue {args.max_queue}"
+          f"{max_context} | batch {max_batch} | queue {args.max_queue}"
+          + (f" | tensor parallel {args.tensor_parallel}" if args.tensor_parallel > 1 else "")
           + (" | API key required" if args.api_key else ""), file=sys.stderr, flush=True)
     # uvicorn drains open requests on SIGTERM/SIGINT, then re-raises the signal to the handler
     # that was installed before it: make that one a no-op so a clean shutdown exits with 0.
@@ -662,6 +706,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         kernels.run(**quick.settings(args, kernels.DEFAULTS, kernels.QUICK if args.quick else None),
                     out=Path(args.out))
+    elif args.bench == "parallel":
+        from .bench import parallel
+        from .settings import METHODS
+
+        for method in args.methods:
+            if method not in METHODS:
+                raise TriforceError(f"unknown method {method!r} in --methods; choose from {', '.join(METHODS)}")
+        parallel.run(args.contexts, args.ranks, args.methods, args.draft, args.new_tokens, args.repeats,
+                     args.document, Path(args.out))
     elif args.bench == "rope":
         from .bench import rope
 

@@ -11,10 +11,11 @@ rows (prompt caching).
 
 from __future__ import annotations
 
+import itertools
 import resource
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -52,6 +53,13 @@ from .sampling import SamplingParams, draw
 from .settings import EngineSettings, LevelSpec
 from .stopping import StopChecker
 
+_ENGINE_IDS = itertools.count()
+STEP, FINISHED, ABANDONED = 1, 2, 0  # what a generation does next
+
+
+class _Abandoned(Exception):
+    """Rank 0 closed the generation this rank follows."""
+
 
 @dataclass
 class GenerationResult:
@@ -82,7 +90,11 @@ class Engine:
         self.target = target
         self.batcher = batcher
         self.progress = progress
-        self.clock = clock  # what adaptive speculation times passes with (tests make it deterministic)
+        # What adaptive speculation times passes with (tests make it deterministic); the ranks of a
+        # tensor-parallel group all read rank 0's, so they all plan the same cycles.
+        self.group = target.group
+        self.clock = self.group.clock if self.group is not None else clock
+        self.id = next(_ENGINE_IDS)  # how rank 0 names this engine to the other ranks
         self._full: FullCache | None = None
         self._draft_cache: FullCache | StreamingCache | None = None
         # Prompt caching: the tokens whose target KV in self._full are valid, and the signature
@@ -100,6 +112,9 @@ class Engine:
             check_draft_compatible(self.target, new.draft)
         if isinstance(new.draft, FeatureHead) and new.draft.target is not self.target.decoder:
             raise SettingError("draft", "is a head loaded for another target: load it with this engine's target")
+        if isinstance(new.draft, FeatureHead) and self.group is not None:
+            raise SettingError("draft", "is a draft head, which does not run under tensor parallelism; use a draft "
+                                        "model or 'ngram'")
         if new.draft is not self.settings.draft:
             self._draft_cache = None
         self.settings = new
@@ -167,6 +182,7 @@ class Engine:
         never reallocates (and memory stays flat across requests)."""
         capacity = self.capacity_for(context)
         check_fits(self.memory_needed(capacity), f"a context of {context} tokens")
+        self._tell("reserve", context)
         self._full_cache(capacity)
         self.target.decoder.prepare(context, capacity)
 
@@ -175,11 +191,16 @@ class Engine:
         this for every sequence before any starts)."""
         capacity = self.capacity_for(total)
         check_fits(self.memory_needed(capacity), f"a context of {total} tokens")
+        self._tell("prepare", total)
         self.target.decoder.prepare(total, capacity)
         self._build_chain(capacity, SamplingParams())
 
     def release(self) -> None:
         """Free the caches (and forget the cached prompt)."""
+        self._tell("release")
+        self._free()
+
+    def _free(self) -> None:
         if isinstance(self._full, OffloadedCache):
             self._full.close()
         self._full = self._draft_cache = None
@@ -298,7 +319,7 @@ class Engine:
             else:
                 keep = plan is None
             if not keep or old.k.dtype != target.dtype:
-                self.release()
+                self._free()
         if self._full is None:
             self._cached_tokens = []
             if plan is None:
@@ -369,7 +390,31 @@ class Engine:
                                               f"max_new_tokens ({max_new_tokens})")
         check_fits(self.memory_needed(self.capacity_for(total)), f"a context of {total} tokens")
         eos = set() if ignore_eos else self._eos_ids()
-        return Generation(self, ids, params, seed, max_new_tokens, eos, list(stop or []), num_samples)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        told = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                    stop=stop, num_samples=num_samples, ignore_eos=ignore_eos)
+        return Generation(self, ids, params, seed, max_new_tokens, eos, list(stop or []), num_samples, told)
+
+    # -- tensor parallelism --------------------------------------------------------------------
+    def _tell(self, op: str, *args: Any) -> None:
+        """On rank 0 of a tensor-parallel group: have the other ranks' copies of this engine (made
+        from the same settings) do `op` too (tp_worker.follow carries it out)."""
+        if self.group is None or not self.group.leader:
+            return
+        s = self.settings
+        values = {f.name: getattr(s, f.name) for f in fields(s) if f.name != "draft"}
+        draft = s.draft.load_spec() if isinstance(s.draft, LoadedModel) else s.draft
+        self.group.share((op, self.id, self.target.decoder.rope_override, values, draft, *args))
+
+    def _next_step(self, state: int) -> int:
+        """What a generation does next (STEP, FINISHED, ABANDONED): rank 0's answer on every rank."""
+        if self.group is None:
+            return state
+        decided = self.group.decide(state)
+        if decided == ABANDONED and not self.group.leader:
+            raise _Abandoned
+        return decided
 
 
 class Generation:
@@ -378,11 +423,11 @@ class Generation:
     is exhausted, `result` holds the GenerationResult. `close()` abandons it (a server cancels
     requests this way)."""
 
-    def __init__(self, engine: Engine, ids: list[int], params: SamplingParams, seed: int | None,
-                 max_new_tokens: int, eos_ids: set[int], stop: list[str], num_samples: int) -> None:
+    def __init__(self, engine: Engine, ids: list[int], params: SamplingParams, seed: int,
+                 max_new_tokens: int, eos_ids: set[int], stop: list[str], num_samples: int,
+                 options: dict[str, Any] | None = None) -> None:
         self.engine, self.ids, self.params = engine, ids, params
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.options = options or {}  # the stream() options, for the other ranks of a group
         self.generator = torch.Generator().manual_seed(seed)
         self.max_new_tokens, self.eos_ids, self.stop, self.num_samples = max_new_tokens, eos_ids, stop, num_samples
         self.result: GenerationResult | None = None
@@ -399,6 +444,7 @@ class Generation:
 
     def _run(self) -> Iterator[str]:
         engine, ids, params, generator = self.engine, self.ids, self.params, self.generator
+        engine._tell("stream", ids, self.options)  # at the first step: a generation never run costs no one
         decoder = engine.target.decoder
         total = len(ids) + self.max_new_tokens
         capacity = engine.capacity_for(total)
@@ -431,7 +477,7 @@ class Generation:
                 if sample_index == 0:
                     yield piece
                 context = ids + [first]
-                while stopper.finish_reason is None:
+                while engine._next_step(STEP if stopper.finish_reason is None else FINISHED) == STEP:
                     new = chain.step(context, generator)
                     context += new
                     piece = stopper.add(new)
@@ -440,6 +486,12 @@ class Generation:
                 decode_s += time.perf_counter() - t1
                 samples.append(list(stopper.tokens))
                 first_run = first_run or stopper
+        except GeneratorExit:  # abandoned between steps: the other ranks stop too
+            if engine.group is not None and not engine.group.failed:
+                engine._next_step(ABANDONED)
+            raise
+        except _Abandoned:  # on the other ranks: rank 0 abandoned it
+            return
         finally:  # also when abandoned between steps: the rows the top holds are exact
             engine._cached_tokens, engine._cached_rope = list(chain.top.tokens), decoder.rope.signature
         assert first_run is not None
@@ -460,6 +512,9 @@ class Generation:
             **({"kv_offload": offloaded.report(read_from, new_tokens, decode_s)} if offloaded is not None else {}),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         }
+        if engine.group is not None:  # each rank's share of the memory
+            stats["tensor_parallel"] = {"ranks": engine.group.world,
+                                        "peak_rss_mb": engine.group.gather(stats["peak_rss_mb"])}
         self.result = GenerationResult(
             text=first_run.text,
             token_ids=first_run.tokens,

@@ -99,6 +99,10 @@ def summary(prompt_tokens: int, stats: dict[str, Any]) -> str:
         lines.append(f"  KV cache: {kv['ram_mb']:.0f} MB in RAM (whole layers: {kv['layers_in_ram']}), "
                      f"{kv['file_mb']:.0f} MB file | {kv['read_mb_per_token']:.0f} MB read per token at "
                      f"{kv['read_gbs'] or 0:.2f} GB/s")
+    if "tensor_parallel" in stats:
+        tp = stats["tensor_parallel"]
+        lines.append(f"  tensor parallel: {tp['ranks']} ranks, peak memory "
+                     + " / ".join(f"{mb} MB" for mb in tp["peak_rss_mb"]) + " (rank 0 first)")
     return "\n".join(lines)
 
 
