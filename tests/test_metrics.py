@@ -42,6 +42,13 @@ def test_summary_names_every_level():
                         "at gamma 4, draft gamma 2")
 
 
+def test_summary_gives_each_ranks_memory_under_tensor_parallelism():
+    stats = {**generation_stats(), "tensor_parallel": {"ranks": 2, "peak_rss_mb": [700, 580]}}
+    last = summary(100, stats).splitlines()[-1]
+    assert last == "  tensor parallel: 2 ranks, peak memory 700 MB / 580 MB (rank 0 first)"
+    assert "tensor parallel" not in summary(100, generation_stats())
+
+
 def test_server_totals_add_up_per_level():
     counters = ServingCounters()
     counters.finished(100, generation_stats())
