@@ -178,6 +178,24 @@ def test_serve_quick(tmp_path):
     assert report["same_text"] is True  # batching changed no client's greedy text
 
 
+def test_parallel_bench_compares_rank_counts_side_by_side(tmp_path):
+    """One process per rank count, jobs alternating; each row has every rank's memory, and both
+    rank counts give the same greedy tokens."""
+    from triforce.bench.parallel import communication_bytes
+
+    result = subprocess.run([sys.executable, "-m", "triforce.cli", "bench", "parallel", "--contexts", "256",
+                             "--ranks", "1,2", "--methods", "autoregressive,triforce", "--new-tokens", "4",
+                             "--repeats", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "parallel.json").read_text())
+    rows = report["rows"]
+    assert [(r["method"], r["ranks"]) for r in rows] == [("autoregressive", 1), ("autoregressive", 2),
+                                                         ("triforce", 1), ("triforce", 2)]
+    assert [len(r["peak_rss_mb"]) for r in rows] == [1, 2, 1, 2] and all(r["ms"] > 0 for r in rows)
+    assert report["bytes_sent_per_token_per_rank"] == {"2": communication_bytes(576, 30, 49152, 2)}
+    assert communication_bytes(576, 30, 49152, 2) == 4 * (2 * 30 * 576 + 24576)
+
+
 def test_kernels_quick(tmp_path):
     report = quick("kernels", tmp_path)
     assert {(r["context"], r["queries"]) for r in report["attention"]} == {(256, 1), (256, 5)}
@@ -230,6 +248,8 @@ def test_kernels_quick(tmp_path):
         (["kernels", "--prefill-queries", "0"], "--prefill-queries"),
         (["decode", "--quick", "--sweep", "4-2"], "--sweep"),
         (["decode", "--quick", "--weights", "q3"], "--weights"),
+        (["parallel", "--methods", "autoregressive,beam"], "unknown method 'beam'"),
+        (["parallel", "--ranks", "1,4"], "--ranks is 4, more than the model's 3 KV heads"),
     ],
 )
 def test_bad_flags_give_one_line_and_nonzero_exit(args, fragment, capsys, tmp_path):
