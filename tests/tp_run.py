@@ -2,6 +2,7 @@
 starts it in a subprocess: a process joins one group in its life). Prints JSON on stdout.
 
     python tests/tp_run.py presets RANKS DTYPE TOKENS        every preset on a real document, greedy
+                                                             (and the bytes rank 0's caches take at 32K)
     python tests/tp_run.py samples RANKS TARGET DRAFT N JOB  N seeded samples of 3 tokens, triforce
                                                              (JOB: JSON {"prompt": ids, "knobs": settings})
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import triforce
 from triforce.corpus import document_tokens
@@ -20,7 +22,7 @@ PRESETS = [("autoregressive", None), ("speculative", "ngram"), ("speculative", "
 SMALL = dict(budget=256, chunk_size=8, window=64, sink=4)  # sparse levels that drop much of a 4K prompt
 
 
-def presets(ranks: int, dtype: str, tokens: int) -> dict[str, list[int]]:
+def presets(ranks: int, dtype: str, tokens: int) -> dict[str, Any]:
     target = triforce.load(dtype=dtype, tensor_parallel=ranks)
     draft = triforce.load("src/triforce/drafts/smollm2-135m-draft", dtype=dtype)
     ids = document_tokens(target.tokenizer, "jargon", tokens)
@@ -31,6 +33,7 @@ def presets(ranks: int, dtype: str, tokens: int) -> dict[str, list[int]]:
         engine.configure(triforce.EngineSettings(method=method, draft=d, **SMALL))
         out[f"{method}[{kind}]"] = engine.generate(ids, max_new_tokens=24).token_ids
     engine.release()
+    out["memory_at_32k"] = engine.memory_needed(engine.capacity_for(32768))  # this rank's caches
     return out
 
 
