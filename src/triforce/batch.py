@@ -44,8 +44,6 @@ def run_batch(engines: list[Engine], requests: list[dict[str, Any]], release: bo
     batcher = engines[0].batcher if engines else None
     if batcher is None or any(engine.batcher is not batcher for engine in engines):
         raise ValueError("the engines of a batch share one ForwardBatcher")
-    if len(engines) > 1 and engines[0].group is not None:
-        raise SettingError("tensor_parallel", "decodes one sequence at a time: batches of several do not run on it")
     totals = []
     for engine, request in zip(engines, requests):
         if "prompt" not in request:
@@ -75,7 +73,7 @@ def run_batch(engines: list[Engine], requests: list[dict[str, Any]], release: bo
 
     passes, sequence_passes = batcher.passes, batcher.sequence_passes
     for index in range(len(requests)):
-        batcher.add(job(index))
+        batcher.add(job(index), key=engines[index].id)
     batcher.run_until_done()
     return BatchRun(results, batcher.passes - passes, batcher.sequence_passes - sequence_passes)
 

@@ -28,6 +28,7 @@ from .model import Decoder, Segment
 class _Pass:
     decoder: Decoder
     segment: Segment
+    key: int | None = None  # the sequence's name in a tensor-parallel group's step log
     result: torch.Tensor | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -42,6 +43,10 @@ class ForwardBatcher:
         self._live = 0
         self._members: set[threading.Thread] = set()
         self.threads = torch.get_num_threads()  # the stepping thread's: its kernels use them all
+        self._keys: dict[threading.Thread, int | None] = {}
+        # Under tensor parallelism (parallel.StepLog): rank 0 sends each step's order and what its
+        # sequences decided; the other ranks run the same passes in that order (run_order).
+        self.step_log: Any = None
         self.passes = 0  # decoder passes run
         self.sequence_passes = 0  # sum over passes of the sequences in each
 
@@ -55,10 +60,11 @@ class ForwardBatcher:
         if threading.current_thread() not in self._members:  # nobody would ever run it
             raise RuntimeError("a pass was submitted from outside the batch: an engine built with a "
                                "ForwardBatcher generates inside ForwardBatcher.add (see batch.run_batch)")
-        work = _Pass(decoder, segment)
+        work = _Pass(decoder, segment, self._keys.get(threading.current_thread()))
         with self._cv:
             self._pending.append(work)
-            if len(self._pending) >= self._live:  # only the last to arrive wakes the stepping thread
+            # only the last to arrive wakes the stepping thread (a rank past 0 waits for given passes)
+            if len(self._pending) >= self._live or self.step_log is not None:
                 self._cv.notify_all()
         # Each sequence waits on its own event: a shared condition woke every waiting sequence at
         # every submission and every step (4 sequences: ~20 wake-ups, each taking the GIL, per step).
@@ -68,8 +74,10 @@ class ForwardBatcher:
         assert work.result is not None
         return work.result
 
-    def add(self, job: Callable[[], Any], on_exit: Callable[[], None] | None = None) -> threading.Thread:
-        """Start `job` (a whole generation whose runners submit to this batcher) as a member."""
+    def add(self, job: Callable[[], Any], on_exit: Callable[[], None] | None = None,
+            key: int | None = None) -> threading.Thread:
+        """Start `job` (a whole generation whose runners submit to this batcher) as a member;
+        `key` names its passes to a step log (its engine's id)."""
 
         def member() -> None:
             # A sequence thread only samples and keeps books between passes; with PyTorch's
@@ -82,15 +90,19 @@ class ForwardBatcher:
                 torch.set_num_threads(self.threads)  # the process-wide default new threads inherit
                 if on_exit is not None:
                     on_exit()
+                if self.step_log is not None:  # what it logged last reaches the other ranks now
+                    self.step_log.send([])
                 with self._cv:
                     self._live -= 1
                     self._members.discard(threading.current_thread())
+                    self._keys.pop(threading.current_thread(), None)
                     self._cv.notify_all()
 
         thread = threading.Thread(target=member, daemon=True, name="triforce-sequence")
         with self._cv:
             self._live += 1
             self._members.add(thread)
+            self._keys[thread] = key
         thread.start()
         return thread
 
@@ -103,6 +115,22 @@ class ForwardBatcher:
             if not ready:
                 return False
             work, self._pending = self._pending, []
+        if self.step_log is not None:
+            self.step_log.send([item.key for item in work])
+        self._run(work)
+        return True
+
+    def run_order(self, keys: list[int]) -> None:
+        """On a tensor-parallel rank past 0: wait for the passes of sequences `keys`, then run them
+        in that order (rank 0's order for the same step)."""
+        with self._cv:
+            self._cv.wait_for(lambda: {item.key for item in self._pending} >= set(keys))
+            by_key = {item.key: item for item in self._pending}
+            work = [by_key[key] for key in keys]
+            self._pending = [item for item in self._pending if item.key not in set(keys)]
+        self._run(work)
+
+    def _run(self, work: list[_Pass]) -> None:
         groups: dict[int, list[_Pass]] = {}
         for item in work:
             groups.setdefault(id(item.decoder), []).append(item)
@@ -118,7 +146,6 @@ class ForwardBatcher:
             self.sequence_passes += len(items)
         for item in work:
             item.done.set()
-        return True
 
     def run_until_done(self) -> None:
         """Step until every sequence has finished."""

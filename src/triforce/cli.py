@@ -219,8 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-queue", type=_positive_int, default=16, help="requests allowed to wait (then 429)")
     sv.add_argument("--max-batch", type=_positive_int,
-                    help="requests decoded together (continuous batching; default 4, and 1 with --tensor-parallel, "
-                         "which decodes one at a time); 1 runs them one at a time")
+                    help="requests decoded together (continuous batching, default 4); 1 runs them one at a time")
     sv.add_argument("--max-context", type=_positive_int,
                     help="longest prompt + completion (default: the model's trained length)")
     sv.add_argument("--served-model-name", help="model id clients use (default: derived from the model)")
@@ -446,9 +445,6 @@ def flag_for(setting: str) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     check_sampling_args(args)
     if args.batch_file:
-        if args.tensor_parallel > 1:
-            raise TriforceError("--batch-file does not combine with --tensor-parallel, which decodes one sequence "
-                                "at a time")
         return generate_batch_file(args)
     prompt = read_prompt(args)
     if not prompt.strip():
@@ -542,6 +538,8 @@ def generate_batch_file(args: argparse.Namespace) -> int:
         raise TriforceError("--num-samples does not combine with --batch-file (give several lines)")
     requests = read_batch_file(args)
     target, settings = load_models(args)
+    if follows(target):
+        return 0
     results = generate_batch(target, requests, settings)
     failed = 0
     for result in results:
@@ -572,10 +570,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             probe.bind((args.host, args.port))
         except OSError as exc:
             raise TriforceError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
-    if args.tensor_parallel > 1 and (args.max_batch or 1) > 1:
-        raise TriforceError("--max-batch above 1 does not combine with --tensor-parallel, which decodes one "
-                            "request at a time")
-    max_batch = args.max_batch or (1 if args.tensor_parallel > 1 else 4)
+    max_batch = args.max_batch or 4
     target, settings = load_models(args)
     if follows(target):
         return 0

@@ -47,6 +47,7 @@ from .offload import (
     check_directory,
     offload_plan,
 )
+from .parallel import Link, StepLog
 from .rope import RotaryTable
 from .runner import Runner
 from .sampling import SamplingParams, draw
@@ -86,15 +87,22 @@ class Engine:
 
     def __init__(self, target: LoadedModel, settings: EngineSettings | None = None, *,
                  batcher: ForwardBatcher | None = None, progress: bool = False,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, follows: int | None = None) -> None:
         self.target = target
         self.batcher = batcher
         self.progress = progress
-        # What adaptive speculation times passes with (tests make it deterministic); the ranks of a
-        # tensor-parallel group all read rank 0's, so they all plan the same cycles.
+        # How rank 0 of a tensor-parallel group names this engine to the other ranks (`follows`: on
+        # those, the id of rank 0's engine this one copies), and what it takes from rank 0: its calls,
+        # its clock (so every rank plans the same cycles), whether a generation goes on.
         self.group = target.group
-        self.clock = self.group.clock if self.group is not None else clock
-        self.id = next(_ENGINE_IDS)  # how rank 0 names this engine to the other ranks
+        self.id = next(_ENGINE_IDS) if follows is None else follows
+        self.link: Link | None = None
+        if self.group is not None:
+            if batcher is not None and batcher.step_log is None:
+                batcher.step_log = StepLog(self.group)
+            self.link = Link(self.group, batcher.step_log if batcher is not None else None, self.id)
+        # what adaptive speculation times passes with (tests make it deterministic)
+        self.clock = self.link.clock if self.link is not None else clock
         self._full: FullCache | None = None
         self._draft_cache: FullCache | StreamingCache | None = None
         # Prompt caching: the tokens whose target KV in self._full are valid, and the signature
@@ -400,19 +408,19 @@ class Engine:
     def _tell(self, op: str, *args: Any) -> None:
         """On rank 0 of a tensor-parallel group: have the other ranks' copies of this engine (made
         from the same settings) do `op` too (tp_worker.follow carries it out)."""
-        if self.group is None or not self.group.leader:
+        if self.link is None or not self.link.group.leader:
             return
         s = self.settings
         values = {f.name: getattr(s, f.name) for f in fields(s) if f.name != "draft"}
         draft = s.draft.load_spec() if isinstance(s.draft, LoadedModel) else s.draft
-        self.group.share((op, self.id, self.target.decoder.rope_override, values, draft, *args))
+        self.link.tell((op, self.id, self.target.decoder.rope_override, values, draft, *args))
 
     def _next_step(self, state: int) -> int:
         """What a generation does next (STEP, FINISHED, ABANDONED): rank 0's answer on every rank."""
-        if self.group is None:
+        if self.link is None:
             return state
-        decided = self.group.decide(state)
-        if decided == ABANDONED and not self.group.leader:
+        decided = self.link.decide(state)
+        if decided == ABANDONED and not self.link.group.leader:
             raise _Abandoned
         return decided
 
@@ -512,9 +520,10 @@ class Generation:
             **({"kv_offload": offloaded.report(read_from, new_tokens, decode_s)} if offloaded is not None else {}),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         }
-        if engine.group is not None:  # each rank's share of the memory
-            stats["tensor_parallel"] = {"ranks": engine.group.world,
-                                        "peak_rss_mb": engine.group.gather(stats["peak_rss_mb"])}
+        if engine.link is not None:  # each rank's share of the memory (gathered when not batched)
+            stats["tensor_parallel"] = {"ranks": engine.link.group.world}
+            if not engine.link.batched:
+                stats["tensor_parallel"]["peak_rss_mb"] = engine.link.group.gather(stats["peak_rss_mb"])
         self.result = GenerationResult(
             text=first_run.text,
             token_ids=first_run.tokens,

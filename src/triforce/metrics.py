@@ -101,8 +101,9 @@ def summary(prompt_tokens: int, stats: dict[str, Any]) -> str:
                      f"{kv['read_gbs'] or 0:.2f} GB/s")
     if "tensor_parallel" in stats:
         tp = stats["tensor_parallel"]
-        lines.append(f"  tensor parallel: {tp['ranks']} ranks, peak memory "
-                     + " / ".join(f"{mb} MB" for mb in tp["peak_rss_mb"]) + " (rank 0 first)")
+        memory = " / ".join(f"{mb} MB" for mb in tp.get("peak_rss_mb", []))
+        lines.append(f"  tensor parallel: {tp['ranks']} ranks" + (f", peak memory {memory} (rank 0 first)"
+                                                                   if memory else ""))
     return "\n".join(lines)
 
 

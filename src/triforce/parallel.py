@@ -13,6 +13,7 @@ import atexit
 import dataclasses
 import datetime
 import os
+import queue
 import re
 import socket
 import subprocess
@@ -246,6 +247,93 @@ class Group:
                 proc.kill()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class StepLog:
+    """Batched generation over a group: what rank 0's sequences decide between passes (engine
+    calls, clock readings, whether to go on), logged per sequence and sent with each batch step
+    along with the order the step runs the sequences' passes in. The other ranks' copies of the
+    sequences replay the log in order, so they reach the same passes, which run in the same order.
+    One per ForwardBatcher; sequences are named by rank 0's engine ids."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self._lock = threading.Lock()
+        self._outbox: dict[int, list[tuple[str, Any]]] = {}  # rank 0
+        self._inboxes: dict[int, queue.Queue] = {}  # the other ranks
+
+    # -- rank 0 --------------------------------------------------------------------------------
+    def record(self, key: int, kind: str, value: Any) -> None:
+        with self._lock:
+            self._outbox.setdefault(key, []).append((kind, value))
+
+    def send(self, order: list[int]) -> None:
+        """Send what was logged, and the keys of a step's passes in the order it runs them ([]: only
+        the log, e.g. when a sequence leaves the batch)."""
+        if not self.group.leader:
+            return
+        with self._lock:
+            items, self._outbox = self._outbox, {}
+            if items or order:
+                self.group.share(("step", items, order))
+
+    # -- the other ranks -----------------------------------------------------------------------
+    def deliver(self, items: dict[int, list[tuple[str, Any]]]) -> list[int]:
+        """Queue a step's log for its sequences; the keys seen for the first time."""
+        new = [key for key in items if key not in self._inboxes]
+        for key, values in items.items():
+            inbox = self._inboxes.setdefault(key, queue.Queue())
+            for value in values:
+                inbox.put(value)
+        return new
+
+    def take(self, key: int, kind: str | None = None) -> Any:
+        """The next logged (kind, value) of sequence `key` (its value, when `kind` is given and
+        matches), waiting for the step that brings it."""
+        got, value = self._inboxes[key].get()
+        if kind is None:
+            return got, value
+        if got != kind:
+            raise RankFailed(f"tensor parallelism: rank {self.group.rank} expected a {kind} from rank 0, got a {got}")
+        return value
+
+
+class Link:
+    """What an engine on a group takes from rank 0: engine calls (sent from rank 0 only), clock
+    readings and whether a generation goes on. Directly by broadcast, or, for a sequence of a
+    batch, through the batch's StepLog under the engine's `key`."""
+
+    def __init__(self, group: Group, log: StepLog | None = None, key: int = 0) -> None:
+        self.group, self.log, self.key = group, log, key
+
+    @property
+    def batched(self) -> bool:
+        return self.log is not None
+
+    def tell(self, command: tuple) -> None:
+        if not self.group.leader:
+            return
+        if self.log is None:
+            self.group.share(command)
+        else:
+            self.log.record(self.key, "call", command)
+
+    def clock(self) -> float:
+        if self.log is None:
+            return self.group.clock()
+        if self.group.leader:
+            now = time.perf_counter()
+            self.log.record(self.key, "clock", now)
+            return now
+        return self.log.take(self.key, "clock")
+
+    def decide(self, value: int) -> int:
+        if self.log is None:
+            return self.group.decide(value)
+        if self.group.leader:
+            self.log.record(self.key, "decide", value)
+            return value
+        return self.log.take(self.key, "decide")
 
 
 def _free_port() -> int:

@@ -13,13 +13,16 @@ import json
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 import torch
 
+from .batcher import ForwardBatcher
 from .engine import Engine
 from .errors import TriforceError
 from .loading import LoadedModel, load
+from .parallel import RankFailed, StepLog
 from .settings import EngineSettings
 
 
@@ -28,29 +31,51 @@ def follow(target: LoadedModel) -> None:
     group = target.group
     if group is None or group.leader:
         raise ValueError("follow() runs on the ranks other than 0 of a tensor-parallel group")
-    engines: dict[int, Engine] = {}
-    drafts: dict[str, Any] = {}
+    follower = _Follower(target)
     while True:
-        command = group.share()
-        if command[0] == "exit":
+        message = group.share()
+        if message[0] == "exit":
             return
-        op, engine_id, rope, values, draft, *args = command
-        target.decoder.rope_override = rope
+        if message[0] == "step":  # a batch step (parallel.StepLog)
+            follower.batch_step(*message[1:])
+        else:
+            follower.carry_out(message, follower.engines)
+
+
+class _Follower:
+    """This rank's copies of rank 0's engines: those of single generations, called here as rank 0
+    calls them, and those of batches, each in a batch member of its own replaying its log."""
+
+    def __init__(self, target: LoadedModel) -> None:
+        self.target = target
+        self.engines: dict[int, Engine] = {}
+        self.drafts: dict[str, Any] = {}
+        self.lock = threading.Lock()
+        self.batcher = ForwardBatcher()
+        self.batcher.step_log = StepLog(target.group)
+        self.members: dict[int, threading.Thread] = {}
+
+    def carry_out(self, call: tuple, engines: dict[int, Engine], batcher: ForwardBatcher | None = None) -> bool:
+        """Do engine call `call` as rank 0 did; False once it released the engine."""
+        op, engine_id, rope, values, draft, *args = call
+        self.target.decoder.rope_override = rope
         if isinstance(draft, dict):  # a draft model: every rank runs its own copy
             key = json.dumps(draft, sort_keys=True)
-            if key not in drafts:
-                drafts[key] = load(**draft)
-            draft = drafts[key]
+            with self.lock:
+                if key not in self.drafts:
+                    self.drafts[key] = load(**draft)
+                draft = self.drafts[key]
         settings = EngineSettings(draft=draft, **values)
         engine = engines.get(engine_id)
         if engine is None:
-            engine = engines[engine_id] = Engine(target, settings)
+            engine = engines[engine_id] = Engine(self.target, settings, batcher=batcher, follows=engine_id)
         elif engine.settings != settings:
             engine.configure(settings)
         if op == "release":
             engine.release()
             del engines[engine_id]
-        elif op == "reserve":
+            return False
+        if op == "reserve":
             engine.reserve(*args)
         elif op == "prepare":
             engine.prepare(*args)
@@ -58,6 +83,27 @@ def follow(target: LoadedModel) -> None:
             ids, options = args
             for _ in engine.stream(ids, **options):
                 pass
+        return True
+
+    def batch_step(self, log: dict[int, list], order: list[int]) -> None:
+        step_log = self.batcher.step_log
+        step_log.deliver(log)
+        for key in log:  # a sequence new to the batch (or back after its release) gets a member
+            member = self.members.get(key)
+            if member is None or not member.is_alive():
+                self.members[key] = self.batcher.add(lambda key=key: self._replay(key), key=key)
+        if order:
+            self.batcher.run_order(order)
+
+    def _replay(self, key: int) -> None:
+        """A batch member: rank 0's calls of engine `key`, in order, until it releases the engine."""
+        engines: dict[int, Engine] = {}
+        while True:
+            kind, call = self.batcher.step_log.take(key)
+            if kind != "call":
+                raise RankFailed(f"tensor parallelism: rank {self.target.group.rank} got a {kind} outside a generation")
+            if not self.carry_out(call, engines, self.batcher):
+                return
 
 
 def _die_with_parent() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..batcher import ForwardBatcher
 from ..engine import Engine
-from ..errors import SettingError, TriforceError
+from ..errors import TriforceError
 from ..loading import LoadedModel
 from ..metrics import ServingCounters
 from ..rope import resolve_scaling
@@ -48,8 +48,6 @@ class Server:
 
     def __init__(self, target: LoadedModel, settings: EngineSettings, max_queue: int, max_context: int,
                  model_id: str, max_batch: int = 1) -> None:
-        if target.group is not None and max_batch > 1:
-            raise SettingError("max_batch", "must be 1 with tensor parallelism, which decodes one request at a time")
         self.target, self.settings = target, settings
         self.max_queue, self.max_context, self.model_id = max_queue, max_context, model_id
         self.max_batch = max_batch
@@ -122,7 +120,7 @@ class Server:
                 with self.lock:
                     self.running += 1
                 self.batcher.add(lambda job=job, engine=engine: self._generate(job, engine),
-                                 on_exit=lambda engine=engine: self._finished(engine))
+                                 on_exit=lambda engine=engine: self._finished(engine), key=engine.id)
             if self.stopping.is_set() and self.batcher.live == 0:
                 break
             if self.batcher.live:
