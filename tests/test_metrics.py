@@ -47,6 +47,8 @@ def test_summary_gives_each_ranks_memory_under_tensor_parallelism():
     last = summary(100, stats).splitlines()[-1]
     assert last == "  tensor parallel: 2 ranks, peak memory 700 MB / 580 MB (rank 0 first)"
     assert "tensor parallel" not in summary(100, generation_stats())
+    batched = {**generation_stats(), "tensor_parallel": {"ranks": 2}}  # a batch's sequences gather no memory
+    assert summary(100, batched).splitlines()[-1] == "  tensor parallel: 2 ranks"
 
 
 def test_server_totals_add_up_per_level():

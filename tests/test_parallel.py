@@ -17,7 +17,7 @@ import pytest
 
 from triforce.config import ModelConfig
 from triforce.errors import SettingError
-from triforce.parallel import plan_shards
+from triforce.parallel import Link, RankFailed, StepLog, plan_shards
 from triforce.sampling import SamplingParams
 
 from .test_exactness import ALPHA, KNOBS, PROMPT, chi_square, exact_joint
@@ -70,6 +70,38 @@ def test_impossible_rank_counts_are_refused(world, problem):
     assert err.value.setting == "tensor_parallel" and err.value.problem == problem
 
 
+# -- the step log of a batch ---------------------------------------------------------------------
+class FakeGroup:
+    """A group's rank-0 decisions without processes: what rank 0 shares is kept."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.leader, self.world, self.shared = rank, rank == 0, 2, []
+
+    def share(self, message: object) -> None:
+        self.shared.append(message)
+
+
+def test_a_batch_step_carries_rank_0s_decisions_in_order_and_the_passes_order():
+    leader, follower = FakeGroup(0), FakeGroup(1)
+    sent, taken = StepLog(leader), StepLog(follower)
+    a, b = Link(leader, sent, 3), Link(leader, sent, 5)
+    a.tell(("stream", 3))
+    now = a.clock()
+    assert b.decide(2) == 2 and a.decide(1) == 1
+    sent.send([5, 3])
+    sent.send([])  # nothing new: nothing sent
+    assert leader.shared == [("step", {3: [("call", ("stream", 3)), ("clock", now), ("decide", 1)],
+                                       5: [("decide", 2)]}, [5, 3])]
+    assert taken.deliver(leader.shared[0][1]) == [3, 5]
+    copy = Link(follower, taken, 3)
+    copy.tell(("ignored",))  # only rank 0 calls
+    assert taken.take(3) == ("call", ("stream", 3))
+    assert copy.clock() == now and copy.decide(1) == 1 and Link(follower, taken, 5).decide(0) == 2
+    taken.deliver({3: [("decide", 0)]})
+    with pytest.raises(RankFailed, match="expected a clock from rank 0, got a decide"):
+        copy.clock()
+
+
 # -- two ranks -----------------------------------------------------------------------------------
 def test_two_ranks_give_one_ranks_tokens_fp32_on_every_preset():
     """fp32, 4K tokens of the Jargon File, 24 greedy tokens per preset: 2 ranks = 1 rank."""
@@ -88,6 +120,14 @@ def test_two_ranks_bf16_every_preset_equals_autoregressive():
     two.pop("memory_at_32k")
     for preset, tokens in two.items():
         assert tokens == two["autoregressive[None]"], preset
+
+
+def test_two_ranks_decode_a_batch_as_they_decode_each_alone():
+    """bf16, 2 ranks: three documents of different lengths (900-2100 tokens) decoded as one batch
+    give, sequence for sequence, the tokens each gives alone, and TriForce gives plain decoding's."""
+    two = run_json(RUN + ["batch", "2", "bf16"])
+    for name in [k for k in two if not k.endswith("alone")]:
+        assert two[name] == two[name + " alone"] == two["autoregressive[None] alone"], name
 
 
 def test_two_ranks_sample_the_targets_distribution(small_vocab_models, monkeypatch):
@@ -144,11 +184,8 @@ def test_a_killed_rank_ends_the_other_with_one_clear_line():
 @pytest.mark.parametrize("args, message", [
     (["generate", "--tensor-parallel", "4", "--prompt", "hi"],
      "triforce: error: --tensor-parallel is 4, more than the model's 3 KV heads"),
-    (["generate", "--tensor-parallel", "2", "--batch-file", "x.jsonl"],
-     "triforce: error: --batch-file does not combine with --tensor-parallel, which decodes one sequence at a time"),
-    (["serve", "--tensor-parallel", "2", "--max-batch", "2", "--port", "1"],
-     "triforce: error: --max-batch above 1 does not combine with --tensor-parallel, which decodes one request at "
-     "a time"),
+    (["generate", "--tensor-parallel", "2", "--batch-file", "missing.jsonl"],
+     "triforce: error: cannot read --batch-file 'missing.jsonl': No such file or directory"),
 ])
 def test_bad_tensor_parallel_requests_get_one_line(args, message):
     done = subprocess.run(["triforce", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -177,31 +214,44 @@ def free_port() -> int:
 
 
 def test_serve_with_two_ranks_answers_the_openai_client(embedded_fp32):
+    """Three clients at once, decoded as one batch over 2 ranks, plus one that leaves mid-stream:
+    each answer is what one process gives alone, and the server goes on answering after the cancel."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from openai import OpenAI
 
     from triforce.engine import Engine
 
     port = free_port()
     server = subprocess.Popen(["triforce", "serve", "--tensor-parallel", "2", "--dtype", "fp32", "--draft", "ngram",
-                               "--port", str(port), "--max-context", "2048"], cwd=ROOT,
+                               "--max-batch", "3", "--port", str(port), "--max-context", "2048"], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
         deadline = time.monotonic() + 180
         while True:
             try:
-                models = client.models.list()
+                model = client.models.list().data[0].id
                 break
             except Exception:
                 assert server.poll() is None, server.stderr.read() if server.stderr else ""
                 assert time.monotonic() < deadline
                 time.sleep(1)
-        assert models.data
-        prompt = "Write one sentence about the sea."
-        answers = [client.completions.create(model=models.data[0].id, prompt=prompt, max_tokens=16, temperature=0)
-                   for _ in range(2)]
-        expect = Engine(embedded_fp32).generate(prompt, max_new_tokens=16).text
-        assert [a.choices[0].text for a in answers] == [expect, expect]
+        prompts = ["Write one sentence about the sea.", "Name three rivers of Europe and say where they flow.",
+                   "What is a lighthouse keeper's day like? Tell it as a short story with a storm in it."]
+        stream = client.completions.create(model=model, prompt="Count from one to fifty in words:", max_tokens=200,
+                                           temperature=0, stream=True)
+        next(iter(stream))  # decoding has started; leave after the first piece
+        stream.close()
+
+        def ask(prompt: str) -> str:
+            return client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(ask, prompts))
+        expect = [Engine(embedded_fp32).generate(p, max_new_tokens=16).text for p in prompts]
+        assert answers == expect
+        assert ask(prompts[0]) == expect[0]
     finally:
         server.send_signal(signal.SIGTERM)
         try:

@@ -3,6 +3,7 @@ starts it in a subprocess: a process joins one group in its life). Prints JSON o
 
     python tests/tp_run.py presets RANKS DTYPE TOKENS        every preset on a real document, greedy
                                                              (and the bytes rank 0's caches take at 32K)
+    python tests/tp_run.py batch RANKS DTYPE                 three documents decoded as one batch and alone
     python tests/tp_run.py samples RANKS TARGET DRAFT N JOB  N seeded samples of 3 tokens, triforce
                                                              (JOB: JSON {"prompt": ids, "knobs": settings})
 """
@@ -37,6 +38,20 @@ def presets(ranks: int, dtype: str, tokens: int) -> dict[str, Any]:
     return out
 
 
+def batch(ranks: int, dtype: str) -> dict[str, list[list[int]]]:
+    target = triforce.load(dtype=dtype, tensor_parallel=ranks)
+    draft = triforce.load("src/triforce/drafts/smollm2-135m-draft", dtype=dtype)
+    docs = [document_tokens(target.tokenizer, "jargon", n, offset=o) for n, o in ((1500, 0), (900, 5000),
+                                                                                  (2100, 20000))]
+    out = {}
+    for method, kind in [("autoregressive", None), ("triforce", "ngram"), ("triforce", "draft")]:
+        settings = triforce.EngineSettings(method=method, draft=draft if kind == "draft" else kind, **SMALL)
+        requests = [{"prompt": ids, "max_new_tokens": 16 + 4 * i} for i, ids in enumerate(docs)]
+        out[f"{method}[{kind}]"] = [r.token_ids for r in triforce.generate_batch(target, requests, settings)]
+        out[f"{method}[{kind}] alone"] = [triforce.Engine(target, settings).generate(**r).token_ids for r in requests]
+    return out
+
+
 def samples(ranks: int, target_dir: str, draft_dir: str, n: int, job: dict) -> list[list[int]]:
     target = triforce.load(target_dir, dtype="fp32", tensor_parallel=ranks)
     draft = triforce.load(draft_dir, dtype="fp32")
@@ -50,5 +65,7 @@ if __name__ == "__main__":
     mode, ranks, *rest = sys.argv[1:]
     if mode == "presets":
         print(json.dumps(presets(int(ranks), rest[0], int(rest[1]))))
+    elif mode == "batch":
+        print(json.dumps(batch(int(ranks), rest[0])))
     else:
         print(json.dumps(samples(int(ranks), rest[0], rest[1], int(rest[2]), json.loads(rest[3]))))
