@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .errors import TriforceError
 from .model import Decoder, Segment
 
 
@@ -91,7 +92,10 @@ class ForwardBatcher:
                 if on_exit is not None:
                     on_exit()
                 if self.step_log is not None:  # what it logged last reaches the other ranks now
-                    self.step_log.send([])
+                    try:
+                        self.step_log.send([])
+                    except TriforceError:  # a failed group: the passes of the others report it
+                        pass
                 with self._cv:
                     self._live -= 1
                     self._members.discard(threading.current_thread())

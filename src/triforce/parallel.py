@@ -176,8 +176,8 @@ class Group:
             raise RankFailed(self.failed) from None
 
     # -- what a pass exchanges ------------------------------------------------------------------
-    # Built from point-to-point sends: gloo's all_reduce and all_gather cost 0.4-1.5 ms for a
-    # decoding step's few KB between two processes on one machine, an isend/recv pair about 0.1.
+    # Built from point-to-point sends: for a decoding step's few KB, gloo's all_reduce and
+    # all_gather run several rounds of messages where an isend/recv pair to each peer is one.
     def _exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's `t` (same shape and dtype on all), in rank order."""
         parts = [t if r == self.rank else torch.empty_like(t) for r in range(self.world)]

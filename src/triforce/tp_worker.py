@@ -96,14 +96,19 @@ class _Follower:
             self.batcher.run_order(order)
 
     def _replay(self, key: int) -> None:
-        """A batch member: rank 0's calls of engine `key`, in order, until it releases the engine."""
+        """A batch member: rank 0's calls of engine `key`, in order, until it releases the engine.
+        A failure here leaves this rank unable to follow: it exits, which the others see at once."""
         engines: dict[int, Engine] = {}
-        while True:
-            kind, call = self.batcher.step_log.take(key)
-            if kind != "call":
-                raise RankFailed(f"tensor parallelism: rank {self.target.group.rank} got a {kind} outside a generation")
-            if not self.carry_out(call, engines, self.batcher):
-                return
+        try:
+            while True:
+                kind, call = self.batcher.step_log.take(key)
+                if kind != "call":
+                    raise RankFailed(f"tensor parallelism: got a {kind} outside a generation")
+                if not self.carry_out(call, engines, self.batcher):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - this rank cannot go on
+            print(f"triforce: rank {self.target.group.rank}: error: {exc}", file=sys.stderr, flush=True)
+            os._exit(1)
 
 
 def _die_with_parent() -> None:
