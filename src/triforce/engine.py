@@ -82,7 +82,8 @@ class Engine:
     """Lossless (hierarchical) speculative generation over one target model.
 
     batcher: when the engine's sequence shares decoder passes with other sequences (batched
-    generation, a server), the ForwardBatcher they all submit to.
+    generation, a server), the ForwardBatcher they all submit to. follows: on a tensor-parallel
+    rank past 0, the id of rank 0's engine this one copies (tp_worker makes these).
     """
 
     def __init__(self, target: LoadedModel, settings: EngineSettings | None = None, *,
