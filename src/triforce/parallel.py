@@ -234,13 +234,16 @@ class Group:
         return out
 
     def close(self) -> None:
-        """Leave the group; rank 0 tells its workers to exit and waits for them."""
+        """Leave the group; rank 0 tells its workers to exit and waits for them (after a failure,
+        ends them: one may be hung)."""
         if self.leader and not self.failed:
             try:
                 self.share(("exit",))
             except RankFailed:
                 pass
         for proc in self.workers:
+            if self.failed:
+                proc.kill()
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
