@@ -160,11 +160,15 @@ def test_two_ranks_sample_the_targets_distribution(small_vocab_models, monkeypat
 
 
 @pytest.mark.parametrize("sig, within", [(signal.SIGKILL, 10), (signal.SIGSTOP, 20)], ids=["killed", "hung"])
-def test_a_killed_or_hung_rank_ends_the_other_with_one_clear_line(sig, within):
+def test_a_killed_or_hung_rank_ends_the_other_with_one_clear_line(sig, within, tmp_path):
     """A worker killed mid-generation is noticed from its closed connection; one stopped (hung) at
     the collectives' timeout (5 s here). Rank 0 prints one line, exits 1, and leaves no worker."""
+    from triforce.corpus import load_document
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(load_document("vim")[:20000])
     proc = subprocess.Popen(["triforce", "generate", "--tensor-parallel", "2", "--method", "autoregressive",
-                             "--prompt-file", "README.md", "--max-new-tokens", "4000", "--temperature", "1",
+                             "--prompt-file", str(prompt), "--max-new-tokens", "4000", "--temperature", "1",
                              "--seed", "0", "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "TRIFORCE_TP_TIMEOUT": "5"})
     worker: list[str] = []
