@@ -9,6 +9,7 @@ case. Attention is per segment, on the keys its cache lets it see.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -188,6 +189,7 @@ class Decoder:
         self.rope_override = rope_scaling
         self._rope: RotaryTable | None = None
         self._rope_owner: Decoder = self  # a quantized copy shares its original's rotary table
+        self._rope_lock = threading.Lock()  # replacing the table is check-then-set
         self._copies: dict[str, Decoder] = {}
         # Native glue kernels on CPU (see native.py); the PyTorch path stays for other devices.
         self.fused = self.device.type == "cpu" and native.library() is not None
@@ -305,6 +307,10 @@ class Decoder:
         if self._rope_owner is not self:
             self._rope_owner.prepare(context_len, capacity)
             return
+        with self._rope_lock:  # sequences of a batch (and their copies on other ranks) prepare from their threads
+            self._prepare_rope(context_len, capacity)
+
+    def _prepare_rope(self, context_len: int, capacity: int | None) -> None:
         window = self.config.extra.get("sliding_window")
         if window and context_len > window:
             raise TriforceError(
