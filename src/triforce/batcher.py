@@ -127,11 +127,12 @@ class ForwardBatcher:
     def run_order(self, keys: list[int]) -> None:
         """On a tensor-parallel rank past 0: wait for the passes of sequences `keys`, then run them
         in that order (rank 0's order for the same step)."""
+        wanted = set(keys)
         with self._cv:
-            self._cv.wait_for(lambda: {item.key for item in self._pending} >= set(keys))
+            self._cv.wait_for(lambda: {item.key for item in self._pending} >= wanted)
             by_key = {item.key: item for item in self._pending}
             work = [by_key[key] for key in keys]
-            self._pending = [item for item in self._pending if item.key not in set(keys)]
+            self._pending = [item for item in self._pending if item.key not in wanted]
         self._run(work)
 
     def _run(self, work: list[_Pass]) -> None:

@@ -61,9 +61,7 @@ class LoadedModel:
 
     def load_spec(self) -> dict[str, Any]:
         """How another process loads this model (`load(**spec)`), for the ranks of a group."""
-        return {"model": None if self.is_embedded else str(self.path),
-                "dtype": str(self.decoder.dtype).removeprefix("torch."), "device": str(self.decoder.device),
-                "weights": self.weights}
+        return load_spec(self.path, self.is_embedded, self.decoder.dtype, self.decoder.device, self.weights)
 
     def copy_in(self, fmt: str) -> Decoder:
         """The decoder with its projections re-quantized to block format `fmt`, sharing norms,
@@ -201,8 +199,7 @@ def load(
     group, vocab_rows, tag = None, (), ""
     if tensor_parallel != 1:
         shards = parallel.plan_shards(config, tensor_parallel, parallel.down_block_size(tensors))
-        spec = {"model": None if embedded else str(path), "dtype": str(torch_dtype).removeprefix("torch."),
-                "device": str(device), "rope_scaling": rope_scaling, "weights": weights}
+        spec = {**load_spec(path, embedded, torch_dtype, device, weights), "rope_scaling": rope_scaling}
         group = parallel.join(tensor_parallel, spec)
         config = parallel.shard_weights(config, tensors, shards[group.rank])
         vocab_rows, tag = shards[group.rank].vocab_rows, shards[group.rank].tag
@@ -210,6 +207,13 @@ def load(
                       vocab_rows=vocab_rows)
     decoder.shard_tag = tag
     return LoadedModel(decoder, tokenizer, config, EMBEDDED_NAME if embedded else str(path), embedded, path, weights)
+
+
+def load_spec(path: Path | None, embedded: bool, dtype: torch.dtype, device: str | torch.device,
+              weights: str) -> dict[str, Any]:
+    """`load` arguments (JSON-able) that load the same model in another process."""
+    return {"model": None if embedded else str(path), "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device), "weights": weights}
 
 
 def _is_projection(name: str) -> bool:
