@@ -11,7 +11,8 @@
  * On AVX2 (no bf16 dot products) the same packed weights are widened to float32 in registers and
  * summed with multiply-adds in two chains per output (see simd.h's packed_tile_avx2); each block
  * is taken by one thread for all rows, in tiles of up to three rows, so it is read from memory
- * once and from cache for the other tiles.
+ * once and from cache for the other tiles. Tiles are of near-equal heights: a 1-row tile's four
+ * multiply-add chains wait on each other's latency, so 7 rows run as 3 + 2 + 2, not 3 + 3 + 1.
  */
 #include <stdint.h>
 #include <string.h>
@@ -268,8 +269,9 @@ int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bi
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int b = 0; b < blocks; b++) {
         const uint16_t *wb = packed + (long)b * pairs * 32;
-        for (int m0 = 0; m0 < M; m0 += PACKED_TILE_M) {
-            const int mt = M - m0 < PACKED_TILE_M ? M - m0 : PACKED_TILE_M;
+        const int tiles = (M + PACKED_TILE_M - 1) / PACKED_TILE_M;
+        for (int t = 0; t < tiles; t++) {
+            const int m0 = (int)((long)t * M / tiles), mt = (int)((long)(t + 1) * M / tiles) - m0;
             __m256 acc[4 * PACKED_TILE_M];
             packed_tile_any(xf + (long)m0 * K, K, wb, pairs, mt, acc, 0);
             packed_store_avx2(acc, mt, m0, b * 16, N, N, bias, y, y_is_f32);

@@ -740,6 +740,7 @@ static int quant_linear_avx2(const uint16_t *x, const uint8_t *packed, int fmt, 
 #pragma omp parallel num_threads(n_threads)
     {
         float *w = scratch2((long)QUAD * pairs * 32);
+        const int tiles = (M + PACKED_TILE_M - 1) / PACKED_TILE_M; /* near-equal heights (linear.c) */
         if (!w) {
 #pragma omp atomic write
             failed = 1;
@@ -753,8 +754,8 @@ static int quant_linear_avx2(const uint16_t *x, const uint8_t *packed, int fmt, 
             __m256 acc[4 * PACKED_TILE_M];
             qdecode_quad2(fmt, base, kstride, nkb, nb, pairs, w);
             for (int s = 0; s < nb; s++) {
-                for (int m0 = 0; m0 < M; m0 += PACKED_TILE_M) {
-                    const int mt = M - m0 < PACKED_TILE_M ? M - m0 : PACKED_TILE_M;
+                for (int t = 0; t < tiles; t++) {
+                    const int m0 = (int)((long)t * M / tiles), mt = (int)((long)(t + 1) * M / tiles) - m0;
                     packed_tile_any(xf + (long)m0 * K, K, w + (long)s * pairs * 32, pairs, mt, acc, 1);
                     packed_store_avx2(acc, mt, m0, (q * QUAD + s) * 16, N, ldy, bias, y, y_is_f32);
                 }
