@@ -40,7 +40,11 @@ def test_the_best_isa_the_cpu_runs_is_chosen(cpu, monkeypatch):
     cpu("flags : fpu sse2 avx")  # neither
     assert native.cpu_isas() == [] and native.requested_isa() == "none"
     monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
-    assert native.cpu_isas() == [] and native.requested_isa() == "none"
+    assert native.cpu_isas() == [] and native.requested_isa() == "none"  # no asimd in those flags
+    monkeypatch.setattr(native, "_cpu_signature", lambda: "Features : fp asimd evtstrm aes crc32")
+    assert native.cpu_isas() == ["neon"] and native.requested_isa() == "neon"
+    cpu(ZEN4)  # and an x86 CPU never takes the NEON build
+    assert "neon" not in native.cpu_isas()
 
 
 def test_triforce_isa_forces_a_level_or_says_why_not(cpu, monkeypatch):
@@ -55,8 +59,12 @@ def test_triforce_isa_forces_a_level_or_says_why_not(cpu, monkeypatch):
     with pytest.raises(TriforceError, match=r"the avx512 kernels need avx512f, .*avx512_bf16, which this CPU lacks "
                                             r"\(it runs: avx2, none\)"):
         native.requested_isa()
+    monkeypatch.setenv("TRIFORCE_ISA", "neon")
+    with pytest.raises(TriforceError, match=r"the neon kernels need an aarch64 CPU, which this CPU lacks "
+                                            r"\(it runs: avx2, none\)"):
+        native.requested_isa()
     monkeypatch.setenv("TRIFORCE_ISA", "sse")
-    with pytest.raises(TriforceError, match="TRIFORCE_ISA must be one of auto, avx512, avx2, none, got 'sse'"):
+    with pytest.raises(TriforceError, match="TRIFORCE_ISA must be one of auto, avx512, avx2, neon, none, got 'sse'"):
         native.requested_isa()
     monkeypatch.setenv("TRIFORCE_ISA", "avx2")
     monkeypatch.setenv("TRIFORCE_NATIVE", "0")  # the older switch still turns the kernels off
@@ -76,7 +84,7 @@ def test_set_isa_switches_the_path_for_models_loaded_afterwards():
         native.set_isa(None)
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "none"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "neon", "none"])
 def test_generate_names_the_kernels_that_ran(isa, monkeypatch):
     if isa != "none" and isa not in native.cpu_isas():
         pytest.skip(f"this CPU cannot run the {isa} kernels")
@@ -92,11 +100,11 @@ def test_generate_names_the_kernels_that_ran(isa, monkeypatch):
 
 
 def test_a_bad_isa_is_one_line(monkeypatch):
-    with pytest.raises(TriforceError, match="isa must be one of auto, avx512, avx2, none, got 'sse'"):
+    with pytest.raises(TriforceError, match="isa must be one of auto, avx512, avx2, neon, none, got 'sse'"):
         native.set_isa("sse")
     assert native.kernels() != "sse"  # nothing changed
     assert_clean_error(run_cli("bench", "decode", "--isa", "sse", "--quick"),
-                       "isa must be one of auto, avx512, avx2, none, got 'sse'")
-    monkeypatch.setenv("TRIFORCE_ISA", "neon")
+                       "isa must be one of auto, avx512, avx2, neon, none, got 'sse'")
+    monkeypatch.setenv("TRIFORCE_ISA", "sve")
     assert_clean_error(run_cli("generate", "--prompt", "Hi", "--max-new-tokens", "2"),
-                       "TRIFORCE_ISA must be one of auto, avx512, avx2, none, got 'neon'")
+                       "TRIFORCE_ISA must be one of auto, avx512, avx2, neon, none, got 'sve'")

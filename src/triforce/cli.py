@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--repeats", type=_positive_int, default=3)
     e.add_argument("--document", default="vim")
     e.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
-    e.add_argument("--isa", type=_name_list, help="kernel paths side by side: avx512, avx2, none (PyTorch) "
+    e.add_argument("--isa", type=_name_list, help="kernel paths side by side: avx512, avx2, neon, none (PyTorch) "
                                                   "(default: the best this CPU runs)")
     e.add_argument("--out", default="bench-out", help="directory for JSON and Markdown results")
     d = bsub.add_parser("decode", help="every method side by side on long real documents, with peers and plots")
@@ -260,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--kv-offload", metavar="DIR", help="also run every method with the target's KV cache on disk "
                                                         "under DIR beyond --kv-ram-budget, side by side")
     d.add_argument("--kv-ram-budget", type=_size, metavar="SIZE", help="RAM for the KV cache with --kv-offload")
-    d.add_argument("--isa", help="the kernels of the whole run: avx512, avx2 or none (PyTorch) (default: the best "
-                                 "this CPU runs; same as TRIFORCE_ISA)")
+    d.add_argument("--isa", help="the kernels of the whole run: avx512, avx2, neon or none (PyTorch) (default: the "
+                                 "best this CPU runs; same as TRIFORCE_ISA)")
     d.add_argument("--ppl-tokens", type=_nonneg_int,
                    help="score the target's perplexity on this many true next tokens per context (default 128; 0: off)")
     ac = bsub.add_parser("acceptance", help="acceptance of the target on sparse caches (retrieval, StreamingLLM, "

@@ -250,9 +250,11 @@ class Engine:
         """The controller's prior cost per extra row of a pass (relative to one row) on the kernels the
         target runs on. `triforce bench kernels --contexts 16384 --queries 1,7 --rows 1,7 --weights auto`
         on the embedded model: 7 rows cost 1.3-1.5 one-row passes on AVX512-BF16 (the bf16 dot products
-        keep multi-row passes memory-bound) but 4.2 on AVX2 (bound by float32 multiply-adds); on
-        PyTorch a verified row attends alone, so at long contexts a row costs nearly a step."""
-        return {"avx512": 0.1, "avx2": 0.5}.get(self.target.decoder.kernels, 0.8)
+        keep multi-row passes memory-bound) but 4.2 on AVX2 (bound by float32 multiply-adds; NEON's
+        passes are the same float32 multiply-adds, four lanes wide, and take AVX2's prior, not measured
+        on an ARM CPU); on PyTorch a verified row attends alone, so at long contexts a row costs nearly
+        a step."""
+        return {"avx512": 0.1, "avx2": 0.5, "neon": 0.5}.get(self.target.decoder.kernels, 0.8)
 
     def _offloaded_view_prior(self, full: FullCache) -> dict[str, tuple[float, float]] | None:
         """Before a view of an offloaded cache has run, its pass is priced off the top's RAM traffic

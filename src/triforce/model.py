@@ -193,7 +193,7 @@ class Decoder:
         self._copies: dict[str, Decoder] = {}
         # Native glue kernels on CPU (see native.py); the PyTorch path stays for other devices.
         self.fused = self.device.type == "cpu" and native.library() is not None
-        # Which kernels this model's passes run on, for the statistics: "avx512", "avx2" or
+        # Which kernels this model's passes run on, for the statistics: "avx512", "avx2", "neon" or
         # "pytorch" (also any non-CPU device, where PyTorch's own kernels run).
         self.kernels = native.kernels() if self.fused else "pytorch"
 

@@ -2,11 +2,13 @@
 
 The C files are compiled with the machine's C compiler for one instruction set (ISA) and cached
 under the user's cache directory, keyed by source, flags and CPU. The ISA is the best the CPU has
-of "avx512" (AVX512 with BF16; AMX tiles too where present) and "avx2" (AVX2 + FMA + F16C), or
-the one TRIFORCE_ISA names (avx512|avx2|none, so each variant can be tested and measured on one
-machine). They link OpenMP by soname, so they share the libgomp thread pool PyTorch has already
-loaded. TRIFORCE_ISA=none (or TRIFORCE_NATIVE=0), another OS or CPU, or a failed build leave the
-PyTorch paths in charge; `kernels()` names the path that runs.
+of "avx512" (AVX512 with BF16; AMX tiles too where present) and "avx2" (AVX2 + FMA + F16C) on
+x86-64, "neon" (Advanced SIMD) on AArch64, or the one TRIFORCE_ISA names (avx512|avx2|neon|none,
+so each variant can be tested and measured on one machine). The NEON build has the projections
+and attention; GGUF blocks are decoded to bf16 at load there. The kernels link OpenMP by soname,
+so they share the libgomp thread pool PyTorch has already loaded. TRIFORCE_ISA=none (or
+TRIFORCE_NATIVE=0), another OS or CPU, or a failed build leave the PyTorch paths in charge;
+`kernels()` names the path that runs.
 
 - attention.c: decoding/verification attention over a cache buffer (dense or retrieval chunks)
 - linear.c:    bf16 projections from packed weights at memory bandwidth
@@ -39,11 +41,15 @@ _SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.c"))
 _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 # Per ISA: the compiler flags and the CPU features (/proc/cpuinfo names) it needs.
 # AVX2 builds without contraction: its quantized decoding rounds each product as gguf-py does.
-ISA_FLAGS = {"avx512": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=native", "-ffp-contract=off"]}
+# NEON builds without contraction too: its scalar code then rounds as the x86 builds' does.
+ISA_FLAGS = {"avx512": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=native", "-ffp-contract=off"],
+             "neon": ["-march=armv8-a", "-ffp-contract=off"]}
 ISA_NEEDS = {
     "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"),
     "avx2": ("avx2", "fma", "f16c"),
+    "neon": ("asimd",),
 }
+ISA_MACHINE = {"avx512": "x86_64", "avx2": "x86_64", "neon": "aarch64"}  # platform.machine() of each
 ISA_CHOICES = ("auto", *ISA_FLAGS, "none")
 _library: ctypes.CDLL | None | bool = False  # False: not tried yet
 _isa = "pytorch"  # the path that runs once library() has been called
@@ -68,12 +74,15 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
+def _machine() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
 def cpu_isas() -> list[str]:
     """The kernel ISAs this CPU can run, best first."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return []
     flags = set(_cpu_signature().split())
-    return [isa for isa, needs in ISA_NEEDS.items() if flags.issuperset(needs)]
+    return [isa for isa, needs in ISA_NEEDS.items() if ISA_MACHINE[isa] == _machine() and flags.issuperset(needs)]
 
 
 def _checked_isa(value: str, name: str) -> str:
@@ -93,8 +102,11 @@ def requested_isa() -> str:
     if wanted == "auto":
         return runs[0] if runs else "none"
     if wanted not in runs:
-        missing = [f for f in ISA_NEEDS[wanted] if f not in _cpu_signature().split()]
-        raise TriforceError(f"the {wanted} kernels need {', '.join(missing) or 'an x86-64 CPU'}, which this CPU "
+        if ISA_MACHINE[wanted] != _machine():
+            missing = [f"an {ISA_MACHINE[wanted].replace('_', '-')} CPU"]
+        else:
+            missing = [f for f in ISA_NEEDS[wanted] if f not in _cpu_signature().split()]
+        raise TriforceError(f"the {wanted} kernels need {', '.join(missing)}, which this CPU "
                             f"lacks (it runs: {', '.join(runs + ['none'])})")
     return wanted
 
@@ -166,7 +178,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def kernels() -> str:
-    """The path the model's hot loops run on: "avx512", "avx2" or "pytorch"."""
+    """The path the model's hot loops run on: "avx512", "avx2", "neon" or "pytorch"."""
     library()
     return _isa
 

@@ -76,6 +76,8 @@ static inline void load_row(float *dst, const void *base, long row, int D, int b
         }
 #elif defined(TF_AVX2)
         for (int c = 0; c < D; c += 8) _mm256_storeu_ps(dst + c, bf16x8(src + c));
+#elif defined(TF_NEON)
+        for (int c = 0; c < D; c += 4) vst1q_f32(dst + c, bf16x4(src + c));
 #else
         for (int c = 0; c < D; c++) {
             uint32_t bits = (uint32_t)src[c] << 16;
@@ -198,6 +200,19 @@ static void attend_range(const float *q, const void *k, const void *v, int bf16,
                 __m256 hidden = _mm256_castsi256_ps(_mm256_cmpgt_epi32(rowv, _mm256_set1_epi32((int)limit)));
                 _mm256_storeu_ps(s + half, _mm256_blendv_ps(sv, _mm256_set1_ps(-INFINITY), hidden));
             }
+#elif defined(TF_NEON)
+            for (int j0 = 0; j0 < BLOCK; j0 += 4) { /* four keys at once: 4-lane chains, then pairwise sums */
+                float32x4_t a[4];
+                for (int j = 0; j < 4; j++) a[j] = vdupq_n_f32(0.0f);
+                for (int c = 0; c < D; c += 4) {
+                    const float32x4_t qv = vld1q_f32(qr + c);
+                    for (int j = 0; j < 4; j++) a[j] = vfmaq_f32(a[j], qv, vld1q_f32(kf + (j0 + j) * D + c));
+                }
+                const float32x4_t sv = vmulq_f32(vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3])),
+                                                 vdupq_n_f32(scale));
+                const uint32x4_t hidden = vcgtq_s32(vld1q_s32(rows + j0), vdupq_n_s32((int)limit));
+                vst1q_f32(s + j0, vbslq_f32(hidden, vdupq_n_f32(-INFINITY), sv));
+            }
 #else
             for (int j = 0; j < BLOCK; j++) {
                 if (rows[j] > limit) {
@@ -263,6 +278,30 @@ static void attend_range(const float *q, const void *k, const void *v, int bf16,
                 } else {
                     pv_avx2(ar + c0, vf + c0, s, nk, D, cv, (D - c0) / 8);
                 }
+            }
+#elif defined(TF_NEON)
+            const float32x4_t ninf = vdupq_n_f32(-INFINITY), mv = vdupq_n_f32(mn);
+            float psum = 0.0f;
+            for (int j0 = 0; j0 < BLOCK; j0 += 4) {
+                const float32x4_t sv = vld1q_f32(s + j0);
+                const uint32x4_t live = vmvnq_u32(vceqq_f32(sv, ninf));
+                const uint32x4_t e = vreinterpretq_u32_f32(exp128(vsubq_f32(sv, mv)));
+                const float32x4_t pv = vreinterpretq_f32_u32(vandq_u32(live, e));
+                vst1q_f32(s + j0, pv);
+                psum += vaddvq_f32(pv);
+            }
+            l[r] = l[r] * corr + psum;
+            /* 32 columns (8 independent accumulators) at a time */
+            const float32x4_t cv = vdupq_n_f32(corr);
+            for (int c0 = 0; c0 < D; c0 += 32) {
+                const int nc = D - c0 >= 32 ? 8 : (D - c0) / 4;
+                float32x4_t o[8];
+                for (int c = 0; c < nc; c++) o[c] = vmulq_f32(vld1q_f32(ar + c0 + 4 * c), cv);
+                for (int j = 0; j < nk; j++) {
+                    const float32x4_t pj = vdupq_n_f32(s[j]);
+                    for (int c = 0; c < nc; c++) o[c] = vfmaq_f32(o[c], pj, vld1q_f32(vf + j * D + c0 + 4 * c));
+                }
+                for (int c = 0; c < nc; c++) vst1q_f32(ar + c0 + 4 * c, o[c]);
             }
 #else
             float sum = 0.0f;

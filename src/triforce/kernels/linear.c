@@ -11,7 +11,7 @@
  * On AVX2 (no bf16 dot products) the same packed weights are widened to float32 in registers and
  * summed with multiply-adds in two chains per output (see simd.h's packed_tile_avx2); each block
  * is taken by one thread for all rows, in tiles of up to three rows, so it is read from memory
- * once and from cache for the other tiles. Tiles are of near-equal heights: a 1-row tile's four
+ * once and from cache for the other tiles (NEON: the same, four lanes wide). Tiles are of near-equal heights: a 1-row tile's four
  * multiply-add chains wait on each other's latency, so 7 rows run as 3 + 2 + 2, not 3 + 3 + 1.
  */
 #include <stdint.h>
@@ -59,7 +59,7 @@ void tf_pack_weight(const uint16_t *w, uint16_t *packed, int N, int K) {
 }
 
 int tf_has_bf16_linear(void) {
-#if defined(__AVX512BF16__) || defined(TF_AVX2)
+#if defined(__AVX512BF16__) || defined(TF_AVX2) || defined(TF_NEON)
     return 1;
 #else
     return 0;
@@ -226,7 +226,7 @@ static void linear_amx(const uint16_t *x, const uint16_t *packed, const uint16_t
 #endif
 
 /* x [M][K] bf16, packed weights, bias [N] bf16 or NULL; y [M][N] written as bf16 (y_is_f32 = 0)
- * or float32. Returns 0, -1 when this build has neither AVX512-BF16 nor AVX2, -3 when out of memory. */
+ * or float32. Returns 0, -1 when this build has none of AVX512-BF16, AVX2 and NEON, -3 when out of memory. */
 int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bias, void *y, int y_is_f32, int M,
                    int N, int K, int n_threads) {
 #if defined(__AVX512BF16__)
@@ -275,6 +275,24 @@ int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bi
             __m256 acc[4 * PACKED_TILE_M];
             packed_tile_any(xf + (long)m0 * K, K, wb, pairs, mt, acc, 0);
             packed_store_avx2(acc, mt, m0, b * 16, N, N, bias, y, y_is_f32);
+        }
+    }
+    free(xf);
+    return 0;
+#elif defined(TF_NEON)
+    const int pairs = K / 2, blocks = (N + 15) / 16;
+    float *xf = widen_rows(x, (long)M * K);
+    if (!xf) return -3;
+    if (n_threads < 1) n_threads = 1;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        const uint16_t *wb = packed + (long)b * pairs * 32;
+        const int tiles = (M + PACKED_TILE_M - 1) / PACKED_TILE_M;
+        for (int t = 0; t < tiles; t++) {
+            const int m0 = (int)((long)t * M / tiles), mt = (int)((long)(t + 1) * M / tiles) - m0;
+            float32x4_t acc[8 * PACKED_TILE_M];
+            packed_tile_neon_any(xf + (long)m0 * K, K, wb, pairs, mt, acc);
+            packed_store_neon(acc, mt, m0, b * 16, N, N, bias, y, y_is_f32);
         }
     }
     free(xf);

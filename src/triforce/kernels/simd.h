@@ -149,12 +149,111 @@ static inline void packed_store_avx2(const __m256 *acc, int mt, int m0, int n0, 
     }
 }
 
+#endif
+
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define TF_NEON 1
+#define PACKED_TILE_M 3 /* 24 accumulators, two weight vectors and 3 input pairs fit the 32 registers */
+
+/* exp(x) for x <= 0, as exp256. */
+static inline float32x4_t exp128(float32x4_t x) {
+    const float32x4_t low = vdupq_n_f32(-87.0f);
+    const uint32x4_t tiny = vcltq_f32(x, low);
+    x = vmaxq_f32(x, low);
+    const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.4426950408889634f)));
+    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693145751953125f));
+    r = vfmsq_f32(r, n, vdupq_n_f32(1.428606765330187e-06f));
+    float32x4_t p = vdupq_n_f32(1.0f / 720.0f);
+    p = vfmaq_f32(vdupq_n_f32(1.0f / 120.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f / 24.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f / 6.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(0.5f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
+    const int32x4_t bits = vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(vmulq_f32(p, vreinterpretq_f32_s32(bits))), tiny));
+}
+
+/* Four bf16 (uint16) to float32, exactly. */
+static inline float32x4_t bf16x4(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+
+/* The projections' inner loop on NEON: simd.h's packed_tile_avx2 in 4-lane vectors. Output j of
+ * row i sums in the same two chains (even inputs in lane 2 (j % 2), odd ones in the next lane of
+ * acc[8 i + j / 2]), one multiply-add per pair in order from zero, so a row's result does not
+ * depend on the rows beside it, and equals the AVX2 kernel's bit for bit. */
+static inline __attribute__((always_inline)) void packed_tile_neon(const float *x, long K, const uint16_t *w,
+                                                                   int pairs, const int mt, float32x4_t *acc) {
+    float32x4_t a[8 * PACKED_TILE_M];
+    for (int i = 0; i < 8 * mt; i++) a[i] = vdupq_n_f32(0.0f);
+    for (int p = 0; p < pairs; p++) {
+        float32x4_t xp[PACKED_TILE_M];
+        for (int i = 0; i < mt; i++) {
+            uint64_t pair;
+            memcpy(&pair, x + i * K + 2 * p, 8);
+            xp[i] = vreinterpretq_f32_u64(vdupq_n_u64(pair));
+        }
+        for (int q = 0; q < 4; q++) {
+            const uint16x8_t raw = vld1q_u16(w + 32L * p + 8 * q);
+            const float32x4_t lo = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(raw), 16));
+            const float32x4_t hi = vreinterpretq_f32_u32(vshll_high_n_u16(raw, 16));
+            for (int i = 0; i < mt; i++) {
+                a[8 * i + 2 * q] = vfmaq_f32(a[8 * i + 2 * q], lo, xp[i]);
+                a[8 * i + 2 * q + 1] = vfmaq_f32(a[8 * i + 2 * q + 1], hi, xp[i]);
+            }
+        }
+    }
+    for (int i = 0; i < 8 * mt; i++) acc[i] = a[i];
+}
+
+static inline void packed_tile_neon_any(const float *x, long K, const uint16_t *w, int pairs, int mt,
+                                        float32x4_t *acc) {
+    if (mt == 1) packed_tile_neon(x, K, w, pairs, 1, acc); /* constant trip counts: registers */
+    else if (mt == 2) packed_tile_neon(x, K, w, pairs, 2, acc);
+    else packed_tile_neon(x, K, w, pairs, 3, acc);
+}
+
+/* As packed_store_avx2: the two chains added, then the bias, stored as float32 or bf16. */
+static inline void packed_store_neon(const float32x4_t *acc, int mt, int m0, int n0, int N, long ldy,
+                                     const uint16_t *bias, void *y, int y_is_f32) {
+    const int nv = N - n0 < 16 ? N - n0 : 16;
+    float b[16] = {0};
+    if (bias) {
+        for (int j = 0; j < nv; j++) {
+            uint32_t bits = (uint32_t)bias[n0 + j] << 16;
+            memcpy(b + j, &bits, 4);
+        }
+    }
+    for (int i = 0; i < mt; i++) {
+        float out[16];
+        for (int q = 0; q < 4; q++) /* pairwise: lane 2j + lane 2j + 1, even chain first */
+            vst1q_f32(out + 4 * q, vaddq_f32(vpaddq_f32(acc[8 * i + 2 * q], acc[8 * i + 2 * q + 1]), vld1q_f32(b + 4 * q)));
+        if (y_is_f32) {
+            memcpy((float *)y + (long)(m0 + i) * ldy + n0, out, sizeof(float) * nv);
+        } else {
+            uint16_t *dst = (uint16_t *)y + (long)(m0 + i) * ldy + n0;
+            for (int j = 0; j < nv; j++) {
+                uint32_t bits;
+                memcpy(&bits, out + j, 4);
+                bits += 0x7fff + ((bits >> 16) & 1);
+                dst[j] = (uint16_t)(bits >> 16);
+            }
+        }
+    }
+}
+#endif
+
+#if defined(TF_AVX2) || defined(TF_NEON)
 /* x [M][K] bf16 -> float32 (exact), into a buffer the caller frees. */
 static inline float *widen_rows(const uint16_t *x, long n) {
     float *f = (float *)aligned_alloc(64, ((size_t)n * 4 + 63) / 64 * 64);
     if (!f) return NULL;
     long i = 0;
+#if defined(TF_AVX2)
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, bf16x8(x + i));
+#else
+    for (; i + 4 <= n; i += 4) vst1q_f32(f + i, bf16x4(x + i));
+#endif
     for (; i < n; i++) {
         uint32_t bits = (uint32_t)x[i] << 16;
         memcpy(f + i, &bits, 4);
