@@ -1,7 +1,7 @@
 """The NEON kernels (AArch64), cross-compiled with native.py's flags and run under qemu-user by
-tests/kernel_harness.c: projections and attention against PyTorch, every row of a pass equal to
-that row alone, and the projections equal to the AVX2 kernel's bit for bit (the same two chains
-per output, summed in the same order)."""
+tests/kernel_harness.c: projections (bf16 and GGUF blocks) and attention against PyTorch and
+gguf-py, every row of a pass equal to that row alone, and the projections equal to the AVX2
+kernel's bit for bit (the same weights, two chains per output summed in the same order)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 from triforce import native
 from triforce.attention import attend_torch
+from triforce.quant import FORMATS, QuantLinear
+
+from .test_quant import gguf_dequantize, random_blocks
 
 CROSS = shutil.which("aarch64-linux-gnu-gcc")
 QEMU = shutil.which("qemu-aarch64")
@@ -53,7 +56,7 @@ def _floats(raw: bytes, shape: tuple[int, ...], bf16: bool) -> torch.Tensor:
 
 
 def test_the_neon_build_runs_the_projections_natively(harness):
-    assert struct.unpack("<i", harness("isa", []))[0] == 1
+    assert struct.unpack("<2i", harness("isa", [])) == (1, 1)  # bf16 and block-format weights
 
 
 def neon_linear(harness, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, f32: bool) -> torch.Tensor:
@@ -130,3 +133,39 @@ def test_neon_attention_matches_pytorch_and_every_row_equals_it_alone(harness, d
     assert (selected - sel_ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
     alone = neon_attention(harness, q[T - 1 :], k, v, first + T, first + T - 1, chunks, chunk, dense)
     assert torch.equal(alone[0], selected[T - 1])
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_neon_block_projections_match_gguf_rows_alone_and_avx2(harness, fmt):
+    """Every GGUF block format straight from its blocks: float32 sums of gguf-py's weights, each
+    row alone as in a pass, the same bits as the AVX2 kernel; and rows of the matrix (embedding
+    lookups) are gguf-py's values exactly."""
+    K = 512
+    q = random_blocks(fmt, 40, K, seed=3)
+    w = gguf_dequantize(q)
+    code = FORMATS[fmt].code
+    torch.manual_seed(0)
+    x = torch.randn(5, K, dtype=torch.bfloat16)
+    b = torch.randn(40, dtype=torch.bfloat16)
+
+    def neon(rows: torch.Tensor, f32: bool = True) -> torch.Tensor:
+        raw = harness("quant", [code, len(rows), 40, K, 1, int(f32), 2], q.blocks, rows, b)
+        return _floats(raw, (len(rows), 40), not f32)
+
+    got = neon(x)
+    exact = F.linear(x.double(), w.double(), b.double())
+    assert (got.double() - exact).abs().max() <= 1e-5 * exact.abs().max() + 1e-6
+    assert torch.equal(neon(x, f32=False), got.bfloat16().float())
+    for i in (0, 4):
+        assert torch.equal(neon(x[i : i + 1])[0], got[i])
+    ids = torch.tensor([0, 17, 39], dtype=torch.int64)
+    rows = _floats(harness("quant_rows", [code, 40, K, 3, 1], q.blocks, ids), (3, K), False)
+    assert torch.equal(rows, w[ids])
+    if "avx2" not in native.cpu_isas():
+        pytest.skip("this CPU cannot run the AVX2 kernels to compare bits with")
+    try:
+        native.set_isa("avx2")
+        avx2 = QuantLinear(q, b)(x, torch.float32)
+    finally:
+        native.set_isa(None)
+    assert torch.equal(got, avx2)

@@ -4,11 +4,10 @@ The C files are compiled with the machine's C compiler for one instruction set (
 under the user's cache directory, keyed by source, flags and CPU. The ISA is the best the CPU has
 of "avx512" (AVX512 with BF16; AMX tiles too where present) and "avx2" (AVX2 + FMA + F16C) on
 x86-64, "neon" (Advanced SIMD) on AArch64, or the one TRIFORCE_ISA names (avx512|avx2|neon|none,
-so each variant can be tested and measured on one machine). The NEON build has the projections
-and attention; GGUF blocks are decoded to bf16 at load there. The kernels link OpenMP by soname,
-so they share the libgomp thread pool PyTorch has already loaded. TRIFORCE_ISA=none (or
-TRIFORCE_NATIVE=0), another OS or CPU, or a failed build leave the PyTorch paths in charge;
-`kernels()` names the path that runs.
+so each variant can be tested and measured on one machine; NEON is tested under qemu-user only).
+The kernels link OpenMP by soname, so they share the libgomp thread pool PyTorch has already
+loaded. TRIFORCE_ISA=none (or TRIFORCE_NATIVE=0), another OS or CPU, or a failed build leave the
+PyTorch paths in charge; `kernels()` names the path that runs.
 
 - attention.c: decoding/verification attention over a cache buffer (dense or retrieval chunks)
 - linear.c:    bf16 projections from packed weights at memory bandwidth

@@ -291,7 +291,7 @@ int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bi
         for (int t = 0; t < tiles; t++) {
             const int m0 = (int)((long)t * M / tiles), mt = (int)((long)(t + 1) * M / tiles) - m0;
             float32x4_t acc[8 * PACKED_TILE_M];
-            packed_tile_neon_any(xf + (long)m0 * K, K, wb, pairs, mt, acc);
+            packed_tile_neon_any(xf + (long)m0 * K, K, wb, pairs, mt, acc, 0);
             packed_store_neon(acc, mt, m0, b * 16, N, N, bias, y, y_is_f32);
         }
     }

@@ -794,6 +794,128 @@ static void quant_row_avx2(const uint8_t *g, long kstride, int fmt, int nkb, int
 }
 #endif
 
+#if defined(TF_NEON)
+/* NEON: each group of 16 rows is decoded, one weight at a time in portable C, to gguf-py's float32
+ * values by the AVX2 path's operations (compiled without contraction; the Q4_1 and K-quant
+ * products are exact, so unfused equals fused), into a float32 scratch in the packed layout; the
+ * row tiles of simd.h's NEON projections then read it. Results equal the AVX2 kernel's bit for bit.
+ * Correctness first: nothing here has been timed on an ARM CPU. */
+
+static inline float f16_value(const uint8_t *p) { /* IEEE half to float32, exactly */
+    const uint16_t h = rd16(p);
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023;
+    uint32_t bits;
+    if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man) { /* subnormal: man * 2^-24 */
+        float f = (float)man * 5.9604644775390625e-08f;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    } else {
+        bits = sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Weight of element e (row e / 2, input 2 p + e % 2) of pair p of chunk c of a repacked block. */
+static float q_weight(int fmt, const uint8_t *blk, int c, int p, int e) {
+    const int r = e / 2, v = e / 8, low = v < 2, byte = 8 * (v & 1) + e % 8, bit = byte;
+    switch (fmt) {
+    case QF_Q8_0:
+        return (float)(int8_t)blk[32 + 32 * p + e] * f16_value(blk + 2 * r);
+    case QF_Q4_0: {
+        const int L = blk[32 + 16 * p + byte], q = low ? L & 15 : L >> 4;
+        return f16_value(blk + 2 * r) * (float)(q - 8);
+    }
+    case QF_Q4_1: {
+        const int L = blk[64 + 16 * p + byte], q = low ? L & 15 : L >> 4;
+        return f16_value(blk + 2 * r) * (float)q + f16_value(blk + 32 + 2 * r);
+    }
+    case QF_Q4_K:
+    case QF_Q5_K: {
+        const uint8_t *S = blk + 64 + r;
+        int sc, m;
+        if (c < 4) {
+            sc = S[16 * c] & 63;
+            m = S[16 * (4 + c)] & 63;
+        } else {
+            const int md = S[16 * (8 + c - 4)];
+            sc = (md & 15) | ((S[16 * (c - 4)] >> 2) & 0x30);
+            m = (md >> 4) | ((S[16 * c] >> 2) & 0x30);
+        }
+        const float scale = f16_value(blk + 2 * r) * (float)sc, offset = f16_value(blk + 32 + 2 * r) * (float)m;
+        int q;
+        if (fmt == QF_Q4_K) {
+            const int L = blk[256 + 256 * c + 16 * p + byte];
+            q = low ? L & 15 : L >> 4;
+        } else {
+            const uint8_t *ch = blk + 256 + 320 * c;
+            const int L = ch[16 * p + byte];
+            q = (low ? L & 15 : L >> 4) | (((rd16(ch + 256 + 4 * p + (low ? 0 : 2)) >> bit) & 1) << 4);
+        }
+        return scale * (float)q - offset;
+    }
+    default: { /* Q6_K */
+        const uint8_t *ch = blk + 288 + 384 * c, *hm = ch + 256 + 8 * p;
+        const int L = ch[16 * p + byte];
+        int q = (low ? L & 15 : L >> 4) | (((rd16(hm + (low ? 0 : 2)) >> bit) & 1) << 4) |
+                (((rd16(hm + (low ? 4 : 6)) >> bit) & 1) << 5);
+        const float scale = f16_value(blk + 2 * r) * (float)(int8_t)blk[32 + 16 * (2 * c + (p >= 8)) + r];
+        return scale * (float)(q - 32);
+    }
+    }
+}
+
+/* Group g's weights -> float32 [pairs][32] (the packed layout). */
+static void q_decode_group(int fmt, const uint8_t *g, long kstride, int nkb, float *out) {
+    const int CH = chunks_of(fmt);
+    for (int kb = 0; kb < nkb; kb++)
+        for (int c = 0; c < CH; c++)
+            for (int p = 0; p < 16; p++) {
+                float *o = out + ((long)(kb * CH + c) * 16 + p) * 32;
+                for (int e = 0; e < 32; e++) o[e] = q_weight(fmt, g + kb * kstride, c, p, e);
+            }
+}
+
+static int quant_linear_neon(const uint16_t *x, const uint8_t *packed, int fmt, const uint16_t *bias, void *y,
+                             int y_is_f32, long ldy, int M, int N, int K, int n_threads) {
+    const int pairs = K / 2, groups = (N + 15) / 16, nkb = K / QF_BLOCK[fmt];
+    const long kbb = kblock_bytes(fmt);
+    float *xf = widen_rows(x, (long)M * K);
+    if (!xf) return -3;
+    int failed = 0;
+    if (n_threads < 1) n_threads = 1;
+    const int tiles = (M + PACKED_TILE_M - 1) / PACKED_TILE_M;
+#pragma omp parallel num_threads(n_threads)
+    {
+        float *w = (float *)aligned_alloc(64, (size_t)pairs * 32 * 4);
+        if (!w) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups; g++) {
+            if (!w) continue;
+            long kstride;
+            q_decode_group(fmt, group_at(packed, g, groups, nkb, kbb, &kstride), kstride, nkb, w);
+            for (int t = 0; t < tiles; t++) {
+                const int m0 = (int)((long)t * M / tiles), mt = (int)((long)(t + 1) * M / tiles) - m0;
+                float32x4_t acc[8 * PACKED_TILE_M];
+                packed_tile_neon_any(xf + (long)m0 * K, K, w, pairs, mt, acc, 1);
+                packed_store_neon(acc, mt, m0, g * 16, N, ldy, bias, y, y_is_f32);
+            }
+        }
+        free(w);
+    }
+    free(xf);
+    return failed ? -3 : 0;
+}
+#endif
+
 /* Rows at or below this count decode in registers; more rows decode each group once into scratch. */
 #ifndef REGISTER_MAX_ROWS
 #define REGISTER_MAX_ROWS 8
@@ -804,7 +926,7 @@ static void quant_row_avx2(const uint8_t *g, long kstride, int fmt, int nkb, int
 #endif
 
 /* x [M][K] bf16; packed: tf_quant_repack's groups; bias [N] bf16 or NULL; y row i at y + i * ldy
- * (elements), bf16 (y_is_f32 = 0) or float32. Returns 0; -1 without AVX512-BF16 or AVX2; -2 for a bad
+ * (elements), bf16 (y_is_f32 = 0) or float32. Returns 0; -1 without AVX512-BF16, AVX2 or NEON; -2 for a bad
  * format or K; -3 when scratch could not be allocated. */
 int tf_quant_linear(const uint16_t *x, const uint8_t *packed, int fmt, const uint16_t *bias, void *y, int y_is_f32,
                     long ldy, int M, int N, int K, int n_threads) {
@@ -884,6 +1006,9 @@ int tf_quant_linear(const uint16_t *x, const uint8_t *packed, int fmt, const uin
 #elif defined(TF_AVX2)
     if (!tf_quant_format_ok(fmt, K)) return -2;
     return quant_linear_avx2(x, packed, fmt, bias, y, y_is_f32, ldy, M, N, K, n_threads);
+#elif defined(TF_NEON)
+    if (!tf_quant_format_ok(fmt, K)) return -2;
+    return quant_linear_neon(x, packed, fmt, bias, y, y_is_f32, ldy, M, N, K, n_threads);
 #else
     (void)x; (void)packed; (void)fmt; (void)bias; (void)y; (void)y_is_f32; (void)ldy; (void)M; (void)N; (void)K;
     (void)n_threads;
@@ -954,6 +1079,35 @@ int tf_quant_rows(const uint8_t *packed, int fmt, int N, int K, const int64_t *i
         quant_row_avx2(g, kstride, fmt, nkb, (int)(ids[i] & 15), (char *)out + (long)i * K * elt, out_is_f32);
     }
     return 0;
+#elif defined(TF_NEON)
+    if (!tf_quant_format_ok(fmt, K)) return -2;
+    const int nkb = K / QF_BLOCK[fmt], groups = (N + 15) / 16, CH = chunks_of(fmt);
+    const long kbb = kblock_bytes(fmt);
+    for (int i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= N) return -4;
+    }
+#pragma omp parallel for schedule(static) if (n > 8)
+    for (int i = 0; i < n; i++) {
+        long kstride;
+        const uint8_t *g = group_at(packed, (int)(ids[i] >> 4), groups, nkb, kbb, &kstride);
+        const int r = (int)(ids[i] & 15);
+        for (int kb = 0; kb < nkb; kb++)
+            for (int c = 0; c < CH; c++)
+                for (int p = 0; p < 16; p++)
+                    for (int e = 0; e < 2; e++) {
+                        const long k = ((long)(kb * CH + c) * 16 + p) * 2 + e;
+                        float f = q_weight(fmt, g + kb * kstride, c, p, 2 * r + e);
+                        if (out_is_f32) {
+                            ((float *)out)[(long)i * K + k] = f;
+                        } else {
+                            uint32_t bits;
+                            memcpy(&bits, &f, 4);
+                            bits += 0x7fff + ((bits >> 16) & 1);
+                            ((uint16_t *)out)[(long)i * K + k] = (uint16_t)(bits >> 16);
+                        }
+                    }
+    }
+    return 0;
 #else
     (void)packed; (void)fmt; (void)N; (void)K; (void)ids; (void)n; (void)out; (void)out_is_f32;
     return -1;
@@ -961,7 +1115,7 @@ int tf_quant_rows(const uint8_t *packed, int fmt, int N, int K, const int64_t *i
 }
 
 int tf_has_quant_linear(void) {
-#if defined(__AVX512BF16__) || defined(TF_AVX2)
+#if defined(__AVX512BF16__) || defined(TF_AVX2) || defined(TF_NEON)
     return 1;
 #else
     return 0;

@@ -178,12 +178,13 @@ static inline float32x4_t exp128(float32x4_t x) {
 /* Four bf16 (uint16) to float32, exactly. */
 static inline float32x4_t bf16x4(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
 
-/* The projections' inner loop on NEON: simd.h's packed_tile_avx2 in 4-lane vectors. Output j of
- * row i sums in the same two chains (even inputs in lane 2 (j % 2), odd ones in the next lane of
- * acc[8 i + j / 2]), one multiply-add per pair in order from zero, so a row's result does not
- * depend on the rows beside it, and equals the AVX2 kernel's bit for bit. */
-static inline __attribute__((always_inline)) void packed_tile_neon(const float *x, long K, const uint16_t *w,
-                                                                   int pairs, const int mt, float32x4_t *acc) {
+/* The projections' inner loop on NEON: simd.h's packed_tile_avx2 in 4-lane vectors, over bf16
+ * weights (W32 = 0) or decoded float32 ones (quant.c). Output j of row i sums in the same two
+ * chains (even inputs in lane 2 (j % 2), odd ones in the next lane of acc[8 i + j / 2]), one
+ * multiply-add per pair in order from zero, so a row's result does not depend on the rows beside
+ * it, and equals the AVX2 kernel's bit for bit. */
+static inline __attribute__((always_inline)) void packed_tile_neon(const float *x, long K, const void *w, int pairs,
+                                                                   const int mt, float32x4_t *acc, const int W32) {
     float32x4_t a[8 * PACKED_TILE_M];
     for (int i = 0; i < 8 * mt; i++) a[i] = vdupq_n_f32(0.0f);
     for (int p = 0; p < pairs; p++) {
@@ -193,10 +194,16 @@ static inline __attribute__((always_inline)) void packed_tile_neon(const float *
             memcpy(&pair, x + i * K + 2 * p, 8);
             xp[i] = vreinterpretq_f32_u64(vdupq_n_u64(pair));
         }
-        for (int q = 0; q < 4; q++) {
-            const uint16x8_t raw = vld1q_u16(w + 32L * p + 8 * q);
-            const float32x4_t lo = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(raw), 16));
-            const float32x4_t hi = vreinterpretq_f32_u32(vshll_high_n_u16(raw, 16));
+        for (int q = 0; q < 4; q++) { /* vectors 2q and 2q + 1: elements 8q..8q + 7 (outputs 4q..4q + 3) */
+            float32x4_t lo, hi;
+            if (W32) {
+                lo = vld1q_f32((const float *)w + 32L * p + 8 * q);
+                hi = vld1q_f32((const float *)w + 32L * p + 8 * q + 4);
+            } else {
+                const uint16x8_t raw = vld1q_u16((const uint16_t *)w + 32L * p + 8 * q);
+                lo = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(raw), 16));
+                hi = vreinterpretq_f32_u32(vshll_high_n_u16(raw, 16));
+            }
             for (int i = 0; i < mt; i++) {
                 a[8 * i + 2 * q] = vfmaq_f32(a[8 * i + 2 * q], lo, xp[i]);
                 a[8 * i + 2 * q + 1] = vfmaq_f32(a[8 * i + 2 * q + 1], hi, xp[i]);
@@ -206,11 +213,16 @@ static inline __attribute__((always_inline)) void packed_tile_neon(const float *
     for (int i = 0; i < 8 * mt; i++) acc[i] = a[i];
 }
 
-static inline void packed_tile_neon_any(const float *x, long K, const uint16_t *w, int pairs, int mt,
-                                        float32x4_t *acc) {
-    if (mt == 1) packed_tile_neon(x, K, w, pairs, 1, acc); /* constant trip counts: registers */
-    else if (mt == 2) packed_tile_neon(x, K, w, pairs, 2, acc);
-    else packed_tile_neon(x, K, w, pairs, 3, acc);
+static inline void packed_tile_neon_any(const float *x, long K, const void *w, int pairs, int mt, float32x4_t *acc,
+                                        int w32) {
+    switch (2 * mt + (w32 != 0)) { /* constant trip counts keep the accumulators in registers */
+    case 2: packed_tile_neon(x, K, w, pairs, 1, acc, 0); break;
+    case 3: packed_tile_neon(x, K, w, pairs, 1, acc, 1); break;
+    case 4: packed_tile_neon(x, K, w, pairs, 2, acc, 0); break;
+    case 5: packed_tile_neon(x, K, w, pairs, 2, acc, 1); break;
+    case 6: packed_tile_neon(x, K, w, pairs, 3, acc, 0); break;
+    default: packed_tile_neon(x, K, w, pairs, 3, acc, 1); break;
+    }
 }
 
 /* As packed_store_avx2: the two chains added, then the bias, stored as float32 or bf16. */
