@@ -146,7 +146,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tf_pack_weight": ([p, p, i, i], None),
         "tf_linear_bf16": ([p, p, p, p, i, i, i, i, i], i),
         "tf_has_bf16_linear": ([], i),
-        "tf_bf16_dot_peak": ([n, i, i], f),
+        "tf_mac_peak": ([n, i, i], f),
+        "tf_mac_lanes": ([], i),
         "tf_rms_norm": ([p, p, p, i, i, f, i], None),
         "tf_rope_store": ([p, p, p, p, p, p, p, n, i, i, i, i, i, i], None),
         "tf_silu_mul": ([p, p, i, i, i], None),
@@ -357,26 +358,39 @@ class PackedLinear:
         return y.view(*shape, self.out_features)
 
 
-DOT_CHAINS = (2, 4, 6, 8, 12, 16)  # the chain counts tf_bf16_dot_peak is compiled for
+DOT_CHAINS = (2, 4, 6, 8, 12, 16)  # the chain counts tf_mac_peak is compiled for
+MAC_INSTRUCTION = {32: "bf16 pair dot product", 8: "float32 multiply-add (8 lanes)",
+                   4: "float32 multiply-add (4 lanes)"}
+# Chains that reach each instruction's ceiling: AVX2's 16 registers hold 8 chains, the two weights
+# and a broadcast; more chains spill (measured: 12 and 16 chains ran at half the rate of 8).
+MAC_CHAINS = {32: 16, 8: 8, 4: 16}
 
 
-def bf16_dot_peak_gmacs(threads: int, seconds: float = 0.5, chains: int = 16) -> float | None:
-    """Measured bf16 multiply-adds per second (GMAC/s) of `threads` threads running nothing
-    but the pair-dot-product instruction in `chains` (one of DOT_CHAINS) independent chains:
-    with enough chains, the compute ceiling of the bf16 kernels. None without AVX512-BF16."""
-    if chains not in DOT_CHAINS:
-        raise ValueError(f"chains must be one of {DOT_CHAINS}, got {chains}")
-    if kernels() != "avx512":
-        return None
+def mac_instruction() -> str | None:
+    """The multiply-add instruction the kernels' hot loops are built on, or None without kernels."""
     lib = library()
-    assert lib is not None
+    return MAC_INSTRUCTION.get(lib.tf_mac_lanes()) if lib is not None else None
+
+
+def mac_peak_gmacs(threads: int, seconds: float = 0.5, chains: int | None = None) -> float | None:
+    """Measured multiply-adds per second (GMAC/s) of `threads` threads running nothing but the
+    kernels' multiply-add instruction (`mac_instruction`) in `chains` (one of DOT_CHAINS; default:
+    as many as reach the ceiling) independent chains: the kernels' compute ceiling. None without
+    kernels."""
+    if chains is not None and chains not in DOT_CHAINS:
+        raise ValueError(f"chains must be one of {DOT_CHAINS}, got {chains}")
+    lib = library()
+    lanes = lib.tf_mac_lanes() if lib is not None else 0
+    if not lanes:
+        return None
+    chains = chains or MAC_CHAINS[lanes]
     iterations = 1 << 16
     while True:
         t0 = time.perf_counter()
-        lib.tf_bf16_dot_peak(iterations, threads, chains)
+        lib.tf_mac_peak(iterations, threads, chains)
         elapsed = time.perf_counter() - t0
         if elapsed >= seconds:
-            return iterations * chains * 32 * threads / elapsed / 1e9
+            return iterations * chains * lanes * threads / elapsed / 1e9
         iterations = int(iterations * max(2.0, 1.2 * seconds / max(elapsed, 1e-6)))
 
 

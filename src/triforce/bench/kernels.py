@@ -10,8 +10,9 @@ decoding step of a batch of M, or a verification of M tokens), for each weights 
 (dense bf16, a GGUF's own blocks, a quantized copy), the formats alternating: milliseconds per
 pass over every layer and the output head, GB/s of weights read and multiply-adds per second,
 which shows where the rows stop being free (the pass turns compute-bound). Both also in
-multiply-adds per second, against the machine's measured bf16 ceiling (threads running nothing
-but pair-dot-product instructions). Passes: attention and projections added up per context and
+multiply-adds per second, against the machine's measured ceiling for the kernels' multiply-add
+instruction (threads running nothing but it: AVX512-BF16's pair dot product, AVX2's or NEON's
+float32 multiply-add). Passes: attention and projections added up per context and
 token count (where --rows has it), against the 1-token pass: a verification's cost in decoding
 steps. Prefill: one chunk of `prefill_queries` new tokens after each context, on one layer,
 through the kernel and through PyTorch's flash attention (what prefill uses where the kernel does
@@ -66,7 +67,7 @@ def attention_rows(config: Any, contexts: list[int], queries: list[int], layers:
     """Per context, thread count, query tokens T (1 always, the base of the ratios) and path,
     token counts and paths alternating within each repeat: microseconds per layer, the ratio to
     the same path's 1-token pass, GB/s of keys and values read against the copy bandwidth and
-    GMAC/s against the bf16 dot-product ceiling of as many threads."""
+    GMAC/s against the multiply-add ceiling of as many threads."""
     hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
     paths = attention_paths(config)
     counts = sorted({1, *queries})
@@ -147,16 +148,18 @@ def pass_rows(attn: list[dict[str, Any]], proj: list[dict[str, Any]], layers: in
 
 
 def projection_rows(targets: dict[str, Any], rows_list: list[int], repeats: int, threads: int,
-                    log: Any) -> list[dict[str, Any]]:
+                    ceiling: float | None, log: Any) -> list[dict[str, Any]]:
     """Every layer's projections and the output head of each target (a weights format), the
-    formats alternating within each repeat; the median per format and row count."""
+    formats alternating within each repeat; the median per format and row count, with its GMAC/s
+    against `ceiling` (the multiply-add ceiling of `threads` threads)."""
     torch.set_num_threads(threads)
     passes = {}
     for w, target in targets.items():
         dec = target.decoder
         projections = [p for layer in dec.layers for p in layer.projections().values()] + [dec.lm_head]
         if any(isinstance(p, Linear) and p.native is None for p in projections):
-            raise TriforceError("the projection kernels need the native kernels (AVX512-BF16 or AVX2) and bf16 weights")
+            raise TriforceError("the projection kernels need the native kernels (AVX512-BF16, AVX2 or NEON) and bf16 "
+                                "weights")
         passes[w] = (projections, sum(p.nbytes for p in projections), sum(p.in_features * p.out_features
                                                                            for p in projections))
     rows = []
@@ -172,10 +175,12 @@ def projection_rows(targets: dict[str, Any], rows_list: list[int], repeats: int,
                 times[w].append(time.perf_counter() - t0)
         for w, (_, nbytes, macs) in passes.items():
             seconds = median(times[w])
+            gmacs = m * macs / seconds / 1e9
             rows.append({"weights": w, "mb": round(nbytes / 1e6, 1), "rows": m, "ms": round(seconds * 1e3, 2),
-                         "gbs": round(nbytes / seconds / 1e9, 1), "gmacs": round(m * macs / seconds / 1e9, 1)})
+                         "gbs": round(nbytes / seconds / 1e9, 1), "gmacs": round(gmacs, 1),
+                         "ceiling_share": round(gmacs / ceiling, 3) if ceiling else None})
             log(f"projections {w} M={m}: {seconds * 1e3:.2f} ms, {nbytes / seconds / 1e9:.1f} GB/s of weights, "
-                f"{m * macs / seconds / 1e9:.0f} GMAC/s")
+                f"{gmacs:.0f} GMAC/s" + (f" ({gmacs / ceiling:.0%} of ceiling)" if ceiling else ""))
     return rows
 
 
@@ -230,20 +235,20 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
     layers = layers or config.num_layers
     all_threads = torch.get_num_threads()
     thread_counts = sorted({1, all_threads})
-    peak = {t: native.bf16_dot_peak_gmacs(t, seconds=0.5 if repeats > 1 else 0.05) for t in thread_counts}
+    peak = {t: native.mac_peak_gmacs(t, seconds=0.5 if repeats > 1 else 0.05) for t in thread_counts}
     ceiling = None
     chains: dict[str, float] = {}
     if None not in peak.values():
-        ceiling = "bf16 dot-product ceiling: " + ", ".join(
+        ceiling = f"{native.mac_instruction()} ceiling: " + ", ".join(
             f"{g:.0f} GMAC/s with {t} thread(s)" for t, g in peak.items())
         # one thread, fewer independent chains: how many a loop needs to reach the ceiling
-        chains = {str(c): round(native.bf16_dot_peak_gmacs(1, seconds=0.2 if repeats > 1 else 0.02, chains=c) or 0, 1)
+        chains = {str(c): round(native.mac_peak_gmacs(1, seconds=0.2 if repeats > 1 else 0.02, chains=c) or 0, 1)
                   for c in native.DOT_CHAINS}
         ceiling += "; one thread by independent chains: " + ", ".join(f"{c}: {g:.0f}" for c, g in chains.items())
         log(ceiling)
     try:
         attn = attention_rows(config, contexts, queries, layers, repeats, thread_counts, bandwidth, peak, log)
-        proj = projection_rows(targets, rows, repeats, all_threads, log)
+        proj = projection_rows(targets, rows, repeats, all_threads, peak.get(all_threads), log)
         prefill = prefill_rows(config, contexts, prefill_queries, repeats, log)
     finally:
         torch.set_num_threads(all_threads)
@@ -260,8 +265,10 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
              "x 1 token"],
             [[r["context"], r["queries"], r["path"], r["weights"], r["attention_ms"], r["projection_ms"], r["pass_ms"],
               r["vs_one_query"]] for r in passes])
-    table += "\n\n" + markdown_table(["weights", "weight MB", "input rows", "ms per pass", "weight GB/s", "GMAC/s"],
-                                     [[r["weights"], r["mb"], r["rows"], r["ms"], r["gbs"], r["gmacs"]] for r in proj])
+    table += "\n\n" + markdown_table(
+        ["weights", "weight MB", "input rows", "ms per pass", "weight GB/s", "GMAC/s", "of ceiling"],
+        [[r["weights"], r["mb"], r["rows"], r["ms"], r["gbs"], r["gmacs"],
+          f"{r['ceiling_share']:.0%}" if r["ceiling_share"] is not None else "-"] for r in proj])
     table += "\n\n" + markdown_table(
         ["prefill: new tokens after context", "kernel ms per layer", "flash ms per layer", "kernel GMAC/s",
          "flash GMAC/s", "kernel speedup"],
@@ -273,8 +280,9 @@ def run(contexts: list[int] | None = None, queries: list[int] | None = None, row
         table += f"\n- {ceiling}"
     log(table)
     report = {"machine": machine(), "copy_bandwidth_gbs": round(bandwidth, 1), "model": target.source,
-              "bf16_dot_peak_gmacs": {str(t): (round(g, 1) if g is not None else None) for t, g in peak.items()},
-              "bf16_dot_gmacs_by_chains": chains,
+              "mac_instruction": native.mac_instruction(),
+              "mac_peak_gmacs": {str(t): (round(g, 1) if g is not None else None) for t, g in peak.items()},
+              "mac_gmacs_by_chains": chains,
               "layers": layers, "attention": attn, "projections": proj, "passes": passes, "prefill": prefill,
               "markdown": table}
     write_report(out, "kernels", report)

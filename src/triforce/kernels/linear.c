@@ -303,13 +303,15 @@ int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bi
 #endif
 }
 
-/* The machine's bf16 multiply-add ceiling, for `triforce bench kernels`: each thread runs
- * `iterations` rounds of NC independent pair-dot-product instructions (NC chains), in the form
- * the kernels use (a weight register times an input pair broadcast from memory), 32
- * multiply-adds each. With fewer chains than the instruction's latency in cycles the units wait
- * on it; the sweep over NC shows how many a loop needs. Returns a sum of the results (so none is
- * optimised away), or -1 without AVX512-BF16. */
+/* The machine's multiply-add ceiling for the kernels' own instruction, for `triforce bench kernels`:
+ * each thread runs `iterations` rounds of NC independent chains of it, in the form the kernels use
+ * (a weight register times an input broadcast from memory): AVX512-BF16's pair dot product (32
+ * multiply-adds), AVX2's float32 multiply-add (8), NEON's (4); tf_mac_lanes says which. With fewer
+ * chains than the instruction's latency in cycles the units wait on it; the sweep over NC shows how
+ * many a loop needs. Returns a sum of the results (so none is optimised away), or -1 without
+ * kernels. */
 #if defined(__AVX512BF16__)
+#define MAC_LANES 32
 static inline __attribute__((always_inline)) float dot_chains(long iterations, const int NC) {
     uint32_t pairs[256 * 8];
     for (int i = 0; i < 256 * 8; i++) pairs[i] = 0x3c003c00u + (uint32_t)(i & 7);
@@ -325,11 +327,53 @@ static inline __attribute__((always_inline)) float dot_chains(long iterations, c
     for (int i = 0; i < NC; i++) total += _mm512_reduce_add_ps(acc[i]);
     return total;
 }
+#elif defined(TF_AVX2)
+#define MAC_LANES 8
+/* Named accumulators, not an array: GCC kept an array's chains in memory, storing each one every
+ * round. 16 chains do not fit AVX2's 16 registers with the two weights and a broadcast. */
+#define MAC_STEP(j) if (NC > j) a##j = _mm256_fmadd_ps((j) & 1 ? w1 : w0, _mm256_broadcast_ss(p + ((j) & 7)), a##j)
+static inline __attribute__((always_inline)) float dot_chains(long iterations, const int NC) {
+    float xs[256 * 8];
+    for (int i = 0; i < 256 * 8; i++) xs[i] = 1e-3f * (float)(i & 7);
+    __m256 a0 = _mm256_set1_ps(0.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
+           a10 = a0, a11 = a0, a12 = a0, a13 = a0, a14 = a0, a15 = a0;
+    const __m256 w0 = _mm256_set1_ps(0.999f), w1 = _mm256_set1_ps(1.001f);
+    for (long it = 0; it < iterations; it++) {
+        const float *p = xs + (it & 255) * 8;
+        MAC_STEP(0); MAC_STEP(1); MAC_STEP(2); MAC_STEP(3); MAC_STEP(4); MAC_STEP(5); MAC_STEP(6); MAC_STEP(7);
+        MAC_STEP(8); MAC_STEP(9); MAC_STEP(10); MAC_STEP(11); MAC_STEP(12); MAC_STEP(13); MAC_STEP(14);
+        MAC_STEP(15);
+    }
+    const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                                   _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+    const __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11)),
+                                   _mm256_add_ps(_mm256_add_ps(a12, a13), _mm256_add_ps(a14, a15)));
+    return hsum256(_mm256_add_ps(s, t));
+}
+#elif defined(TF_NEON)
+#define MAC_LANES 4
+static inline __attribute__((always_inline)) float dot_chains(long iterations, const int NC) {
+    float xs[256 * 8];
+    for (int i = 0; i < 256 * 8; i++) xs[i] = 1e-3f * (float)(i & 7);
+    float32x4_t acc[16];
+    for (int i = 0; i < NC; i++) acc[i] = vdupq_n_f32((float)i);
+    const float32x4_t w0 = vdupq_n_f32(0.999f), w1 = vdupq_n_f32(1.001f);
+    for (long it = 0; it < iterations; it++) {
+        const float *p = xs + (it & 255) * 8;
+        for (int j = 0; j < NC; j++) acc[j] = vfmaq_f32(acc[j], j & 1 ? w1 : w0, vld1q_dup_f32(p + (j & 7)));
+    }
+    float32x4_t sum = acc[0];
+    for (int i = 1; i < NC; i++) sum = vaddq_f32(sum, acc[i]);
+    return vaddvq_f32(sum);
+}
+#else
+#define MAC_LANES 0
 #endif
 
-/* `chains` (2, 4, 6, 8, 12 or 16) independent chains per thread, `iterations` times. */
-float tf_bf16_dot_peak(long iterations, int n_threads, int chains) {
-#if defined(__AVX512BF16__)
+int tf_mac_lanes(void) { return MAC_LANES; }
+
+float tf_mac_peak(long iterations, int n_threads, int chains) {
+#if MAC_LANES
     float total = 0.0f;
 #pragma omp parallel num_threads(n_threads) reduction(+ : total)
     switch (chains) {
