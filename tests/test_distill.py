@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -158,3 +159,52 @@ def test_distill_head_refuses_bad_arguments_in_one_line(setup):
     (head / "head.json").write_text("{}")
     taken = run("--head", "--target", str(target), "--out", str(head), "--corpus", str(corpus), "--steps", "1")
     assert taken.returncode != 0 and "already holds a head" in taken.stderr and "Traceback" not in taken.stderr
+
+
+def test_distill_vocab_prunes_the_output_layer_and_decodes_exactly(setup):
+    """--vocab K: the exported draft's output layer keeps the target's K most frequent greedy
+    outputs (token_map), it loads in triforce, gives -inf to every other token, and speculative
+    decoding with it stays token-identical to plain decoding."""
+    from safetensors.torch import load_file
+
+    from triforce.engine import Engine
+    from triforce.settings import EngineSettings
+
+    tmp, target, corpus = setup
+    out = tmp / "pruned"
+    done = run("--target", str(target), "--out", str(out), "--corpus", str(corpus), "--steps", "5", "--vocab", "20",
+               *SMALL)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pruned vocabulary: 20 tokens cover" in done.stderr
+    weights = load_file(str(out / "model.safetensors"))
+    token_map = weights["token_map"]
+    assert token_map.shape == (20,) and len(token_map.unique()) == 20
+    assert weights["lm_head.weight"].shape[0] == 20
+    assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"][token_map])  # tied rows
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert "pruned to 20 tokens" in (out / "README.md").read_text()
+    assert json.loads((out / "distill_report.json").read_text())["pruned_vocab"] == 20
+    draft, tgt = triforce.load(out, dtype="fp32"), triforce.load(target, dtype="fp32")
+    ids = tgt.tokenizer.encode("The quick brown fox jumps over the lazy dog. The quick brown fox")
+    from triforce.cache import FullCache
+    from triforce.model import Segment
+
+    draft.decoder.prepare(len(ids))
+    logits = draft.decoder.forward([Segment(torch.tensor(ids), FullCache(draft.config, len(ids), dtype=torch.float32),
+                                            len(ids))])[0]
+    outside = torch.ones(draft.config.vocab_size, dtype=torch.bool)
+    outside[token_map] = False
+    assert torch.isinf(logits[:, outside]).all() and torch.isfinite(logits[:, token_map]).all()
+    plain = Engine(tgt, EngineSettings(method="autoregressive")).generate(ids, max_new_tokens=24, temperature=0.0)
+    spec = Engine(tgt, EngineSettings(method="speculative", draft=draft, gamma=3)).generate(
+        ids, max_new_tokens=24, temperature=0.0)
+    assert spec.token_ids == plain.token_ids
+    coverage = run("--target", str(target), "--out", str(tmp / "covered"), "--corpus", str(corpus), "--steps", "1",
+                   "--coverage", "0.5", *SMALL)
+    assert coverage.returncode == 0, coverage.stderr[-2000:]
+    kept, share = re.search(r"pruned vocabulary: (\d+) tokens cover ([\d.]+)", coverage.stderr).groups()
+    assert float(share) >= 0.5 and len(load_file(str(tmp / "covered" / "model.safetensors"))["token_map"]) == int(kept)
+    bad = run("--target", str(target), "--out", str(tmp / "bad"), "--corpus", str(corpus), "--steps", "1",
+              "--coverage", "1.5", *SMALL)
+    assert bad.returncode != 0 and "--coverage must be in (0, 1], got 1.5" in bad.stderr
+    assert "Traceback" not in bad.stderr

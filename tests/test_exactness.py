@@ -4,11 +4,17 @@ has exactly the target's distribution (chi-square against the enumerated joint d
 from __future__ import annotations
 
 import itertools
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+import triforce
 from triforce.cache import FullCache
+from triforce.distill import prune_output_layer
 from triforce.engine import Engine
 from triforce.errors import TriforceError
 from triforce.head import FeatureHead, random_head
@@ -82,8 +88,11 @@ PRESETS = {
     # a random feature-level head whose vocabulary misses some of the target's likely tokens
     "speculative-head": ("speculative", "head"),
     "triforce-head": ("triforce", "head"),
+    # the draft model with its output layer pruned to the same tokens (triforce distill --vocab)
+    "speculative-pruned": ("speculative", "pruned"),
+    "triforce-pruned": ("triforce", "pruned"),
 }
-HEAD_TOKENS = [0, 1, 2, 4, 5, 6, 8, 11]  # of the 12: a head never proposes 3, 7, 9 or 10
+HEAD_TOKENS = [0, 1, 2, 4, 5, 6, 8, 11]  # of the 12: a head or pruned draft never proposes 3, 7, 9 or 10
 KNOBS = dict(budget=12, chunk_size=4, sink=2, window=6)  # gammas "auto" unless a preset fixes them
 
 
@@ -111,9 +120,24 @@ def head_for(target) -> FeatureHead:
     return _heads[id(target)]
 
 
+_pruned: dict[int, Any] = {}
+_pruned_dir = tempfile.TemporaryDirectory(prefix="triforce-test-")  # removed when the tests end
+
+
+def pruned_for(draft) -> Any:
+    """The draft model with its output layer pruned to HEAD_TOKENS."""
+    if id(draft) not in _pruned:
+        where = Path(_pruned_dir.name) / f"pruned-{len(_pruned)}"
+        shutil.copytree(draft.path, where)
+        prune_output_layer(where, torch.tensor(HEAD_TOKENS))
+        _pruned[id(draft)] = triforce.load(where, dtype="fp32")
+    return _pruned[id(draft)]
+
+
 def make_engine(target, draft, preset: str, batcher=None) -> Engine:
     method, draft_kind, *extra = PRESETS[preset]
-    d = {"model": draft, "ngram": "ngram", "head": head_for(target) if draft_kind == "head" else None}.get(draft_kind)
+    d = {"model": draft, "ngram": "ngram", "head": head_for(target) if draft_kind == "head" else None,
+         "pruned": pruned_for(draft) if draft_kind == "pruned" else None}.get(draft_kind)
     return Engine(target, EngineSettings(method=method, draft=d, **KNOBS, **(extra[0] if extra else {})),
                   batcher=batcher, clock=TickClock())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -145,3 +146,41 @@ def test_directory_missing_weights(tmp_path, tokenizer_dir):
     (hf_dir / "model.safetensors").unlink()
     with pytest.raises(TriforceError, match="no \\*.safetensors"):
         triforce.load(hf_dir)
+
+
+def test_a_pruned_output_layer_loads_and_a_bad_token_map_is_refused(tmp_path, tokenizer_dir):
+    """A draft whose output layer covers only token_map's tokens: those tokens' logits are the
+    whole model's, every other token's -inf; a token map that does not fit its model is one line."""
+    from safetensors.torch import load_file, save_file
+
+    from triforce.distill import prune_output_layer
+
+    whole = make_hf_model(tmp_path / "whole", tokenizer_dir)
+    ids = torch.tensor([1, 5, 9, 14, 20, 7])
+    logits = {}
+    kept = torch.tensor([2, 3, 5, 8, 13, 21, 34])
+    pruned = tmp_path / "pruned"
+    shutil.copytree(whole, pruned)
+    prune_output_layer(pruned, kept)
+    for name, where in (("whole", whole), ("pruned", pruned)):
+        model = triforce.load(where, dtype="fp32")
+        model.decoder.prepare(len(ids))
+        logits[name] = model.decoder.forward([Segment(ids, FullCache(model.config, len(ids), dtype=torch.float32),
+                                                      len(ids))])[0]
+    # the same rows of the output layer (a BLAS call of another width may sum in another order)
+    assert torch.allclose(logits["pruned"][:, kept], logits["whole"][:, kept], rtol=0, atol=1e-5)
+    others = torch.ones(logits["whole"].shape[1], dtype=torch.bool)
+    others[kept] = False
+    assert torch.all(logits["pruned"][:, others] == float("-inf"))
+    file = pruned / "model.safetensors"
+    weights = load_file(str(file))
+    vocab = weights["model.embed_tokens.weight"].shape[0]
+    for token_map, lm_head, message in (
+        (torch.tensor([2, 3, 3, 5, 8, 13, 21]), None, f"token_map must list distinct token ids below {vocab}"),
+        (torch.tensor([2, 3, 5, 8, 13, 21, vocab]), None, f"token_map must list distinct token ids below {vocab}"),
+        (kept, weights["lm_head.weight"][:5], r"one row per token_map entry \(7\), got 5"),
+    ):
+        save_file({**weights, "token_map": token_map,
+                   "lm_head.weight": weights["lm_head.weight"] if lm_head is None else lm_head}, str(file))
+        with pytest.raises(TriforceError, match=message):
+            triforce.load(pruned, dtype="fp32")

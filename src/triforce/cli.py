@@ -183,9 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--head", action="store_true",
                     help="train a feature-level draft head (one layer on the target's hidden states) instead")
     ds.add_argument("--vocab", type=_positive_int,
-                    help="--head: tokens the head proposes (default: the fewest covering --coverage)")
-    ds.add_argument("--coverage", type=_float, default=0.95,
-                    help="--head: share of the target's greedy outputs the head's tokens cover (default 0.95)")
+                    help="prune the output layer to the target's K most frequent greedy outputs (a head: default "
+                         "the fewest covering --coverage; a draft: not pruned unless --vocab or --coverage)")
+    ds.add_argument("--coverage", type=_float,
+                    help="prune the output layer to the fewest tokens covering this share of the target's greedy "
+                         "outputs (a head's default 0.95)")
     ds.add_argument("--corpus", nargs="+", required=True,
                     help="text files, directories, or named sources (jargon, python-docs, vim)")
     ds.add_argument("--layers", type=_positive_int, default=4)
@@ -198,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--lr", type=_float, default=2e-3)
     budget = ds.add_mutually_exclusive_group(required=True)
     budget.add_argument("--time-budget", type=_float, metavar="MINUTES", help="train for this long")
-    budget.add_argument("--steps", type=_positive_int, help="train for this many steps")
+    budget.add_argument("--steps", type=_nonneg_int,
+                        help="train for this many steps (0 with --init-from: export that draft as it is, pruned "
+                             "by --vocab or --coverage)")
     ds.add_argument("--max-tokens", type=_positive_int, help="use at most this many corpus tokens")
     ds.add_argument("--teacher-topk", type=_positive_int, default=64)
     ds.add_argument("--init", choices=["project", "pca", "random"], default="project",
@@ -654,7 +658,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         heads=args.heads, kv_heads=args.kv_heads, intermediate=args.intermediate, seq_len=args.seq_len,
         batch=args.batch, lr=args.lr, steps=args.steps, time_budget_min=args.time_budget, max_tokens=args.max_tokens,
         teacher_topk=args.teacher_topk, init=args.init, init_from=args.init_from, seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, vocab=args.vocab, coverage=args.coverage,
         teacher_cache=args.teacher_cache, extra={"layers": args.from_layers} if args.from_layers else {},
     )
     report = distill(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr))
@@ -666,10 +670,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def distill_a_head(args: argparse.Namespace) -> int:
     from .distill_head import HeadDistillConfig, distill_head
 
-    if not 0 < args.coverage <= 1:
-        raise TriforceError(f"--coverage must be in (0, 1], got {args.coverage}")
+    coverage = 0.95 if args.coverage is None else args.coverage
+    if not 0 < coverage <= 1:
+        raise TriforceError(f"--coverage must be in (0, 1], got {coverage}")
     cfg = HeadDistillConfig(
-        target=args.target, out=args.out, corpus=args.corpus, vocab=args.vocab, coverage=args.coverage,
+        target=args.target, out=args.out, corpus=args.corpus, vocab=args.vocab, coverage=coverage,
         seq_len=args.seq_len, batch=args.batch, lr=args.lr, steps=args.steps, time_budget_min=args.time_budget,
         max_tokens=args.max_tokens, seed=args.seed, checkpoint_every=args.checkpoint_every,
     )

@@ -63,6 +63,8 @@ class DistillConfig:
     teacher_cache: str | None = None  # shared teacher outputs (same corpus, seed, seq_len, k)
     seed: int = 0
     checkpoint_every: int = 100
+    vocab: int | None = None  # prune the exported draft's output layer to this many tokens ...
+    coverage: float | None = None  # ... or to the fewest covering this share of the target's greedy outputs
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -170,6 +172,24 @@ def teacher_logits(teacher: LoadedModel, sequences: torch.Tensor,
 
 # -- the draft ------------------------------------------------------------------------------------
 INITS = ("project", "pca", "random")
+
+
+def choose_tokens(target: LoadedModel, sequences: torch.Tensor, vocab: int | None, coverage: float,
+                  log: Any = print) -> torch.Tensor:
+    """A pruned vocabulary (a head's or a draft's token map): the target's most frequent greedy
+    outputs over `sequences`, `vocab` of them or the fewest covering `coverage` of them."""
+    counts = torch.zeros(target.config.vocab_size, dtype=torch.long)
+    for b in range(0, len(sequences), 4):
+        logits = teacher_logits(target, sequences[b : b + 4, :-1])
+        counts += torch.bincount(logits.argmax(-1).flatten(), minlength=target.config.vocab_size)
+    order = counts.argsort(descending=True)
+    cumulative = counts[order].cumsum(0).double() / max(1, int(counts.sum()))
+    if vocab is None:
+        vocab = int((cumulative < coverage).sum()) + 1
+    vocab = max(1, min(vocab, target.config.vocab_size))
+    log(f"pruned vocabulary: {vocab} tokens cover {float(cumulative[vocab - 1]):.3f} of the target's greedy "
+        f"outputs on {sequences.numel():,} tokens")
+    return order[:vocab].sort().values
 
 
 def make_student(cfg: DistillConfig, target: LoadedModel, sample: torch.Tensor | None = None) -> Any:
@@ -397,8 +417,11 @@ def planned_steps(step: int, elapsed_s: float, steps: int | None, budget_s: floa
 
 
 @torch.no_grad()
-def evaluate(student: Any, target: LoadedModel, sequences: torch.Tensor) -> dict[str, float]:
-    """Held-out KL(target || draft) and greedy agreement (teacher-forced argmax match)."""
+def evaluate(student: Any, target: LoadedModel, sequences: torch.Tensor,
+             token_map: torch.Tensor | None = None) -> dict[str, float]:
+    """Held-out KL(target || draft) and greedy agreement (teacher-forced argmax match); with a
+    pruned vocabulary the agreement is the exported draft's (its argmax over its tokens), the KL
+    the whole output layer's (the pruned one's is infinite wherever the target picks another)."""
     if len(sequences) == 0:
         return {}
     student.eval()
@@ -409,7 +432,8 @@ def evaluate(student: Any, target: LoadedModel, sequences: torch.Tensor) -> dict
         s_logits = student(x).logits[0].float()
         logp, logq = t_logits.log_softmax(-1), s_logits.log_softmax(-1)
         kls.append(float((logp.exp() * (logp - logq)).sum(-1).mean()))
-        agree += int((t_logits.argmax(-1) == s_logits.argmax(-1)).sum())
+        guess = s_logits.argmax(-1) if token_map is None else token_map[s_logits[:, token_map].argmax(-1)]
+        agree += int((t_logits.argmax(-1) == guess).sum())
         count += x.shape[1]
     student.train()
     return {"kl": round(sum(kls) / len(kls), 4), "greedy_agreement": round(agree / count, 4), "tokens": count}
@@ -428,9 +452,15 @@ def distill(cfg: DistillConfig, resume: bool = False, log: Any = print) -> dict[
     out.mkdir(parents=True, exist_ok=True)
     if cfg.steps is None and cfg.time_budget_min is None:
         raise TriforceError("give --steps N or --time-budget MINUTES")
+    if cfg.steps == 0 and not cfg.init_from:
+        raise TriforceError("--steps 0 exports the draft of --init-from as it is; give --init-from")
     earlier = adopt_dimensions(cfg)
     if cfg.hidden % cfg.heads or cfg.heads % cfg.kv_heads:
         raise TriforceError("--hidden must be a multiple of --heads, and --heads of --kv-heads")
+    if cfg.coverage is not None and not 0 < cfg.coverage <= 1:
+        raise TriforceError(f"--coverage must be in (0, 1], got {cfg.coverage}")
+    if cfg.vocab is not None and cfg.vocab < 1:
+        raise TriforceError(f"--vocab must be a positive number of tokens, got {cfg.vocab}")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     target = load(cfg.target, dtype="auto")
@@ -509,7 +539,10 @@ def distill(cfg: DistillConfig, resume: bool = False, log: Any = print) -> dict[
             last_saved = state["step"]
     bar.close()
     save_checkpoint(checkpoint, student, optim, state, cfg)
-    heldout = evaluate(student, target, held)
+    token_map = None
+    if cfg.vocab is not None or cfg.coverage is not None:
+        token_map = choose_tokens(target, train[: max(1, min(len(train), 64))], cfg.vocab, cfg.coverage or 1.0, log)
+    heldout = evaluate(student, target, held, token_map)
     log(f"held-out: {heldout}")
     report = {
         "target": str(target_path) if not target.is_embedded else target.source,
@@ -526,7 +559,9 @@ def distill(cfg: DistillConfig, resume: bool = False, log: Any = print) -> dict[
     }
     if earlier:
         report["continued_from"] = earlier
-    export(student, target, out, report)
+    if token_map is not None:
+        report["pruned_vocab"] = len(token_map)
+    export(student, target, out, report, token_map)
     return report
 
 
@@ -538,17 +573,42 @@ def save_checkpoint(path: Path, student: Any, optim: Any, state: dict, cfg: Any)
     os.replace(tmp, path)  # a crash mid-write never leaves a broken checkpoint
 
 
-def export(student: Any, target: LoadedModel, out: Path, report: dict[str, Any]) -> None:
-    """Write the HF directory (bf16 weights, tied embeddings), tokenizer files and model card."""
+def export(student: Any, target: LoadedModel, out: Path, report: dict[str, Any],
+           token_map: torch.Tensor | None = None) -> None:
+    """Write the HF directory (bf16 weights, tied embeddings), tokenizer files and model card.
+    With a token map the output layer keeps only those tokens' rows (FR-Spec, VocabTrim): an
+    untied lm_head.weight [K, hidden] beside the whole embedding and a `token_map` tensor, which
+    triforce loads (transformers does not: its lm_head has one row per vocabulary token)."""
     student = student.to(torch.bfloat16)
     student.config.dtype = "bfloat16"
     student.save_pretrained(str(out), safe_serialization=True)
+    if token_map is not None:
+        prune_output_layer(out, token_map)
     c = student.config
     report["architecture"] = {"layers": c.num_hidden_layers, "hidden": c.hidden_size, "heads": c.num_attention_heads,
                               "kv_heads": c.num_key_value_heads, "intermediate": c.intermediate_size}
     copy_tokenizer(target, out)
     (out / "distill_report.json").write_text(json.dumps(report, indent=2))
     write_model_card(out, report)
+
+
+def prune_output_layer(directory: Path, token_map: torch.Tensor) -> None:
+    """Rewrite a draft's directory with an output layer over `token_map`'s tokens only (their rows
+    of its output layer: the embedding's, where the two are tied)."""
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if len(files) != 1:
+        raise TriforceError(f"{directory}: expected one safetensors file to prune, found {len(files)}")
+    weights = load_file(str(files[0]))
+    rows = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    weights["lm_head.weight"] = rows[token_map.long()].contiguous()
+    weights["token_map"] = token_map.long().contiguous()
+    save_file(weights, str(files[0]), metadata={"format": "pt"})
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text())
+    config["tie_word_embeddings"] = False
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def copy_tokenizer(target: LoadedModel, out: Path) -> None:
@@ -570,7 +630,9 @@ def write_model_card(out: Path, report: dict[str, Any], acceptance: dict[str, An
         f"- target: {report['target']}",
         f"- corpus: {', '.join(report['corpus'])}",
         f"- architecture: Llama, {cfg['layers']} layers, hidden {cfg['hidden']}, {cfg['heads']} heads "
-        f"({cfg['kv_heads']} KV), intermediate {cfg['intermediate']}, tied embeddings, "
+        f"({cfg['kv_heads']} KV), intermediate {cfg['intermediate']}, "
+        + (f"output layer pruned to {report['pruned_vocab']} tokens (loads in triforce, not transformers), "
+           if report.get("pruned_vocab") else "tied embeddings, ") +
         f"init {('from ' + cfg['init_from']) if cfg.get('init_from') else cfg['init']}",
         f"- training: {report['steps']} steps, {report['training_tokens']:,} tokens, {report['minutes']} min, "
         f"KL to the target's top-{cfg['teacher_topk']} distributions, sequences of {cfg['seq_len']}",

@@ -23,7 +23,15 @@ from typing import Any
 
 import torch
 
-from .distill import DistillConfig, build_sequences, lr_at, planned_steps, save_checkpoint, teacher_logits
+from .distill import (
+    DistillConfig,
+    build_sequences,
+    choose_tokens,
+    lr_at,
+    planned_steps,
+    save_checkpoint,
+    teacher_logits,
+)
 from .errors import TriforceError
 from .head import FeatureHead, save_head
 from .loading import LoadedModel, load
@@ -57,23 +65,6 @@ def teacher_pass(target: LoadedModel, sequences: torch.Tensor) -> tuple[torch.Te
     features: list[torch.Tensor] = []
     logits = teacher_logits(target, sequences, features)
     return features[0].float(), logits
-
-
-def choose_tokens(target: LoadedModel, sequences: torch.Tensor, vocab: int | None, coverage: float,
-                  log: Any = print) -> torch.Tensor:
-    """The head's token map: the target's most frequent greedy outputs over `sequences`."""
-    counts = torch.zeros(target.config.vocab_size, dtype=torch.long)
-    for b in range(0, len(sequences), 4):
-        logits = teacher_logits(target, sequences[b : b + 4, :-1])
-        counts += torch.bincount(logits.argmax(-1).flatten(), minlength=target.config.vocab_size)
-    order = counts.argsort(descending=True)
-    cumulative = counts[order].cumsum(0).double() / max(1, int(counts.sum()))
-    if vocab is None:
-        vocab = int((cumulative < coverage).sum()) + 1
-    vocab = max(1, min(vocab, target.config.vocab_size))
-    log(f"head vocabulary: {vocab} tokens cover {float(cumulative[vocab - 1]):.3f} of the target's greedy "
-        f"outputs on {sequences.numel():,} tokens")
-    return order[:vocab].sort().values
 
 
 class HeadModule(torch.nn.Module):

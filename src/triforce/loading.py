@@ -300,6 +300,16 @@ def _check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], where:
         raise TriforceError(f"{where} is missing weights, e.g. {missing[0]} ({len(missing)} missing)")
     if not config.tie_word_embeddings and "lm_head.weight" not in weights:
         raise TriforceError(f"{where} has untied embeddings but no lm_head.weight")
+    token_map = weights.get("token_map")
+    if token_map is not None:  # a pruned output layer (triforce distill --vocab)
+        if (token_map.dim() != 1 or token_map.dtype.is_floating_point or not len(token_map)
+                or int(token_map.min()) < 0 or int(token_map.max()) >= config.vocab_size
+                or len(token_map.unique()) != len(token_map)):
+            raise TriforceError(f"{where}: token_map must list distinct token ids below {config.vocab_size}")
+        rows = weights["lm_head.weight"].shape[0] if "lm_head.weight" in weights else None
+        if config.tie_word_embeddings or rows != len(token_map):
+            raise TriforceError(f"{where}: a pruned vocabulary needs an untied lm_head.weight with one row per "
+                                f"token_map entry ({len(token_map)}), got {rows}")
     emb = weights["model.embed_tokens.weight"]
     if tuple(emb.shape) != (config.vocab_size, config.hidden_size):
         raise TriforceError(

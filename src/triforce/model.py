@@ -210,6 +210,13 @@ class Decoder:
             return projection([weights.pop(n) for n in names], bias, dtype, self.device)
 
         embed = weights.pop("model.embed_tokens.weight")
+        # A draft with a pruned vocabulary (`triforce distill --vocab K`): its output layer covers
+        # only the tokens token_map lists; every other token gets logit -inf (probability zero,
+        # which speculative sampling handles exactly: such tokens come from the verifier's residual).
+        token_map = weights.pop("token_map", None)
+        if token_map is not None and group is not None:
+            raise TriforceError("a model with a pruned vocabulary (token_map) does not run under tensor parallelism")
+        self.token_map = token_map.long().to(self.device) if token_map is not None else None
         self.layers: list[LayerWeights] = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
@@ -359,6 +366,10 @@ class Decoder:
         logits = self.lm_head(rms_norm(rows, self.norm, eps), out_dtype=torch.float32)
         if self.group is not None:
             logits = self.group.gather_columns(logits, self.vocab_rows)
+        if self.token_map is not None:
+            full = logits.new_full((logits.shape[0], cfg.vocab_size), float("-inf"))
+            full[:, self.token_map] = logits
+            logits = full
         return split_scored(logits, segments)
 
 
