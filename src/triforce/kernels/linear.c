@@ -11,8 +11,9 @@
  * On AVX2 (no bf16 dot products) the same packed weights are widened to float32 in registers and
  * summed with multiply-adds in two chains per output (see simd.h's packed_tile_avx2); each block
  * is taken by one thread for all rows, in tiles of up to three rows, so it is read from memory
- * once and from cache for the other tiles (NEON: the same, four lanes wide). Tiles are of near-equal heights: a 1-row tile's four
- * multiply-add chains wait on each other's latency, so 7 rows run as 3 + 2 + 2, not 3 + 3 + 1.
+ * once and from cache for the other tiles (NEON: the same, four lanes wide). Tiles are of
+ * near-equal heights: a 1-row tile's four multiply-add chains wait on each other's latency, so
+ * 7 rows run as 3 + 2 + 2, not 3 + 3 + 1.
  */
 #include <stdint.h>
 #include <string.h>
