@@ -670,11 +670,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def distill_a_head(args: argparse.Namespace) -> int:
     from .distill_head import HeadDistillConfig, distill_head
 
-    coverage = 0.95 if args.coverage is None else args.coverage
-    if not 0 < coverage <= 1:
-        raise TriforceError(f"--coverage must be in (0, 1], got {coverage}")
     cfg = HeadDistillConfig(
-        target=args.target, out=args.out, corpus=args.corpus, vocab=args.vocab, coverage=coverage,
+        target=args.target, out=args.out, corpus=args.corpus, vocab=args.vocab,
+        coverage=0.95 if args.coverage is None else args.coverage,
         seq_len=args.seq_len, batch=args.batch, lr=args.lr, steps=args.steps, time_budget_min=args.time_budget,
         max_tokens=args.max_tokens, seed=args.seed, checkpoint_every=args.checkpoint_every,
     )

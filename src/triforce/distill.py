@@ -174,10 +174,15 @@ def teacher_logits(teacher: LoadedModel, sequences: torch.Tensor,
 INITS = ("project", "pca", "random")
 
 
-def choose_tokens(target: LoadedModel, sequences: torch.Tensor, vocab: int | None, coverage: float,
+TOKEN_SAMPLE = 64  # training sequences whose greedy outputs choose a pruned vocabulary
+
+
+def choose_tokens(target: LoadedModel, train: torch.Tensor, vocab: int | None, coverage: float,
                   log: Any = print) -> torch.Tensor:
     """A pruned vocabulary (a head's or a draft's token map): the target's most frequent greedy
-    outputs over `sequences`, `vocab` of them or the fewest covering `coverage` of them."""
+    outputs over the first TOKEN_SAMPLE training sequences, `vocab` of them or the fewest covering
+    `coverage` of them."""
+    sequences = train[:TOKEN_SAMPLE]
     counts = torch.zeros(target.config.vocab_size, dtype=torch.long)
     for b in range(0, len(sequences), 4):
         logits = teacher_logits(target, sequences[b : b + 4, :-1])
@@ -541,7 +546,7 @@ def distill(cfg: DistillConfig, resume: bool = False, log: Any = print) -> dict[
     save_checkpoint(checkpoint, student, optim, state, cfg)
     token_map = None
     if cfg.vocab is not None or cfg.coverage is not None:
-        token_map = choose_tokens(target, train[: max(1, min(len(train), 64))], cfg.vocab, cfg.coverage or 1.0, log)
+        token_map = choose_tokens(target, train, cfg.vocab, cfg.coverage or 1.0, log)
     heldout = evaluate(student, target, held, token_map)
     log(f"held-out: {heldout}")
     report = {

@@ -165,7 +165,7 @@ def distill_head(cfg: HeadDistillConfig, resume: bool = False, log: Any = print)
         saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
         token_map = saved["model"]["token_map"]
     else:
-        token_map = choose_tokens(target, train[: max(1, min(len(train), 64))], cfg.vocab, cfg.coverage, log)
+        token_map = choose_tokens(target, train, cfg.vocab, cfg.coverage, log)
     module = HeadModule(target, token_map)
     optim = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     if saved is not None:

@@ -262,7 +262,7 @@ int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bi
     }
     (void)float_to_bf16;
     return 0;
-#elif defined(TF_AVX2)
+#elif defined(TF_AVX2) || defined(TF_NEON)
     const int pairs = K / 2, blocks = (N + 15) / 16;
     float *xf = widen_rows(x, (long)M * K);
     if (!xf) return -3;
@@ -273,27 +273,9 @@ int tf_linear_bf16(const uint16_t *x, const uint16_t *packed, const uint16_t *bi
         const int tiles = (M + PACKED_TILE_M - 1) / PACKED_TILE_M;
         for (int t = 0; t < tiles; t++) {
             const int m0 = (int)((long)t * M / tiles), mt = (int)((long)(t + 1) * M / tiles) - m0;
-            __m256 acc[4 * PACKED_TILE_M];
+            PackedAcc acc[PACKED_ACCS * PACKED_TILE_M];
             packed_tile_any(xf + (long)m0 * K, K, wb, pairs, mt, acc, 0);
-            packed_store_avx2(acc, mt, m0, b * 16, N, N, bias, y, y_is_f32);
-        }
-    }
-    free(xf);
-    return 0;
-#elif defined(TF_NEON)
-    const int pairs = K / 2, blocks = (N + 15) / 16;
-    float *xf = widen_rows(x, (long)M * K);
-    if (!xf) return -3;
-    if (n_threads < 1) n_threads = 1;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int b = 0; b < blocks; b++) {
-        const uint16_t *wb = packed + (long)b * pairs * 32;
-        const int tiles = (M + PACKED_TILE_M - 1) / PACKED_TILE_M;
-        for (int t = 0; t < tiles; t++) {
-            const int m0 = (int)((long)t * M / tiles), mt = (int)((long)(t + 1) * M / tiles) - m0;
-            float32x4_t acc[8 * PACKED_TILE_M];
-            packed_tile_neon_any(xf + (long)m0 * K, K, wb, pairs, mt, acc, 0);
-            packed_store_neon(acc, mt, m0, b * 16, N, N, bias, y, y_is_f32);
+            packed_store(acc, mt, m0, b * 16, N, N, bias, y, y_is_f32);
         }
     }
     free(xf);

@@ -700,73 +700,35 @@ static void qdecode_quad2(int fmt, const uint8_t *base, long kstride, int nkb, i
     }
 }
 
-/* Per-thread scratch for decoded quads (64-byte aligned), grown on demand and kept: a fresh
- * mapping per call would fault in every page of it again. */
-static __thread float *scratch2_buf;
-static __thread long scratch2_len;
+static int quant_linear_scratch(const uint16_t *x, const uint8_t *packed, int fmt, const uint16_t *bias, void *y,
+                                int y_is_f32, long ldy, int M, int N, int K, int n_threads);
 
-static float *scratch2(long floats) {
-    if (floats > scratch2_len) {
-        free(scratch2_buf);
-        scratch2_buf = aligned_alloc(64, ((size_t)floats * 4 + 63) / 64 * 64);
-        scratch2_len = scratch2_buf ? floats : 0;
-    }
-    return scratch2_buf;
-}
-
+/* Up to PACKED_TILE_M rows decode in registers; more take the scratch path below. */
 static int quant_linear_avx2(const uint16_t *x, const uint8_t *packed, int fmt, const uint16_t *bias, void *y,
                              int y_is_f32, long ldy, int M, int N, int K, int n_threads) {
-    const int pairs = K / 2, groups = (N + 15) / 16, nkb = K / QF_BLOCK[fmt];
+    if (M > PACKED_TILE_M) return quant_linear_scratch(x, packed, fmt, bias, y, y_is_f32, ldy, M, N, K, n_threads);
+    const int groups = (N + 15) / 16, nkb = K / QF_BLOCK[fmt];
     const long kbb = kblock_bytes(fmt);
     float *xf = widen_rows(x, (long)M * K);
     if (!xf) return -3;
-    int failed = 0;
     if (n_threads < 1) n_threads = 1;
     const int quads = (groups + QUAD - 1) / QUAD;
-    if (M <= PACKED_TILE_M) {
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-        for (int q = 0; q < quads; q++) {
-            const int nb = groups - q * QUAD < QUAD ? groups - q * QUAD : QUAD;
-            long kstride;
-            const uint8_t *base = group_at(packed, q * QUAD, groups, nkb, kbb, &kstride);
-            __m256 acc[4 * 4 * PACKED_TILE_M];
-            QTILES2[fmt](base, kstride, nkb, nb, xf, K, M, acc);
-            for (int s = 0; s < nb; s++)
-                packed_store_avx2(acc + s * 4 * PACKED_TILE_M, M, 0, (q * QUAD + s) * 16, N, ldy, bias, y, y_is_f32);
-        }
-        free(xf);
-        return 0;
-    }
-#pragma omp parallel num_threads(n_threads)
-    {
-        float *w = scratch2((long)QUAD * pairs * 32);
-        const int tiles = (M + PACKED_TILE_M - 1) / PACKED_TILE_M; /* near-equal heights (linear.c) */
-        if (!w) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int q = 0; q < quads; q++) {
-            if (!w) continue;
-            const int nb = groups - q * QUAD < QUAD ? groups - q * QUAD : QUAD;
-            long kstride;
-            const uint8_t *base = group_at(packed, q * QUAD, groups, nkb, kbb, &kstride);
-            __m256 acc[4 * PACKED_TILE_M];
-            qdecode_quad2(fmt, base, kstride, nkb, nb, pairs, w);
-            for (int s = 0; s < nb; s++) {
-                for (int t = 0; t < tiles; t++) {
-                    const int m0 = (int)((long)t * M / tiles), mt = (int)((long)(t + 1) * M / tiles) - m0;
-                    packed_tile_any(xf + (long)m0 * K, K, w + (long)s * pairs * 32, pairs, mt, acc, 1);
-                    packed_store_avx2(acc, mt, m0, (q * QUAD + s) * 16, N, ldy, bias, y, y_is_f32);
-                }
-            }
-        }
+    for (int q = 0; q < quads; q++) {
+        const int nb = groups - q * QUAD < QUAD ? groups - q * QUAD : QUAD;
+        long kstride;
+        const uint8_t *base = group_at(packed, q * QUAD, groups, nkb, kbb, &kstride);
+        __m256 acc[4 * 4 * PACKED_TILE_M];
+        QTILES2[fmt](base, kstride, nkb, nb, xf, K, M, acc);
+        for (int s = 0; s < nb; s++)
+            packed_store(acc + s * 4 * PACKED_TILE_M, M, 0, (q * QUAD + s) * 16, N, ldy, bias, y, y_is_f32);
     }
     free(xf);
-    return failed ? -3 : 0;
+    return 0;
 }
 
-static void quant_row_avx2(const uint8_t *g, long kstride, int fmt, int nkb, int r, void *out, int out_is_f32) {
+/* Row r of group g, dequantized (bf16 nearest even or float32) into out [K]. */
+static void quant_row(const uint8_t *g, long kstride, int fmt, int nkb, int r, void *out, int out_is_f32) {
     const int CH = chunks_of(fmt), e0 = 16 * (r >> 3) + 2 * (r & 7);
     for (int kb = 0; kb < nkb; kb++) {
         const uint8_t *blk = g + kb * kstride;
@@ -881,35 +843,64 @@ static void q_decode_group(int fmt, const uint8_t *g, long kstride, int nkb, flo
             }
 }
 
-static int quant_linear_neon(const uint16_t *x, const uint8_t *packed, int fmt, const uint16_t *bias, void *y,
-                             int y_is_f32, long ldy, int M, int N, int K, int n_threads) {
+/* The nb groups of one quad -> float32 [nb][pairs][32] at out. */
+static void qdecode_quad2(int fmt, const uint8_t *base, long kstride, int nkb, int nb, long pairs, float *out) {
+    for (int s = 0; s < nb; s++) q_decode_group(fmt, base + s * kblock_bytes(fmt), kstride, nkb, out + s * pairs * 32);
+}
+
+/* Row r of group g, dequantized (bf16 nearest even or float32) into out [K]. */
+static void quant_row(const uint8_t *g, long kstride, int fmt, int nkb, int r, void *out, int out_is_f32) {
+    const int CH = chunks_of(fmt);
+    for (int kb = 0; kb < nkb; kb++)
+        for (int c = 0; c < CH; c++)
+            for (int p = 0; p < 16; p++)
+                for (int e = 0; e < 2; e++) {
+                    const long k = ((long)(kb * CH + c) * 16 + p) * 2 + e;
+                    const float f = q_weight(fmt, g + kb * kstride, c, p, 2 * r + e);
+                    if (out_is_f32)
+                        ((float *)out)[k] = f;
+                    else
+                        ((uint16_t *)out)[k] = bf16_nearest_even(f);
+                }
+}
+#endif
+
+#if defined(TF_AVX2) || defined(TF_NEON)
+/* More rows than a register tile (AVX2), or any rows (NEON): each quad is decoded once into a kept
+ * per-thread float32 scratch (qdecode_quad2, gguf-py's values), then every row tile reads it. */
+static int quant_linear_scratch(const uint16_t *x, const uint8_t *packed, int fmt, const uint16_t *bias, void *y,
+                                int y_is_f32, long ldy, int M, int N, int K, int n_threads) {
     const int pairs = K / 2, groups = (N + 15) / 16, nkb = K / QF_BLOCK[fmt];
     const long kbb = kblock_bytes(fmt);
     float *xf = widen_rows(x, (long)M * K);
     if (!xf) return -3;
     int failed = 0;
     if (n_threads < 1) n_threads = 1;
-    const int tiles = (M + PACKED_TILE_M - 1) / PACKED_TILE_M;
+    const int quads = (groups + QUAD - 1) / QUAD;
 #pragma omp parallel num_threads(n_threads)
     {
-        float *w = (float *)aligned_alloc(64, (size_t)pairs * 32 * 4);
+        float *w = float_scratch((long)QUAD * pairs * 32);
+        const int tiles = (M + PACKED_TILE_M - 1) / PACKED_TILE_M; /* near-equal heights (linear.c) */
         if (!w) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int g = 0; g < groups; g++) {
+        for (int q = 0; q < quads; q++) {
             if (!w) continue;
+            const int nb = groups - q * QUAD < QUAD ? groups - q * QUAD : QUAD;
             long kstride;
-            q_decode_group(fmt, group_at(packed, g, groups, nkb, kbb, &kstride), kstride, nkb, w);
-            for (int t = 0; t < tiles; t++) {
-                const int m0 = (int)((long)t * M / tiles), mt = (int)((long)(t + 1) * M / tiles) - m0;
-                float32x4_t acc[8 * PACKED_TILE_M];
-                packed_tile_neon_any(xf + (long)m0 * K, K, w, pairs, mt, acc, 1);
-                packed_store_neon(acc, mt, m0, g * 16, N, ldy, bias, y, y_is_f32);
+            const uint8_t *base = group_at(packed, q * QUAD, groups, nkb, kbb, &kstride);
+            PackedAcc acc[PACKED_ACCS * PACKED_TILE_M];
+            qdecode_quad2(fmt, base, kstride, nkb, nb, pairs, w);
+            for (int s = 0; s < nb; s++) {
+                for (int t = 0; t < tiles; t++) {
+                    const int m0 = (int)((long)t * M / tiles), mt = (int)((long)(t + 1) * M / tiles) - m0;
+                    packed_tile_any(xf + (long)m0 * K, K, w + (long)s * pairs * 32, pairs, mt, acc, 1);
+                    packed_store(acc, mt, m0, (q * QUAD + s) * 16, N, ldy, bias, y, y_is_f32);
+                }
             }
         }
-        free(w);
     }
     free(xf);
     return failed ? -3 : 0;
@@ -1008,7 +999,7 @@ int tf_quant_linear(const uint16_t *x, const uint8_t *packed, int fmt, const uin
     return quant_linear_avx2(x, packed, fmt, bias, y, y_is_f32, ldy, M, N, K, n_threads);
 #elif defined(TF_NEON)
     if (!tf_quant_format_ok(fmt, K)) return -2;
-    return quant_linear_neon(x, packed, fmt, bias, y, y_is_f32, ldy, M, N, K, n_threads);
+    return quant_linear_scratch(x, packed, fmt, bias, y, y_is_f32, ldy, M, N, K, n_threads);
 #else
     (void)x; (void)packed; (void)fmt; (void)bias; (void)y; (void)y_is_f32; (void)ldy; (void)M; (void)N; (void)K;
     (void)n_threads;
@@ -1065,7 +1056,7 @@ int tf_quant_rows(const uint8_t *packed, int fmt, int N, int K, const int64_t *i
         }
     }
     return 0;
-#elif defined(TF_AVX2)
+#elif defined(TF_AVX2) || defined(TF_NEON)
     if (!tf_quant_format_ok(fmt, K)) return -2;
     const int nkb = K / QF_BLOCK[fmt], groups = (N + 15) / 16;
     const long kbb = kblock_bytes(fmt), elt = out_is_f32 ? 4 : 2;
@@ -1076,36 +1067,7 @@ int tf_quant_rows(const uint8_t *packed, int fmt, int N, int K, const int64_t *i
     for (int i = 0; i < n; i++) {
         long kstride;
         const uint8_t *g = group_at(packed, (int)(ids[i] >> 4), groups, nkb, kbb, &kstride);
-        quant_row_avx2(g, kstride, fmt, nkb, (int)(ids[i] & 15), (char *)out + (long)i * K * elt, out_is_f32);
-    }
-    return 0;
-#elif defined(TF_NEON)
-    if (!tf_quant_format_ok(fmt, K)) return -2;
-    const int nkb = K / QF_BLOCK[fmt], groups = (N + 15) / 16, CH = chunks_of(fmt);
-    const long kbb = kblock_bytes(fmt);
-    for (int i = 0; i < n; i++) {
-        if (ids[i] < 0 || ids[i] >= N) return -4;
-    }
-#pragma omp parallel for schedule(static) if (n > 8)
-    for (int i = 0; i < n; i++) {
-        long kstride;
-        const uint8_t *g = group_at(packed, (int)(ids[i] >> 4), groups, nkb, kbb, &kstride);
-        const int r = (int)(ids[i] & 15);
-        for (int kb = 0; kb < nkb; kb++)
-            for (int c = 0; c < CH; c++)
-                for (int p = 0; p < 16; p++)
-                    for (int e = 0; e < 2; e++) {
-                        const long k = ((long)(kb * CH + c) * 16 + p) * 2 + e;
-                        float f = q_weight(fmt, g + kb * kstride, c, p, 2 * r + e);
-                        if (out_is_f32) {
-                            ((float *)out)[(long)i * K + k] = f;
-                        } else {
-                            uint32_t bits;
-                            memcpy(&bits, &f, 4);
-                            bits += 0x7fff + ((bits >> 16) & 1);
-                            ((uint16_t *)out)[(long)i * K + k] = (uint16_t)(bits >> 16);
-                        }
-                    }
+        quant_row(g, kstride, fmt, nkb, (int)(ids[i] & 15), (char *)out + (long)i * K * elt, out_is_f32);
     }
     return 0;
 #else

@@ -3,6 +3,33 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* float32 -> bf16 bits, rounded to nearest even (as PyTorch does for finite values). */
+static inline uint16_t bf16_nearest_even(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    bits += 0x7fff + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+/* The bias of outputs n0..n0 + nv (bf16, or NULL for none) as float32 b[0..16), zeros past nv. */
+static inline void packed_bias(const uint16_t *bias, int n0, int nv, float *b) {
+    memset(b, 0, 16 * sizeof(float));
+    if (!bias) return;
+    for (int j = 0; j < nv; j++) {
+        uint32_t bits = (uint32_t)bias[n0 + j] << 16;
+        memcpy(b + j, &bits, 4);
+    }
+}
+
+/* One row's nv outputs, stored at y + at (elements) as float32 or bf16 (nearest even). */
+static inline void packed_store_row(const float *out, int nv, void *y, long at, int y_is_f32) {
+    if (y_is_f32) {
+        memcpy((float *)y + at, out, sizeof(float) * nv);
+    } else {
+        for (int j = 0; j < nv; j++) ((uint16_t *)y)[at + j] = bf16_nearest_even(out[j]);
+    }
+}
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -103,9 +130,12 @@ static inline __attribute__((always_inline)) void packed_tile_avx2(const float *
 }
 
 #define PACKED_TILE_M 3 /* 12 accumulators, a weight vector and 3 broadcasts fill the 16 registers */
+typedef __m256 PackedAcc;  /* a tile's accumulators: PACKED_ACCS per row */
+#define PACKED_ACCS 4
 
 /* w: bf16 weights (w32 = 0) or float32 ones (w32 = 1). */
-static inline void packed_tile_any(const float *x, long K, const void *w, int pairs, int mt, __m256 *acc, int w32) {
+static inline void packed_tile_any(const float *x, long K, const void *w, int pairs, int mt, PackedAcc *acc,
+                                   int w32) {
     switch (2 * mt + (w32 != 0)) { /* constant trip counts keep the accumulators in registers */
     case 2: packed_tile_avx2(x, K, w, pairs, 1, acc, 0); break;
     case 3: packed_tile_avx2(x, K, w, pairs, 1, acc, 1); break;
@@ -118,16 +148,11 @@ static inline void packed_tile_any(const float *x, long K, const void *w, int pa
 
 /* Rows m0..m0+mt of outputs n0..n0+16 (clipped to N) from a tile's chains: the two chains added,
  * then the bias (float32), stored as float32 or bf16 (nearest even), row i at y + i * ldy. */
-static inline void packed_store_avx2(const __m256 *acc, int mt, int m0, int n0, int N, long ldy,
-                                     const uint16_t *bias, void *y, int y_is_f32) {
+static inline void packed_store(const PackedAcc *acc, int mt, int m0, int n0, int N, long ldy, const uint16_t *bias,
+                                void *y, int y_is_f32) {
     const int nv = N - n0 < 16 ? N - n0 : 16;
-    float b[16] = {0};
-    if (bias) {
-        for (int j = 0; j < nv; j++) {
-            uint32_t bits = (uint32_t)bias[n0 + j] << 16;
-            memcpy(b + j, &bits, 4);
-        }
-    }
+    float b[16];
+    packed_bias(bias, n0, nv, b);
     for (int i = 0; i < mt; i++) {
         float out[16];
         for (int h = 0; h < 2; h++) { /* hadd pairs lanes (2j, 2j + 1); the permute restores order */
@@ -135,17 +160,7 @@ static inline void packed_store_avx2(const __m256 *acc, int mt, int m0, int n0, 
             s = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), 0xD8));
             _mm256_storeu_ps(out + 8 * h, _mm256_add_ps(s, _mm256_loadu_ps(b + 8 * h)));
         }
-        if (y_is_f32) {
-            memcpy((float *)y + (long)(m0 + i) * ldy + n0, out, sizeof(float) * nv);
-        } else {
-            uint16_t *dst = (uint16_t *)y + (long)(m0 + i) * ldy + n0;
-            for (int j = 0; j < nv; j++) {
-                uint32_t bits;
-                memcpy(&bits, out + j, 4);
-                bits += 0x7fff + ((bits >> 16) & 1);
-                dst[j] = (uint16_t)(bits >> 16);
-            }
-        }
+        packed_store_row(out, nv, y, (long)(m0 + i) * ldy + n0, y_is_f32);
     }
 }
 
@@ -155,6 +170,8 @@ static inline void packed_store_avx2(const __m256 *acc, int mt, int m0, int n0, 
 #include <arm_neon.h>
 #define TF_NEON 1
 #define PACKED_TILE_M 3 /* 24 accumulators, two weight vectors and 3 input pairs fit the 32 registers */
+typedef float32x4_t PackedAcc;
+#define PACKED_ACCS 8
 
 /* exp(x) for x <= 0, as exp256. */
 static inline float32x4_t exp128(float32x4_t x) {
@@ -213,8 +230,8 @@ static inline __attribute__((always_inline)) void packed_tile_neon(const float *
     for (int i = 0; i < 8 * mt; i++) acc[i] = a[i];
 }
 
-static inline void packed_tile_neon_any(const float *x, long K, const void *w, int pairs, int mt, float32x4_t *acc,
-                                        int w32) {
+static inline void packed_tile_any(const float *x, long K, const void *w, int pairs, int mt, PackedAcc *acc,
+                                   int w32) {
     switch (2 * mt + (w32 != 0)) { /* constant trip counts keep the accumulators in registers */
     case 2: packed_tile_neon(x, K, w, pairs, 1, acc, 0); break;
     case 3: packed_tile_neon(x, K, w, pairs, 1, acc, 1); break;
@@ -225,37 +242,37 @@ static inline void packed_tile_neon_any(const float *x, long K, const void *w, i
     }
 }
 
-/* As packed_store_avx2: the two chains added, then the bias, stored as float32 or bf16. */
-static inline void packed_store_neon(const float32x4_t *acc, int mt, int m0, int n0, int N, long ldy,
-                                     const uint16_t *bias, void *y, int y_is_f32) {
+/* As the AVX2 packed_store: the two chains added, then the bias, stored as float32 or bf16. */
+static inline void packed_store(const PackedAcc *acc, int mt, int m0, int n0, int N, long ldy, const uint16_t *bias,
+                                void *y, int y_is_f32) {
     const int nv = N - n0 < 16 ? N - n0 : 16;
-    float b[16] = {0};
-    if (bias) {
-        for (int j = 0; j < nv; j++) {
-            uint32_t bits = (uint32_t)bias[n0 + j] << 16;
-            memcpy(b + j, &bits, 4);
-        }
-    }
+    float b[16];
+    packed_bias(bias, n0, nv, b);
     for (int i = 0; i < mt; i++) {
         float out[16];
         for (int q = 0; q < 4; q++) /* pairwise: lane 2j + lane 2j + 1, even chain first */
             vst1q_f32(out + 4 * q, vaddq_f32(vpaddq_f32(acc[8 * i + 2 * q], acc[8 * i + 2 * q + 1]), vld1q_f32(b + 4 * q)));
-        if (y_is_f32) {
-            memcpy((float *)y + (long)(m0 + i) * ldy + n0, out, sizeof(float) * nv);
-        } else {
-            uint16_t *dst = (uint16_t *)y + (long)(m0 + i) * ldy + n0;
-            for (int j = 0; j < nv; j++) {
-                uint32_t bits;
-                memcpy(&bits, out + j, 4);
-                bits += 0x7fff + ((bits >> 16) & 1);
-                dst[j] = (uint16_t)(bits >> 16);
-            }
-        }
+        packed_store_row(out, nv, y, (long)(m0 + i) * ldy + n0, y_is_f32);
     }
 }
+
 #endif
 
 #if defined(TF_AVX2) || defined(TF_NEON)
+/* Per-thread float32 scratch (64-byte aligned), grown on demand and kept: a fresh mapping per
+ * call would fault in every page of it again. */
+static __thread float *float_scratch_buf;
+static __thread long float_scratch_len;
+
+static inline float *float_scratch(long floats) {
+    if (floats > float_scratch_len) {
+        free(float_scratch_buf);
+        float_scratch_buf = (float *)aligned_alloc(64, ((size_t)floats * 4 + 63) / 64 * 64);
+        float_scratch_len = float_scratch_buf ? floats : 0;
+    }
+    return float_scratch_buf;
+}
+
 /* x [M][K] bf16 -> float32 (exact), into a buffer the caller frees. */
 static inline float *widen_rows(const uint16_t *x, long n) {
     float *f = (float *)aligned_alloc(64, ((size_t)n * 4 + 63) / 64 * 64);
