@@ -4,11 +4,15 @@
 # `core`: greedy equality of every preset, the distribution test, prefill split-independence,
 # batch equals alone, the kernels themselves) runs again on each other path: the AVX2 kernels
 # and PyTorch (TRIFORCE_ISA, see src/triforce/native.py).
+# Tests run in one worker per core (at most 4), each on one thread: most tests step tiny models,
+# where the time is Python's, and workers sharing cores with threads of their own would contend.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --test
 ruff check src tests
-python -m pytest -q
+workers=$(( $(nproc) < 4 ? $(nproc) : 4 ))
+export OMP_NUM_THREADS=1
+python -m pytest -q -n "$workers"
 best=$(python -c "from triforce import native; print(native.kernels())")
 echo "whole suite ran on the ${best} kernels"
 for isa in avx512 avx2 none; do
@@ -18,5 +22,5 @@ for isa in avx512 avx2 none; do
     continue
   fi
   echo "exactness core on ${isa}"
-  TRIFORCE_ISA=$isa python -m pytest -q -m core -p no:randomly --durations=5
+  TRIFORCE_ISA=$isa python -m pytest -q -n "$workers" -m core -p no:randomly --durations=5
 done

@@ -37,6 +37,23 @@ def run_json(args: list[str], timeout: float = 900) -> object:
 
 
 # -- the plan ------------------------------------------------------------------------------------
+def workers_of(pid: int) -> list[int]:
+    """The tensor-parallel workers process `pid` started."""
+    found = subprocess.run(["pgrep", "-P", str(pid), "-f", "triforce.tp_worker"], capture_output=True, text=True)
+    return [int(w) for w in found.stdout.split()]
+
+
+def still_running(pids: list[int]) -> list[int]:
+    """Those of `pids` that are still a worker (other tests may run workers of their own meanwhile)."""
+    def is_worker(pid: int) -> bool:
+        try:
+            return b"triforce.tp_worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    return [pid for pid in pids if is_worker(pid)]
+
+
 def weight_bytes(shard, cfg: ModelConfig) -> int:
     heads = shard.kv_heads[1] - shard.kv_heads[0]
     columns = shard.intermediate[1] - shard.intermediate[0]
@@ -162,7 +179,7 @@ def test_two_ranks_sample_the_targets_distribution(small_vocab_models, monkeypat
 @pytest.mark.parametrize("sig, within", [(signal.SIGKILL, 10), (signal.SIGSTOP, 20)], ids=["killed", "hung"])
 def test_a_killed_or_hung_rank_ends_the_other_with_one_clear_line(sig, within, tmp_path):
     """A worker killed mid-generation is noticed from its closed connection; one stopped (hung) at
-    the collectives' timeout (5 s here). Rank 0 prints one line, exits 1, and leaves no worker."""
+    the collectives' timeout (5 s here). Rank 0 prints one line and exits 1."""
     from triforce.corpus import load_document
 
     prompt = tmp_path / "prompt.txt"
@@ -171,25 +188,23 @@ def test_a_killed_or_hung_rank_ends_the_other_with_one_clear_line(sig, within, t
                              "--prompt-file", str(prompt), "--max-new-tokens", "4000", "--temperature", "1",
                              "--seed", "0", "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "TRIFORCE_TP_TIMEOUT": "5"})
-    worker: list[str] = []
+    worker: list[int] = []
     try:
         assert proc.stdout is not None
         proc.stdout.read(40)  # decoding has started on both ranks
-        worker = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "triforce.tp_worker"], capture_output=True,
-                                text=True).stdout.split()
+        worker = workers_of(proc.pid)
         assert len(worker) == 1
-        os.kill(int(worker[0]), sig)
+        os.kill(worker[0], sig)
         start = time.monotonic()
         _, err = proc.communicate(timeout=60)
         assert time.monotonic() - start < within
     finally:
         proc.kill()
         for pid in worker:  # a stopped worker left behind would hold its memory
-            subprocess.run(["kill", "-9", pid], capture_output=True)
+            subprocess.run(["kill", "-9", str(pid)], capture_output=True)
     assert proc.returncode == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("triforce: error: tensor parallelism: a rank of 2 stopped")
-    assert subprocess.run(["pgrep", "-f", "triforce.tp_worker"], capture_output=True).returncode == 1
 
 
 @pytest.mark.parametrize("args, message", [
@@ -243,6 +258,7 @@ def test_serve_with_two_ranks_answers_the_openai_client(embedded_fp32):
         while True:
             try:
                 model = client.models.list().data[0].id
+                workers = workers_of(server.pid)
                 break
             except Exception:
                 assert server.poll() is None, server.stderr.read() if server.stderr else ""
@@ -270,4 +286,4 @@ def test_serve_with_two_ranks_answers_the_openai_client(embedded_fp32):
         except subprocess.TimeoutExpired:
             server.kill()
     assert server.returncode == 0
-    assert subprocess.run(["pgrep", "-f", "triforce.tp_worker"], capture_output=True).returncode == 1
+    assert len(workers) == 1 and not still_running(workers)
