@@ -48,7 +48,8 @@ def _jargon() -> list[str]:
 
 def _python_docs() -> list[str]:
     root = os.environ.get("TRIFORCE_PYTHON_DOCS") or "/usr/share/doc/python3*/html/_sources"
-    files = sorted(glob.glob(os.path.join(root, "**", "*.rst.txt"), recursive=True))
+    # Debian links the other python3.11* doc directories to this one: each file once, by its real path
+    files = sorted({os.path.realpath(f) for f in glob.glob(os.path.join(root, "**", "*.rst.txt"), recursive=True)})
     if not files:
         raise TriforceError(f"the Python documentation is not installed; {SETUP_HINT}")
     return [_read(f) for f in files]
