@@ -159,6 +159,14 @@ def test_distill_head_refuses_bad_arguments_in_one_line(setup):
     (head / "head.json").write_text("{}")
     taken = run("--head", "--target", str(target), "--out", str(head), "--corpus", str(corpus), "--steps", "1")
     assert taken.returncode != 0 and "already holds a head" in taken.stderr and "Traceback" not in taken.stderr
+    for args, message in [
+        (["--chat-prompts", str(corpus)], "--chat-prompts trains draft heads only: add --head"),
+        (["--head", "--chat-prompts", str(tmp / "none.txt")], "prompts '" + str(tmp / "none.txt") + "' are neither"),
+        (["--head", "--chat-prompts", str(corpus)], "--chat-prompts needs a target with a chat template"),
+    ]:
+        bad = run("--target", str(target), "--out", str(tmp / "h3"), "--corpus", str(corpus), "--steps", "1", *args)
+        assert bad.returncode != 0 and "Traceback" not in bad.stderr, args
+        assert message in [line for line in bad.stderr.splitlines() if line.strip()][-1], args
 
 
 def test_distill_vocab_prunes_the_output_layer_and_decodes_exactly(setup):

@@ -3,6 +3,9 @@ features the levels leave it, and the level that keeps its rows in step with the
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -169,3 +172,49 @@ def test_distill_head_trains_a_head_the_engine_loads_and_runs_exactly(small_voca
         assert got.token_ids == plain.token_ids, method
     with pytest.raises(TriforceError, match="already holds a head"):
         distill_head(cfg, log=lambda message: None)
+
+
+def test_distill_head_trains_on_the_targets_own_chat_answers(small_vocab_models, tmp_path, monkeypatch):
+    """--chat-prompts: the target answers each prompt once (kept with what re-makes it: the same engine, seed and
+    settings give the same answer), prompts are held out whole with their answers, the held-out chat figure is
+    reported apart from the documents', and a resumed run reuses the answers instead of generating them again."""
+    from triforce.distill import split_key
+    from triforce.distill_head import CHAT_ANSWERS, HeadDistillConfig, distill_head
+    from triforce.engine import Engine
+    from triforce.settings import EngineSettings
+
+    target, _ = small_vocab_models
+    chatty = tmp_path / "target"
+    shutil.copytree(target.path, chatty)
+    (chatty / "chat_template.jinja").write_text("{% for m in messages %}<s> {{ m['content'] }} {% endfor %}")
+    target = triforce.load(chatty, dtype="fp32")
+    rng = torch.Generator().manual_seed(1)
+    corpus = tmp_path / "words.txt"
+    corpus.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 3, (3000,), generator=rng)))
+    questions = [" ".join(f"w{(i * 3 + j) % (VOCAB - 3)}" for j in range(2 + i % 4)) for i in range(12)]
+    (tmp_path / "prompts.txt").write_text("\n".join(questions) + "\n\n")
+    cfg = HeadDistillConfig(target=str(chatty), out=str(tmp_path / "head"), corpus=[str(corpus)], seq_len=16,
+                            batch=4, steps=4, warmup=1, checkpoint_every=1000,
+                            chat_prompts=[str(tmp_path / "prompts.txt")], chat_tokens=24, chat_holdout=0.5)
+    report = distill_head(cfg, log=lambda message: None)
+    held = sum(split_key(q) < 0.5 for q in questions)
+    assert 0 < held < len(questions)
+    assert report["chat"]["prompts"] == len(questions) and report["chat"]["heldout_prompts"] == held
+    assert report["heldout_chat"]["tokens"] > 0 and 0 <= report["heldout_chat"]["greedy_agreement"] <= 1
+    records = [json.loads(line) for line in (tmp_path / "head" / CHAT_ANSWERS).read_text().splitlines()]
+    assert [r["prompt"] for r in records] == questions
+    assert report["chat"]["answer_tokens"] == sum(len(r["answer_ids"]) for r in records) > len(questions)
+    engine = Engine(target, EngineSettings(method=records[0]["method"]))
+    for r in records[:4]:
+        again = engine.generate(r["prompt"], chat=True, max_new_tokens=r["max_new_tokens"], seed=r["seed"],
+                                temperature=r["temperature"], top_p=r["top_p"])
+        assert again.token_ids == r["answer_ids"] and engine.encode_prompt(r["prompt"], chat=True) == r["prompt_ids"]
+
+    before = (tmp_path / "head" / CHAT_ANSWERS).read_bytes()
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a resumed run generated an answer again")
+
+    monkeypatch.setattr(Engine, "generate", no_generation)
+    resumed = distill_head(HeadDistillConfig(**{**cfg.__dict__, "steps": 6}), resume=True, log=lambda message: None)
+    assert resumed["steps"] == 6 and (tmp_path / "head" / CHAT_ANSWERS).read_bytes() == before

@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "outputs (a head's default 0.95)")
     ds.add_argument("--corpus", nargs="+", required=True,
                     help="text files, directories, or named sources (jargon, python-docs, vim)")
+    ds.add_argument("--chat-prompts", nargs="+", metavar="SOURCE",
+                    help="with --head: prompts the target answers (chat template, T 0.7, top-p 0.9) to train on, "
+                         "beside the corpus: a file (one per line) or a named source (python-faq)")
+    ds.add_argument("--chat-tokens", type=_positive_int, default=256, help="the longest chat answer (default 256)")
     ds.add_argument("--layers", type=_positive_int, default=4)
     ds.add_argument("--hidden", type=_positive_int, default=256)
     ds.add_argument("--heads", type=_positive_int, default=4)
@@ -653,6 +657,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise TriforceError("--time-budget must be a positive number of minutes")
     if args.head:
         return distill_a_head(args)
+    if args.chat_prompts:
+        raise TriforceError("--chat-prompts trains draft heads only: add --head")
     cfg = DistillConfig(
         target=args.target, out=args.out, corpus=args.corpus, layers=args.layers, hidden=args.hidden,
         heads=args.heads, kv_heads=args.kv_heads, intermediate=args.intermediate, seq_len=args.seq_len,
@@ -675,9 +681,11 @@ def distill_a_head(args: argparse.Namespace) -> int:
         coverage=0.95 if args.coverage is None else args.coverage,
         seq_len=args.seq_len, batch=args.batch, lr=args.lr, steps=args.steps, time_budget_min=args.time_budget,
         max_tokens=args.max_tokens, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        chat_prompts=args.chat_prompts, chat_tokens=args.chat_tokens,
     )
     report = distill_head(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr))
-    print(json.dumps({k: report[k] for k in ("steps", "training_tokens", "minutes", "first", "last", "heldout")}))
+    keys = ("steps", "training_tokens", "minutes", "first", "last", "heldout", "chat", "heldout_chat")
+    print(json.dumps({k: report[k] for k in keys if k in report}))
     return 0
 
 

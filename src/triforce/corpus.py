@@ -8,6 +8,10 @@ Named sources:
 - "jargon": the Jargon File 4.4, public domain, ~407K tokens; package jargon-text.
 - "python-docs": the Python 3.11 documentation sources (reStructuredText), PSF license,
   ~2.8M tokens; package python3.11-doc. Draft training text.
+
+Named prompt sources (chat prompts a draft head is trained on, answered by its target):
+- "python-faq": the 174 questions of the Python FAQ (its section titles that ask something), from
+  the same package.
 """
 
 from __future__ import annotations
@@ -46,16 +50,33 @@ def _jargon() -> list[str]:
     return [text[start if start > 0 else 0 :]]
 
 
-def _python_docs() -> list[str]:
+def _python_doc_files(pattern: str) -> list[str]:
     root = os.environ.get("TRIFORCE_PYTHON_DOCS") or "/usr/share/doc/python3*/html/_sources"
     # Debian links the other python3.11* doc directories to this one: each file once, by its real path
-    files = sorted({os.path.realpath(f) for f in glob.glob(os.path.join(root, "**", "*.rst.txt"), recursive=True)})
+    files = sorted({os.path.realpath(f) for f in glob.glob(os.path.join(root, pattern), recursive=True)})
     if not files:
         raise TriforceError(f"the Python documentation is not installed; {SETUP_HINT}")
-    return [_read(f) for f in files]
+    return files
+
+
+def _python_docs() -> list[str]:
+    return [_read(f) for f in _python_doc_files(os.path.join("**", "*.rst.txt"))]
+
+
+def _python_faq() -> list[str]:
+    """Section titles that end in '?' (a reStructuredText title is underlined at least its length)."""
+    questions = []
+    for f in _python_doc_files(os.path.join("faq", "*.rst.txt")):
+        lines = [line.rstrip() for line in _read(f).splitlines()]
+        for title, under in zip(lines, lines[1:]):
+            if (title.endswith("?") and len(under) >= len(title.strip()) > 0 and len(set(under)) == 1
+                    and under[0] in "=-~^\"*"):
+                questions.append(title.strip())
+    return list(dict.fromkeys(questions))  # once each
 
 
 SOURCES: dict[str, Callable[[], list[str]]] = {"vim": _vim, "jargon": _jargon, "python-docs": _python_docs}
+PROMPT_SOURCES: dict[str, Callable[[], list[str]]] = {"python-faq": _python_faq}
 
 
 def documents(spec: str) -> list[str]:
@@ -71,6 +92,19 @@ def documents(spec: str) -> list[str]:
     if path.is_file():
         return [_read(str(path))]
     raise TriforceError(f"corpus {spec!r} is neither a named source ({', '.join(SOURCES)}) nor a file or directory")
+
+
+def prompts(spec: str) -> list[str]:
+    """The prompts of a named prompt source, or of a text file (one per non-empty line)."""
+    if spec in PROMPT_SOURCES:
+        return PROMPT_SOURCES[spec]()
+    path = Path(spec)
+    if not path.is_file():
+        raise TriforceError(f"prompts {spec!r} are neither a named source ({', '.join(PROMPT_SOURCES)}) nor a file")
+    found = [line.strip() for line in _read(str(path)).splitlines() if line.strip()]
+    if not found:
+        raise TriforceError(f"prompts {spec!r}: the file holds no prompt")
+    return found
 
 
 def load_document(name: str) -> str:

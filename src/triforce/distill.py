@@ -69,6 +69,20 @@ class DistillConfig:
 
 
 # -- data -----------------------------------------------------------------------------------------
+def split_key(text: str) -> float:
+    """A text's place in [0, 1] by its hash: below the held-out fraction, it is held out (whatever the order
+    or the other texts, and every copy of it alike)."""
+    return int(hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def chunk_rows(ids: list[int], n: int) -> torch.Tensor:
+    """A token stream cut into rows of n tokens (the tail that fills no row is dropped)."""
+    count = len(ids) // n
+    if count == 0:
+        return torch.empty(0, n, dtype=torch.long)
+    return torch.tensor(ids[: count * n], dtype=torch.long).view(count, n)
+
+
 def build_sequences(cfg: DistillConfig, tokenizer: Any, eos: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Token sequences [N, seq_len + 1] for training and held-out evaluation.
 
@@ -82,21 +96,13 @@ def build_sequences(cfg: DistillConfig, tokenizer: Any, eos: int) -> tuple[torch
         if spec not in sources:
             sources.append(spec)
         ids = tokenizer.encode(text, add_special_tokens=False) + [eos]
-        digest = int(hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (held_ids if digest < cfg.holdout else train_ids).extend(ids)
+        (held_ids if split_key(text) < cfg.holdout else train_ids).extend(ids)
     if len(held_ids) < 4 * (cfg.seq_len + 1) and cfg.holdout > 0:
         # few documents (one long book): hold out the tail of the token stream instead
         cut = int(len(train_ids) * (1 - max(cfg.holdout, 0.02)))
         held_ids, train_ids = train_ids[cut:] + held_ids, train_ids[:cut]
     n = cfg.seq_len + 1
-
-    def chunk(ids: list[int]) -> torch.Tensor:
-        count = len(ids) // n
-        if count == 0:
-            return torch.empty(0, n, dtype=torch.long)
-        return torch.tensor(ids[: count * n], dtype=torch.long).view(count, n)
-
-    train, held = chunk(train_ids), chunk(held_ids)
+    train, held = chunk_rows(train_ids, n), chunk_rows(held_ids, n)
     if len(train) == 0:
         raise TriforceError(f"the corpus has fewer than {n} tokens of training text")
     gen = torch.Generator().manual_seed(cfg.seed)

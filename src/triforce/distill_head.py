@@ -8,12 +8,16 @@ those K tokens). Inputs carry uniform noise during training, because when drafti
 imperfect predictions. The K tokens are the target's most frequent greedy outputs on the training text; with
 no --vocab, the fewest that cover `coverage` of them.
 
-Documents go wholly to training or to the held-out split (as for `triforce distill`); the held-out figures are
-teacher-forced: how often the head's first draft is the target's greedy token.
+With chat prompts, the target first answers each one (sampled as a chat user would run it; the answers are kept in
+the output directory, each with the settings and command that made it, and reused on --resume), and the chat-
+formatted prompt + answer joins the training text. Documents go wholly to training or to the held-out split (as for
+`triforce distill`), and so do prompts with their answers; the held-out figures, for documents and for chat answers
+apart, are teacher-forced: how often the head's first draft is the target's greedy token.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 import time
@@ -23,13 +27,16 @@ from typing import Any
 
 import torch
 
+from .corpus import prompts as read_prompts
 from .distill import (
     DistillConfig,
     build_sequences,
     choose_tokens,
+    chunk_rows,
     lr_at,
     planned_steps,
     save_checkpoint,
+    split_key,
     teacher_logits,
 )
 from .errors import TriforceError
@@ -37,6 +44,8 @@ from .head import FeatureHead, save_head
 from .loading import LoadedModel, load
 
 CHECKPOINT = "head-checkpoint.pt"
+CHAT_ANSWERS = "chat-answers.jsonl"
+CHAT_SAMPLING = {"temperature": 0.7, "top_p": 0.9}  # the settings `triforce demo` and chat users run
 
 
 @dataclass
@@ -58,6 +67,9 @@ class HeadDistillConfig:
     noise: float = 0.1  # uniform noise on the input features, as a fraction of their RMS
     seed: int = 0
     checkpoint_every: int = 100
+    chat_prompts: list[str] | None = None  # prompt sources (corpus.prompts) the target answers for training
+    chat_tokens: int = 256  # the longest answer
+    chat_holdout: float = 0.1  # fraction of prompts held out with their answers
 
 
 def teacher_pass(target: LoadedModel, sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +135,53 @@ def head_losses(module: HeadModule, features: torch.Tensor, logits: torch.Tensor
 
 
 @torch.no_grad()
+def chat_answers(target: LoadedModel, questions: list[str], path: Path, max_new_tokens: int, command: str | None,
+                 log: Any = print) -> list[dict[str, Any]]:
+    """The target's answer to each question, from `path` where it is already there, else generated now and
+    appended (so an interrupted run keeps what it made). Each record holds what re-makes it: the prompt's chat
+    tokens, the sampling settings and seed, and the command."""
+    from tqdm import tqdm
+
+    from .engine import Engine
+    from .settings import EngineSettings
+
+    done: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            done[record["prompt"]] = record
+    missing = [q for q in dict.fromkeys(questions) if q not in done]
+    if missing:
+        engine = Engine(target, EngineSettings(method="autoregressive"))  # a seed's tokens depend on the method
+        with path.open("a") as f:
+            for question in tqdm(missing, desc="the target answers the chat prompts", unit="prompt"):
+                seed = int(split_key(question) * 0xFFFFFFFF)
+                result = engine.generate(question, chat=True, max_new_tokens=max_new_tokens, seed=seed,
+                                         **CHAT_SAMPLING)
+                record = {"prompt": question, "prompt_ids": engine.encode_prompt(question, chat=True),
+                          "answer_ids": result.token_ids, "method": "autoregressive", **CHAT_SAMPLING, "seed": seed,
+                          "max_new_tokens": max_new_tokens, "command": command}
+                f.write(json.dumps(record) + "\n")
+                done[question] = record
+        log(f"chat answers: {len(missing)} made, {len(questions) - len(missing)} reused ({path})")
+    return [done[q] for q in dict.fromkeys(questions)]
+
+
+def chat_sequences(records: list[dict[str, Any]], holdout: float, seq_len: int, eos: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """Rows of seq_len + 1 tokens of chat text (prompt + answer + EOS), for training and held out by prompt."""
+    train_ids: list[int] = []
+    held_ids: list[int] = []
+    held_prompts = 0
+    for r in records:
+        held = split_key(r["prompt"]) < holdout
+        held_prompts += held
+        (held_ids if held else train_ids).extend(r["prompt_ids"] + r["answer_ids"] + [eos])
+    counts = {"prompts": len(records), "heldout_prompts": held_prompts,
+              "answer_tokens": sum(len(r["answer_ids"]) for r in records)}
+    return chunk_rows(train_ids, seq_len + 1), chunk_rows(held_ids, seq_len + 1), counts
+
+
 def evaluate(module: HeadModule, target: LoadedModel, sequences: torch.Tensor) -> dict[str, float]:
     if len(sequences) == 0:
         return {}
@@ -146,16 +205,30 @@ def distill_head(cfg: HeadDistillConfig, resume: bool = False, log: Any = print)
         raise TriforceError("give --steps N or --time-budget MINUTES")
     if not 0 < cfg.coverage <= 1:
         raise TriforceError(f"--coverage must be in (0, 1], got {cfg.coverage}")
+    if cfg.chat_prompts and not 0 < cfg.chat_holdout < 1:
+        raise TriforceError(f"chat_holdout must be in (0, 1), got {cfg.chat_holdout}")
+    questions = [q for spec in cfg.chat_prompts or [] for q in read_prompts(spec)]
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     target = load(cfg.target, dtype="auto")
+    if questions and target.tokenizer.chat_template is None:
+        raise TriforceError("--chat-prompts needs a target with a chat template")
     eos = (list(target.config.eos_token_ids) or [target.tokenizer.eos_token_id or 0])[0]
     split = DistillConfig(target=cfg.target, out=cfg.out, corpus=cfg.corpus, seq_len=cfg.seq_len,
                           max_tokens=cfg.max_tokens, holdout=cfg.holdout, seed=cfg.seed)
     train, held, sources = build_sequences(split, target.tokenizer, eos)
     log(f"corpus: {', '.join(sources)}: {train.numel():,} training tokens in {len(train)} sequences, "
         f"{held.numel():,} held out")
+    command = "triforce " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "triforce" else None
+    held_chat, chat = torch.empty(0, cfg.seq_len + 1, dtype=torch.long), None
+    if questions:
+        records = chat_answers(target, questions, out / CHAT_ANSWERS, cfg.chat_tokens, command, log)
+        train_chat, held_chat, chat = chat_sequences(records, cfg.chat_holdout, cfg.seq_len, eos)
+        shuffle = torch.randperm(len(train) + len(train_chat), generator=torch.Generator().manual_seed(cfg.seed))
+        train = torch.cat([train, train_chat])[shuffle]
+        log(f"chat: {chat['prompts']} prompts ({chat['heldout_prompts']} held out), {len(train_chat)} training "
+            f"sequences, {held_chat.numel():,} tokens held out")
     checkpoint = out / CHECKPOINT
     state: dict[str, Any] = {"step": 0, "elapsed_s": 0.0, "tokens": 0, "history": []}
     saved = None
@@ -212,13 +285,18 @@ def distill_head(cfg: HeadDistillConfig, resume: bool = False, log: Any = print)
     bar.close()
     save_checkpoint(checkpoint, module, optim, state, cfg)
     heldout = evaluate(module, target, held)
-    log(f"held-out: {heldout}")
+    log(f"held-out documents: {heldout}")
+    heldout_chat = evaluate(module, target, held_chat[:64]) if chat else None
+    if chat:
+        log(f"held-out chat answers: {heldout_chat}")
     report = {
         "target": target.source, "corpus": sources, "steps": state["step"], "training_tokens": state["tokens"],
         "minutes": round(state["elapsed_s"] / 60, 1), "first": state["history"][0] if state["history"] else None,
         "last": state["history"][-1] if state["history"] else None, "heldout": heldout, "config": asdict(cfg),
-        "command": "triforce " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "triforce" else None,
+        "command": command,
     }
+    if chat:
+        report.update(chat=chat, heldout_chat=heldout_chat)
     weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in module.head_weights().items()}
     FeatureHead(target.decoder, dict(weights), str(out))  # refuses anything the runtime would not load
     save_head(out, target.config, weights, {"training": report})
