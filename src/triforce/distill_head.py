@@ -150,7 +150,8 @@ def chat_answers(target: LoadedModel, questions: list[str], path: Path, max_new_
         for line in path.read_text().splitlines():
             record = json.loads(line)
             done[record["prompt"]] = record
-    missing = [q for q in dict.fromkeys(questions) if q not in done]
+    asked = list(dict.fromkeys(questions))  # each once, in order
+    missing = [q for q in asked if q not in done]
     if missing:
         engine = Engine(target, EngineSettings(method="autoregressive"))  # a seed's tokens depend on the method
         with path.open("a") as f:
@@ -163,8 +164,8 @@ def chat_answers(target: LoadedModel, questions: list[str], path: Path, max_new_
                           "max_new_tokens": max_new_tokens, "command": command}
                 f.write(json.dumps(record) + "\n")
                 done[question] = record
-        log(f"chat answers: {len(missing)} made, {len(questions) - len(missing)} reused ({path})")
-    return [done[q] for q in dict.fromkeys(questions)]
+        log(f"chat answers: {len(missing)} made, {len(asked) - len(missing)} reused ({path})")
+    return [done[q] for q in asked]
 
 
 def chat_sequences(records: list[dict[str, Any]], holdout: float, seq_len: int, eos: int
