@@ -69,6 +69,14 @@ class DistillConfig:
 
 
 # -- data -----------------------------------------------------------------------------------------
+HELDOUT_ROWS = 64  # held-out sequences evaluated at the end of a run
+
+
+def invoked_command() -> str | None:
+    """The `triforce ...` command line this process runs, for a report to say what made it."""
+    return "triforce " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "triforce" else None
+
+
 def split_key(text: str) -> float:
     """A text's place in [0, 1] by its hash: below the held-out fraction, it is held out (whatever the order
     or the other texts, and every copy of it alike)."""
@@ -109,7 +117,7 @@ def build_sequences(cfg: DistillConfig, tokenizer: Any, eos: int) -> tuple[torch
     train = train[torch.randperm(len(train), generator=gen)]
     if cfg.max_tokens:
         train = train[: max(1, cfg.max_tokens // n)]
-    return train, held[:64], sources
+    return train, held[:HELDOUT_ROWS], sources
 
 
 def rows_digest(sequences: torch.Tensor) -> str:
@@ -566,7 +574,7 @@ def distill(cfg: DistillConfig, resume: bool = False, log: Any = print) -> dict[
         if state["history"] else None,
         "heldout": heldout,
         "config": asdict(cfg),
-        "command": "triforce " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "triforce" else None,
+        "command": invoked_command(),
     }
     if earlier:
         report["continued_from"] = earlier

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,10 +28,12 @@ import torch
 
 from .corpus import prompts as read_prompts
 from .distill import (
+    HELDOUT_ROWS,
     DistillConfig,
     build_sequences,
     choose_tokens,
     chunk_rows,
+    invoked_command,
     lr_at,
     planned_steps,
     save_checkpoint,
@@ -221,8 +222,8 @@ def distill_head(cfg: HeadDistillConfig, resume: bool = False, log: Any = print)
     train, held, sources = build_sequences(split, target.tokenizer, eos)
     log(f"corpus: {', '.join(sources)}: {train.numel():,} training tokens in {len(train)} sequences, "
         f"{held.numel():,} held out")
-    command = "triforce " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "triforce" else None
-    held_chat, chat = torch.empty(0, cfg.seq_len + 1, dtype=torch.long), None
+    command = invoked_command()
+    chat = None
     if questions:
         records = chat_answers(target, questions, out / CHAT_ANSWERS, cfg.chat_tokens, command, log)
         train_chat, held_chat, chat = chat_sequences(records, cfg.chat_holdout, cfg.seq_len, eos)
@@ -287,9 +288,6 @@ def distill_head(cfg: HeadDistillConfig, resume: bool = False, log: Any = print)
     save_checkpoint(checkpoint, module, optim, state, cfg)
     heldout = evaluate(module, target, held)
     log(f"held-out documents: {heldout}")
-    heldout_chat = evaluate(module, target, held_chat[:64]) if chat else None
-    if chat:
-        log(f"held-out chat answers: {heldout_chat}")
     report = {
         "target": target.source, "corpus": sources, "steps": state["step"], "training_tokens": state["tokens"],
         "minutes": round(state["elapsed_s"] / 60, 1), "first": state["history"][0] if state["history"] else None,
@@ -297,6 +295,8 @@ def distill_head(cfg: HeadDistillConfig, resume: bool = False, log: Any = print)
         "command": command,
     }
     if chat:
+        heldout_chat = evaluate(module, target, held_chat[:HELDOUT_ROWS])
+        log(f"held-out chat answers: {heldout_chat}")
         report.update(chat=chat, heldout_chat=heldout_chat)
     weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in module.head_weights().items()}
     FeatureHead(target.decoder, dict(weights), str(out))  # refuses anything the runtime would not load
