@@ -36,7 +36,6 @@ def run_json(args: list[str], timeout: float = 900) -> object:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# -- the plan ------------------------------------------------------------------------------------
 def workers_of(pid: int) -> list[int]:
     """The tensor-parallel workers process `pid` started."""
     found = subprocess.run(["pgrep", "-P", str(pid), "-f", "triforce.tp_worker"], capture_output=True, text=True)
@@ -54,6 +53,7 @@ def still_running(pids: list[int]) -> list[int]:
     return [pid for pid in pids if is_worker(pid)]
 
 
+# -- the plan ------------------------------------------------------------------------------------
 def weight_bytes(shard, cfg: ModelConfig) -> int:
     heads = shard.kv_heads[1] - shard.kv_heads[0]
     columns = shard.intermediate[1] - shard.intermediate[0]
